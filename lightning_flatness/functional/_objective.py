@@ -1,0 +1,249 @@
+"""The objective ``L(w) = (1/N) Σ_b Σ_i ℓ_i(w)`` evaluated functionally, chunk by chunk.
+
+Every estimator goes through :class:`Objective`: it owns the data pass (batches moved to the
+model's device and compute dtype, one batch held at a time, so peak memory depends on the
+chunk and not on ``N``), Hessian-vector products (double backward, one forward and two
+backward passes per chunk), gradients, mini-batch gradients and per-sample gradients
+(``torch.func.vmap`` over ``torch.func.grad``). Parameters are never written to the model:
+they are substituted with :func:`torch.func.functional_call`, which also lets a model stored
+in half precision be measured in float32 or float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_leaves, tree_map
+
+from ._losses import LossArg, resolve_loss_fn
+from ._params import flatten, resolve_params, unflatten
+
+# Per-sample gradients materialize (chunk x P) numbers; cap a chunk at this many elements.
+_PER_SAMPLE_ELEMENTS = 2**25
+
+
+class _LossModule(nn.Module):
+    """Wraps ``(model, loss_fn)`` so ``functional_call`` can substitute the model's tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype`` if given, else the parameters' floating dtype, but never below float32."""
+    if dtype is not None:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
+        return dtype
+    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
+    widest = max(floats, key=lambda d: torch.finfo(d).bits, default=torch.float32)
+    return widest if torch.finfo(widest).bits >= 32 else torch.float32
+
+
+def _check_reiterable(batches: Iterable[Any]) -> None:
+    if iter(batches) is batches:
+        raise TypeError(
+            "batches must be re-iterable (a list, tuple or DataLoader); a one-shot iterator or "
+            "generator would be exhausted after the first pass."
+        )
+
+
+class Objective:
+    """``L(w) = (1/N) Σ ℓ_i(w)`` of ``model`` over ``batches``, at flat parameters ``w``.
+
+    Use inside :func:`measurement_mode` (eval mode, autocast off). ``w0`` is the current
+    parameter vector in the compute dtype; methods take an optional ``at`` to evaluate
+    elsewhere without touching the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        loss_fn: LossArg = "cross_entropy",
+        params: Iterable[Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_reiterable(batches)
+        self.loss_fn, self.loss_name = resolve_loss_fn(loss_fn)
+        self.model = model
+        self.batches = batches
+        self.dtype = compute_dtype(model, dtype)
+        named = resolve_params(model, params)
+        self.names = ["model." + n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.device = named[0][1].device
+        measured = {id(p) for _, p in named}
+        self._module = _LossModule(model, self.loss_fn)
+        # Every other tensor (frozen parameters, buffers) in the compute dtype, fixed.
+        self._fixed = {
+            "model." + n: self._cast(t.detach())
+            for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if id(t) not in measured
+        }
+        self.w0 = flatten([self._cast(p.detach()) for _, p in named])
+        self.num_params = self.w0.numel()
+        self._num_samples: int | None = None
+
+    # ----------------------------------------------------------------- data pass
+    def _cast(self, t: Tensor) -> Tensor:
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def _prepare(self, batch: Any) -> Any:
+        def move(t: Any) -> Any:
+            if isinstance(t, Tensor):
+                return self._cast(t.to(self.device, non_blocking=True))
+            return t
+
+        return tree_map(move, batch)
+
+    def iter_batches(self) -> Iterator[Any]:
+        """The batches on the model's device, floating tensors in the compute dtype."""
+        empty = True
+        for batch in self.batches:
+            empty = False
+            yield self._prepare(batch)
+        if empty:
+            raise ValueError("batches is empty: pass at least one batch.")
+
+    def losses(self, w: Tensor | Sequence[Tensor], batch: Any) -> Tensor:
+        """Per-sample losses ``(B,)`` at parameters ``w`` (flat vector or tensor list)."""
+        tensors = unflatten(w, self.shapes) if isinstance(w, Tensor) else w
+        state = dict(self._fixed)
+        state.update(zip(self.names, tensors))
+        out = functional_call(self._module, state, (batch,))
+        if not isinstance(out, Tensor) or out.dim() != 1:
+            raise ValueError(
+                "loss_fn must return the per-sample losses as a 1-D tensor of shape (B,), got "
+                f"{getattr(out, 'shape', type(out).__name__)}; use reduction='none'."
+            )
+        return out
+
+    def outputs(self, inputs: Any, at: Tensor | None = None) -> Tensor:
+        """``model(inputs)`` at parameters ``at`` (default ``w0``), without gradients."""
+        w = self.w0 if at is None else at
+        state = {name[len("model.") :]: t for name, t in self._fixed.items()}
+        state.update((name[len("model.") :], t) for name, t in zip(self.names, unflatten(w, self.shapes)))
+        with torch.no_grad():
+            return functional_call(self.model, state, (inputs,))
+
+    def _leaves(self, at: Tensor | None) -> list[Tensor]:
+        w = self.w0 if at is None else at
+        return [t.detach().requires_grad_() for t in unflatten(w, self.shapes)]
+
+    def _finish(self, total: Tensor, count: int, what: str) -> Tensor:
+        self._num_samples = count
+        if count == 0:
+            raise ValueError("batches is empty: the loss function returned no samples.")
+        if not torch.isfinite(total).all():
+            raise ValueError(f"loss_fn produced a non-finite {what} on these batches (NaN or inf).")
+        return total / count
+
+    @property
+    def num_samples(self) -> int:
+        """``N``, the number of samples in ``batches`` (counted on the first pass)."""
+        if self._num_samples is None:
+            self.loss()
+        assert self._num_samples is not None
+        return self._num_samples
+
+    # -------------------------------------------------------------- quantities
+    @torch.no_grad()
+    def loss(self, at: Tensor | None = None) -> Tensor:
+        """``L(w)`` (a 0-d tensor)."""
+        total, count = torch.zeros((), dtype=self.dtype, device=self.device), 0
+        w = self.w0 if at is None else at
+        for batch in self.iter_batches():
+            losses = self.losses(w, batch)
+            total += losses.sum()
+            count += losses.numel()
+        return self._finish(total, count, "loss")
+
+    def gradient(self, at: Tensor | None = None) -> Tensor:
+        """``∇L(w)`` as a flat vector: one forward and one backward pass per chunk."""
+        return self.batch_gradients(at, mean=True)[0]
+
+    def batch_gradients(self, at: Tensor | None = None, mean: bool = False) -> list[Tensor]:
+        """Mean-loss gradient of every batch (``mean=False``) or of all of them (``mean=True``)."""
+        leaves = self._leaves(at)
+        total = torch.zeros_like(self.w0)
+        grads, count = [], 0
+        for batch in self.iter_batches():
+            losses = self.losses(leaves, batch)
+            g = flatten(torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True))
+            count += losses.numel()
+            total += g
+            if not mean:
+                grads.append(g / losses.numel())
+        total = self._finish(total, count, "gradient")
+        return [total] if mean else grads
+
+    def hvps(self, vectors: Tensor, at: Tensor | None = None) -> Tensor:
+        """``∇²L(w) v`` for each row ``v`` of ``vectors`` (shape ``(K, P)``).
+
+        Per chunk: one forward, one backward building the gradient graph, then one backward
+        of ``g·v`` per vector, so ``K`` products share the first two passes.
+        """
+        if vectors.dim() != 2 or vectors.shape[1] != self.num_params:
+            raise ValueError(f"expected vectors of shape (K, {self.num_params}), got {tuple(vectors.shape)}.")
+        leaves = self._leaves(at)
+        vs = [unflatten(v, self.shapes) for v in vectors]
+        total = torch.zeros_like(vectors)
+        count = 0
+        for batch in self.iter_batches():
+            losses = self.losses(leaves, batch)
+            g = torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+            for k, v in enumerate(vs):
+                hv = torch.autograd.grad(
+                    g, leaves, grad_outputs=v, retain_graph=k + 1 < len(vs), allow_unused=True, materialize_grads=True
+                )
+                total[k] += flatten(hv)
+            count += losses.numel()
+        return self._finish(total, count, "Hessian-vector product")
+
+    def hvp(self, vector: Tensor, at: Tensor | None = None) -> Tensor:
+        """``∇²L(w) v`` for one flat vector."""
+        return self.hvps(vector.unsqueeze(0), at)[0]
+
+    # ------------------------------------------------------- per-sample gradients
+    def per_sample_sq_norms(self, batch: Any, at: Tensor | None = None) -> Tensor:
+        """``‖∇ℓ_i(w)‖²`` for every sample of one prepared batch, via ``vmap(grad(·))``.
+
+        The batch is split into sub-chunks so at most ``2**25`` gradient entries exist at once.
+        """
+        w = self.w0 if at is None else at
+        tensors = [t.detach() for t in unflatten(w, self.shapes)]
+
+        def sample_loss(ts: list[Tensor], sample: Any) -> Tensor:
+            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample)
+            return self.losses(ts, one).sum()
+
+        def sq_norm(ts: list[Tensor], sample: Any) -> Tensor:
+            return sum((gi**2).sum() for gi in grad(sample_loss)(ts, sample))
+
+        in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch))
+        size = _batch_size(batch)
+        chunk = max(1, _PER_SAMPLE_ELEMENTS // max(1, self.num_params))
+        out = []
+        for start in range(0, size, chunk):
+            part = tree_map(lambda t: t[start : start + chunk] if isinstance(t, Tensor) else t, batch)
+            out.append(vmap(sq_norm, in_dims=in_dims)(tensors, part))
+        return torch.cat(out)
+
+
+def _batch_size(batch: Any) -> int:
+    sizes = {t.shape[0] for t in tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(
+            "per-sample gradients need every tensor in a batch to share the leading (sample) "
+            f"dimension; found leading sizes {sorted(sizes)}."
+        )
+    return sizes.pop()

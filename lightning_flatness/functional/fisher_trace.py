@@ -1,0 +1,104 @@
+"""Trace of the Fisher information from per-sample gradients (empirical or Monte Carlo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ._losses import LossArg
+from ._objective import Objective
+from ._restore import measurement_mode
+from ._validate import check_positive_int, make_generator
+
+KINDS = ("empirical", "mc")
+
+
+@dataclass(frozen=True)
+class FisherResult:
+    value: float
+    n_grad: int
+
+
+def fisher_trace(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: LossArg = "cross_entropy",
+    *,
+    kind: str = "empirical",
+    num_samples: int = 1,
+    generator: torch.Generator | int | None = None,
+    params: Iterable[Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> FisherResult:
+    r"""Trace of the (empirical or true) Fisher information of the per-sample loss.
+
+    * ``kind="empirical"``: :math:`\frac1N\sum_n\|\nabla\ell_n(w)\|^2` with the data's labels.
+    * ``kind="mc"``: :math:`\frac1N\sum_n E_{\tilde y\sim p_w(\cdot|x_n)}\|\nabla\ell(x_n,\tilde y)\|^2`,
+      the true Fisher's trace, estimated with ``num_samples`` labels per input drawn from the
+      model's predictive distribution: categorical ``softmax(model(x))`` for
+      ``"cross_entropy"``; ``model(x) + N(0, I)`` for ``"mse"`` (with this package's ``mse``,
+      the mean over ``D`` output dims, this equals :math:`\frac{4}{D^2}\operatorname{tr}J^\top J`).
+      Unbiased; other losses raise ``ValueError``.
+
+    Per-sample gradients come from ``torch.func.vmap`` over ``torch.func.grad`` (no Python
+    loop over samples), in sub-chunks of at most ``2**25`` gradient entries. Cost:
+    ``n_grad = 1`` (empirical) or ``num_samples`` (mc) per-sample-gradient passes over ``batches``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_flatness.functional import fisher_trace
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 2)
+        >>> batches = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+        >>> fisher_trace(model, batches).value > 0
+        True
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    num_samples = check_positive_int("num_samples", num_samples)
+    gen = make_generator(generator)
+    with measurement_mode(model):
+        objective = Objective(model, batches, loss_fn, params, dtype)
+        if kind == "mc" and objective.loss_name not in ("cross_entropy", "mse"):
+            raise ValueError(
+                'kind="mc" samples labels from the model, which needs loss_fn="cross_entropy" or "mse"; '
+                "use kind=\"empirical\" with a custom loss_fn."
+            )
+        total = torch.zeros((), dtype=torch.float64, device=objective.device)
+        count = 0
+        for batch in objective.iter_batches():
+            if kind == "empirical":
+                sq = objective.per_sample_sq_norms(batch)
+                count += sq.numel()
+            else:
+                sq = _mc_sq_norms(objective, batch, num_samples, gen)
+                count += sq.numel() // num_samples
+            total += sq.sum(dtype=torch.float64)
+    if count == 0:
+        raise ValueError("batches is empty: pass at least one sample.")
+    n_grad = 1 if kind == "empirical" else num_samples
+    value = total.item() / (count * (1 if kind == "empirical" else num_samples))
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("loss_fn produced non-finite per-sample gradients (NaN or inf).")
+    return FisherResult(value, n_grad)
+
+
+def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.Generator) -> Tensor:
+    x = batch[0]
+    out = objective.outputs(x)
+    norms = []
+    if objective.loss_name == "cross_entropy":
+        probs = torch.softmax(out.detach().to(torch.float64).cpu().reshape(out.shape[0], -1), dim=-1)
+        if out.dim() != 2:
+            raise ValueError('kind="mc" with "cross_entropy" needs logits of shape (B, C).')
+        labels = torch.multinomial(probs, num_samples, replacement=True, generator=gen).to(out.device)
+        for s in range(num_samples):
+            norms.append(objective.per_sample_sq_norms((x, labels[:, s])))
+    else:
+        for _ in range(num_samples):
+            noise = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+            norms.append(objective.per_sample_sq_norms((x, out + noise)))
+    return torch.cat(norms)
