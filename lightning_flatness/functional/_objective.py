@@ -11,6 +11,9 @@ in half precision be measured in float32 or float64.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -23,6 +26,35 @@ from ._params import flatten, resolve_params, unflatten
 
 # Per-sample gradients materialize (chunk x P) numbers; cap a chunk at this many elements.
 _PER_SAMPLE_ELEMENTS = 2**25
+
+
+@dataclass(frozen=True)
+class CrossProcess:
+    """Combines the data passes of processes that each hold a shard of ``batches``.
+
+    ``sum(t)``: elementwise sum of ``t`` over processes; ``gather(t)``: concatenation of ``t``'s
+    rows over processes (row counts may differ). Used by :class:`Objective` on its totals and
+    sample count (so ``L``, gradients and Hessian-vector products are those of the union of the
+    shards) and on the list of mini-batch gradients.
+    """
+
+    sum: Callable[[Tensor], Tensor]
+    gather: Callable[[Tensor], Tensor]
+
+
+_CROSS_PROCESS: contextvars.ContextVar[CrossProcess | None] = contextvars.ContextVar(
+    "lightning_flatness_cross_process", default=None
+)
+
+
+@contextlib.contextmanager
+def cross_process_reduction(hook: CrossProcess) -> Iterator[None]:
+    """Objectives created inside reduce their data passes over processes with ``hook``."""
+    token = _CROSS_PROCESS.set(hook)
+    try:
+        yield
+    finally:
+        _CROSS_PROCESS.reset(token)
 
 
 class _LossModule(nn.Module):
@@ -92,6 +124,7 @@ class Objective:
         self.w0 = flatten([self._cast(p.detach()) for _, p in named])
         self.num_params = self.w0.numel()
         self._num_samples: int | None = None
+        self._cross = _CROSS_PROCESS.get()
 
     # ----------------------------------------------------------------- data pass
     def _cast(self, t: Tensor) -> Tensor:
@@ -140,6 +173,9 @@ class Objective:
         return [t.detach().requires_grad_() for t in unflatten(w, self.shapes)]
 
     def _finish(self, total: Tensor, count: int, what: str) -> Tensor:
+        if self._cross is not None:
+            total = self._cross.sum(total)
+            count = int(self._cross.sum(torch.tensor([float(count)], dtype=torch.float64, device=total.device)).item())
         self._num_samples = count
         if count == 0:
             raise ValueError("batches is empty: the loss function returned no samples.")
@@ -184,6 +220,8 @@ class Objective:
             if not mean:
                 grads.append(g / losses.numel())
         total = self._finish(total, count, "gradient")
+        if not mean and self._cross is not None:
+            grads = list(self._cross.gather(torch.stack(grads)))
         return [total] if mean else grads
 
     def hvps(self, vectors: Tensor, at: Tensor | None = None) -> Tensor:

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from conftest import (
+    Quadratic,
+    dense_hessian,
+    mlp_batches,
+    model_output_loss,
+    quadratic_batches,
+    random_symmetric,
+    tiny_mlp,
+)
+from lightning_flatness.functional import hessian_eigenvalues, hessian_top_eigenvalue
+from lightning_flatness.functional._lanczos import lanczos_top
+
+
+def test_top3_match_dense_eigvalsh_at_tight_tol(model_and_batches):
+    model, batches = model_and_batches
+    h = dense_hessian(model, batches)
+    exact, exact_vecs = torch.linalg.eigh(h)
+    exact, exact_vecs = exact.flip(0)[:3], exact_vecs.flip(1)[:, :3].T
+    result = hessian_eigenvalues(model, batches, k=3, tol=1e-8)
+    assert result.converged
+    rel = ((result.values - exact).abs() / exact.abs()).max().item()
+    assert rel <= 1e-6, rel
+    # Eigenvectors: unit norm, aligned with the exact ones, and H v = λ v.
+    assert torch.allclose(result.vectors.norm(dim=1), torch.ones(3, dtype=torch.float64))
+    assert (result.vectors[0] @ exact_vecs[0]).abs() > 1 - 1e-6
+    residual = (result.vectors @ h - result.values[:, None] * result.vectors).norm(dim=1)
+    assert residual.max() < 1e-3 * exact[0]
+
+
+def test_default_tol_is_within_1e3(model_and_batches):
+    model, batches = model_and_batches
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batches))[-1]
+    result = hessian_eigenvalues(model, batches)
+    assert result.converged
+    assert abs(result.values[0] - exact) / abs(exact) <= 1e-3
+    assert result.n_hvp < 60
+    assert hessian_top_eigenvalue(model, batches) == pytest.approx(result.values[0].item(), rel=0, abs=0)
+
+
+def test_warm_start_needs_a_quarter_of_the_hvps(model_and_batches):
+    model, batches = model_and_batches
+    cold = hessian_eigenvalues(model, batches)
+    warm = hessian_eigenvalues(model, batches, init=cold.vectors[0])
+    assert warm.converged
+    assert warm.n_hvp * 4 <= cold.n_hvp, (warm.n_hvp, cold.n_hvp)
+    assert warm.values[0].item() == pytest.approx(cold.values[0].item(), rel=1e-4)
+
+
+def test_warm_start_from_a_block_needs_k_plus_two_hvps(model_and_batches):
+    model, batches = model_and_batches
+    cold = hessian_eigenvalues(model, batches, k=3, tol=1e-8)
+    warm = hessian_eigenvalues(model, batches, k=3, tol=1e-8, init=cold.vectors)
+    assert warm.converged
+    assert warm.n_hvp <= 3 + 2 < cold.n_hvp, (warm.n_hvp, cold.n_hvp)
+    assert torch.allclose(warm.values, cold.values, rtol=1e-8)
+
+
+def test_algebraically_largest_not_largest_magnitude():
+    a = torch.diag(torch.tensor([-50.0, -3.0, 0.5, 1.0, 2.0, 4.0], dtype=torch.float64))
+    model = Quadratic(a)
+    result = hessian_eigenvalues(model, quadratic_batches(6), model_output_loss, k=2, tol=1e-10)
+    assert torch.allclose(result.values, torch.tensor([4.0, 2.0], dtype=torch.float64), atol=1e-8)
+
+
+def test_quadratic_hessian_is_a_exactly():
+    a = random_symmetric(12, shift=1.0)
+    model = Quadratic(a)
+    exact = torch.linalg.eigvalsh(a).flip(0)[:4]
+    result = hessian_eigenvalues(model, quadratic_batches(12), model_output_loss, k=4, tol=1e-10)
+    assert torch.allclose(result.values, exact, rtol=1e-8)
+
+
+def test_not_converged_when_max_iter_is_too_small():
+    model, batches = tiny_mlp(), mlp_batches()
+    result = hessian_eigenvalues(model, batches, tol=1e-12, max_iter=3)
+    assert not result.converged
+    assert result.n_hvp == 3
+
+
+def test_lanczos_on_dense_matrix_with_degenerate_start():
+    """A start vector inside an invariant subspace breaks down; the restart still finds the top."""
+    a = torch.diag(torch.arange(1.0, 9.0, dtype=torch.float64))
+    start = torch.zeros(8, dtype=torch.float64)
+    start[0] = 1.0  # eigenvector of the *smallest* eigenvalue
+    out = lanczos_top(lambda v: a @ v, start, 1, 1e-10, 50, torch.Generator().manual_seed(0))
+    assert out.values[0].item() == pytest.approx(8.0, rel=1e-10)
+
+
+def test_init_block_and_vector_shapes_are_checked():
+    model, batches = tiny_mlp(), mlp_batches()
+    with pytest.raises(ValueError, match="init"):
+        hessian_eigenvalues(model, batches, init=torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="init"):
+        hessian_eigenvalues(model, batches, init=torch.zeros(51, dtype=torch.float64))
+    with pytest.raises(TypeError, match="init"):
+        hessian_eigenvalues(model, batches, init=[1.0] * 51)
