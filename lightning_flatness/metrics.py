@@ -1,0 +1,158 @@
+"""What the callback measures: the flatness estimators and the train/test gap, as torchmetrics.
+
+Every value is held in a torchmetrics ``Metric`` (``FlatnessCallback.metrics``, a
+``MetricCollection``) so that it reduces across processes. Curvature values are computed on
+every rank from the same cross-rank sums and enter their ``MeanMetric`` with weight 1; the
+Fisher trace is a per-sample mean, so each rank enters its shard's mean weighted by its
+sample count; the gap uses ``MeanMetric`` over per-sample losses and ``MulticlassAccuracy``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from .functional import fisher_trace, grad_cosine_regret, hessian_eigenvalues, measurement_mode, pacgen
+from .functional._losses import LossArg
+from .functional._objective import Objective
+
+FLATNESS_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
+GAP_KEYS = ("gap/train_loss", "gap/test_loss", "gap/loss", "gap/train_acc", "gap/test_acc", "gap/acc")
+
+
+@dataclass
+class EstimatorOptions:
+    loss_fn: LossArg = "cross_entropy"
+    k: int = 1
+    tol: float = 1e-3
+    max_iter: int = 100
+    kind: str = "empirical"
+    gamma: float = 0.1
+    eps: float = 0.1
+    rho: float | None = None
+    num_probes: int = 16
+
+
+def metric_keys(name: str, k: int) -> list[str]:
+    """Logged keys of one flatness metric."""
+    if name == "hessian_top_eig":  # hessian_eig_j: the j-th largest, j = 1..k, only when k > 1
+        return ["flatness/hessian_top_eig"] + ([f"flatness/hessian_eig_{j}" for j in range(1, k + 1)] if k > 1 else [])
+    if name == "grad_cosine_regret":
+        return ["flatness/grad_cosine_regret", "flatness/grad_cosine"]
+    return [f"flatness/{name}"]
+
+
+def build_collection(metrics: Sequence[str], k: int, gap: bool) -> MetricCollection:
+    keys = [key for name in metrics for key in metric_keys(name, k)]
+    if gap:
+        keys += ["gap/train_loss", "gap/test_loss"]
+    keys.append("flatness/seconds")
+    # nan_strategy="error": a non-finite loss fails the gap (warned once and skipped), not silently dropped.
+    return MetricCollection({key: MeanMetric(nan_strategy="error") for key in keys}, compute_groups=False)
+
+
+def measurement_seed(seed: int, step: int, name: str) -> int:
+    """A seed for one metric at one measurement, a pure function of (seed, step, name)."""
+    return (seed * 1_000_003 + step * 7919 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def run_estimator(
+    name: str,
+    model: nn.Module,
+    batches: list[Any],
+    opts: EstimatorOptions,
+    *,
+    seed: int,
+    init: Tensor | None,
+    local_count: int,
+) -> tuple[dict[str, tuple[float, float]], Tensor | None]:
+    """One flatness metric: ``({key: (value, weight)}, new eigenvectors or None)``.
+
+    ``local_count`` is the number of samples in ``batches`` (this rank's shard); it weights
+    per-sample means (the Fisher trace) so that the cross-process mean is the global one.
+    """
+    if name == "hessian_top_eig":
+        res = hessian_eigenvalues(
+            model, batches, opts.loss_fn, k=opts.k, tol=opts.tol, max_iter=opts.max_iter, init=init, generator=seed
+        )
+        values = res.values.tolist()
+        out = {"flatness/hessian_top_eig": (values[0], 1.0)}
+        if len(values) > 1:
+            out.update({f"flatness/hessian_eig_{j + 1}": (v, 1.0) for j, v in enumerate(values)})
+        return out, res.vectors.detach()
+    if name == "grad_cosine_regret":
+        reg = grad_cosine_regret(model, batches, opts.loss_fn)
+        return {"flatness/grad_cosine_regret": (reg.regret, 1.0), "flatness/grad_cosine": (reg.cosine, 1.0)}, None
+    if name == "fisher_trace":
+        fis = fisher_trace(model, batches, opts.loss_fn, kind=opts.kind, generator=seed)
+        return {"flatness/fisher_trace": (fis.value, float(local_count))}, None
+    if name == "pacgen":
+        pac = pacgen(
+            model, batches, opts.loss_fn, gamma=opts.gamma, eps=opts.eps, rho=opts.rho,
+            num_probes=opts.num_probes, generator=seed,
+        )  # fmt: skip
+        return {"flatness/pacgen": (pac.value, 1.0)}, None
+    raise ValueError(f"unknown metric {name!r}; accepted: {FLATNESS_METRICS}")
+
+
+def _classification_pair(batch: Any) -> tuple[Any, Tensor] | None:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        y = batch[1]
+        if not y.is_floating_point() and not y.is_complex() and y.dim() == 1:
+            return batch[0], y
+    return None
+
+
+class GapMeter:
+    """Eval-mode mean loss and accuracy on fixed subsamples, with torchmetrics states.
+
+    Accuracy is measured when a batch is ``(x, y)`` with integer labels ``y`` of shape ``(B,)``
+    and the model returns logits of shape ``(B, C)``; ``MulticlassAccuracy(C, average="micro")``
+    is created on first use (when ``C`` is known) and added to the collection.
+    """
+
+    def __init__(self, collection: MetricCollection, loss_fn: LossArg) -> None:
+        self.collection = collection
+        self.loss_fn = loss_fn
+
+    def _accuracy(self, split: str, num_classes: int, device: torch.device) -> MulticlassAccuracy:
+        key = f"gap/{split}_acc"
+        if key not in self.collection:
+            self.collection.add_metrics({key: MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)})
+        return self.collection[key]  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def update(self, split: str, model: nn.Module, batches: list[Any]) -> None:
+        loss_metric = self.collection[f"gap/{split}_loss"]
+        with measurement_mode(model):
+            objective = Objective(model, batches, self.loss_fn)
+            for batch in objective.iter_batches():
+                pair = _classification_pair(batch)
+                logits = objective.outputs(pair[0]) if pair is not None else None
+                if logits is not None and logits.dim() == 2 and logits.shape[1] >= 2:
+                    acc = self._accuracy(split, logits.shape[1], logits.device)
+                    acc.update(logits, pair[1])
+                    if objective.loss_name == "cross_entropy":
+                        losses = F.cross_entropy(logits, pair[1], reduction="none")
+                    else:
+                        losses = objective.losses(objective.w0, batch)
+                else:
+                    losses = objective.losses(objective.w0, batch)
+                loss_metric.update(losses.float())
+
+    def has_accuracy(self, split: str) -> bool:
+        return f"gap/{split}_acc" in self.collection
+
+
+def finite(values: dict[str, tuple[float, float]]) -> bool:
+    return all(v == v and abs(v) != float("inf") for v, _ in values.values())
+
+
+Reducer = Callable[[Tensor], Tensor]

@@ -1,0 +1,258 @@
+"""FlatnessCallback: values, schedule, side effects, faults and resume (CPU, tiny models)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_callback_common import Classifier, DataModule, Stream, make_data, trainer
+from torch.utils.data import DataLoader
+from torchmetrics import MetricCollection
+
+from lightning_flatness import FlatnessCallback
+from lightning_flatness import metrics as metrics_module
+from lightning_flatness.functional import fisher_trace, grad_cosine_regret, hessian_eigenvalues, pacgen
+from lightning_flatness.metrics import measurement_seed
+
+SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=96)
+
+
+def fit(tmp_path, cb=None, dm=None, model=None, seed=0, **kwargs):
+    seed_everything(seed)
+    model = model or Classifier()
+    dm = dm or DataModule()
+    t = trainer(tmp_path, [cb] if cb is not None else [], **kwargs)
+    t.fit(model, dm)
+    return t, model, dm
+
+
+def subsample(dataset, seed, num, batch_size):
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num].tolist()
+    return [
+        (torch.stack([dataset[i][0] for i in idx[s : s + batch_size]]), torch.tensor([int(dataset[i][1]) for i in idx[s : s + batch_size]]))
+        for s in range(0, len(idx), batch_size)
+    ]
+
+
+def close(a, b, rel):
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def test_values_equal_functional_api_on_the_same_subsample(tmp_path):
+    cb = FlatnessCallback(tol=1e-7, max_iter=300, measure_at_start=True, **SMALL)
+    t, model, dm = fit(tmp_path, cb)
+    assert [x for x, _ in cb.history] == [0, 1, 2]
+    x, last = cb.history[-1]
+    batches = subsample(dm.train_set, 0, 64, 16)
+    assert torch.equal(cb._indices["measure"], torch.randperm(256, generator=torch.Generator().manual_seed(0))[:64])
+    eig = hessian_eigenvalues(model, batches, tol=1e-7, max_iter=300)
+    assert close(last["flatness/hessian_top_eig"], eig.values[0].item(), 1e-5)
+    reg = grad_cosine_regret(model, batches)
+    assert close(last["flatness/grad_cosine_regret"], reg.regret, 1e-6)
+    assert close(last["flatness/grad_cosine"], reg.cosine, 1e-6)
+    assert close(last["flatness/fisher_trace"], fisher_trace(model, batches).value, 1e-6)
+    pac = pacgen(model, batches, num_probes=16, generator=measurement_seed(0, x, "pacgen"))
+    assert close(last["flatness/pacgen"], pac.value, 1e-6)
+    # the gap: eval-mode loss / accuracy on fixed subsamples of the train and val sets
+    model.eval()
+    with torch.no_grad():
+        for split, ds, off in (("train", dm.train_set, 1), ("test", dm.val_set, 2)):
+            (xs, ys), = subsample(ds, off, 96, 96)
+            logits = model(xs)
+            assert close(last[f"gap/{split}_loss"], F.cross_entropy(logits, ys).item(), 1e-5)
+            assert close(last[f"gap/{split}_acc"], (logits.argmax(1) == ys).float().mean().item(), 1e-6)
+    assert close(last["gap/loss"], last["gap/test_loss"] - last["gap/train_loss"], 1e-6)
+    assert close(last["gap/acc"], last["gap/train_acc"] - last["gap/test_acc"], 1e-6)
+    assert last["flatness/seconds"] > 0
+    # torchmetrics objects and trainer.callback_metrics hold the same values
+    assert isinstance(cb.metrics, MetricCollection)
+    assert close(float(cb.metrics["flatness/fisher_trace"].compute()), last["flatness/fisher_trace"], 1e-6)
+    assert close(float(t.callback_metrics["flatness/hessian_top_eig"]), last["flatness/hessian_top_eig"], 1e-6)
+
+
+def test_final_weights_bit_identical_with_and_without_callback(tmp_path):
+    _, plain, _ = fit(tmp_path / "a", None, max_epochs=3)
+    cb = FlatnessCallback(measure_at_start=True, **SMALL)
+    _, measured, _ = fit(tmp_path / "b", cb, max_epochs=3)
+    assert len(cb.history) == 4
+    a, b = plain.state_dict(), measured.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:  # weights and BatchNorm statistics
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_warm_start_from_previous_eigenvectors(tmp_path, monkeypatch):
+    calls = []
+    real = metrics_module.hessian_eigenvalues
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((kwargs.get("init"), out.vectors.clone()))
+        return out
+
+    monkeypatch.setattr(metrics_module, "hessian_eigenvalues", spy)
+    fit(tmp_path, FlatnessCallback(metrics=["hessian_top_eig"], k=2, **SMALL), max_epochs=3)
+    assert calls[0][0] is None
+    for (init, _), (_, previous) in zip(calls[1:], calls[:-1]):
+        assert init is not None and torch.equal(init, previous)
+
+
+def test_k_greater_than_one_logs_each_eigenvalue(tmp_path):
+    cb = FlatnessCallback(metrics=["hessian_top_eig"], k=2, **SMALL)
+    fit(tmp_path, cb, max_epochs=1)
+    values = cb.history[-1][1]
+    assert values["flatness/hessian_eig_1"] == values["flatness/hessian_top_eig"] >= values["flatness/hessian_eig_2"]
+
+
+@pytest.mark.parametrize(
+    ("every", "epochs", "expected"),
+    [(1, 3, [1, 2, 3]), (2, 3, [2, 3]), (2, 4, [2, 4]), (0, 2, [2])],
+)
+def test_schedule_and_final_measurement(tmp_path, every, epochs, expected):
+    cb = FlatnessCallback(metrics=["fisher_trace"], every_n_epochs=every, **SMALL)
+    fit(tmp_path, cb, max_epochs=epochs)
+    assert [x for x, _ in cb.history] == expected
+
+
+def test_final_measurement_after_early_stop(tmp_path):
+    class StopAfterSecondEpoch(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.should_stop = True
+
+    cb = FlatnessCallback(metrics=["fisher_trace"], every_n_epochs=5, **SMALL)
+    seed_everything(0)
+    t = trainer(tmp_path, [cb, StopAfterSecondEpoch()], max_epochs=10)
+    t.fit(Classifier(), DataModule())
+    assert [x for x, _ in cb.history] == [2]
+
+
+def test_max_overhead_budget_skips_measurements(tmp_path):
+    cb = FlatnessCallback(metrics=["fisher_trace"], max_overhead=1e-9, **SMALL)
+    fit(tmp_path, cb, max_epochs=4)
+    assert [x for x, _ in cb.history] == [1, 4]  # first epoch, then only the final weights
+    cb = FlatnessCallback(metrics=["fisher_trace"], max_overhead=1.0, **SMALL)
+    fit(tmp_path, cb, max_epochs=3)
+    assert [x for x, _ in cb.history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(metrics=["hessian_top_eig", "sharpness"]), "metrics"),
+        (dict(metrics="nope"), "metrics"),
+        (dict(num_samples=-1), "num_samples"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(gap_num_samples=-5), "gap_num_samples"),
+        (dict(num_samples=100, batch_size=64), "num_samples"),
+        (dict(source="test"), "source"),
+        (dict(loss_fn="hinge"), "loss_fn"),
+        (dict(loss_fn=3), "loss_fn"),
+        (dict(every_n_epochs=-1), "every_n_epochs"),
+        (dict(k=0), "k"),
+        (dict(tol=0.0), "tol"),
+        (dict(kind="true"), "kind"),
+        (dict(eps=0), "eps"),
+        (dict(rho=-1.0), "rho"),
+        (dict(max_overhead=1.5), "max_overhead"),
+        (dict(on_error="ignore"), "on_error"),
+    ],
+)
+def test_invalid_arguments_raise_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FlatnessCallback(**kwargs)
+
+
+def test_regret_off_allows_small_num_samples():
+    FlatnessCallback(metrics=["fisher_trace"], num_samples=10, batch_size=64)
+
+
+def nan_loss(model, batch):
+    x, y = batch
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    return losses * float("nan") if not model.training else losses
+
+
+def test_failing_metric_warns_once_and_training_goes_on(tmp_path):
+    cb = FlatnessCallback(loss_fn=nan_loss, **SMALL)
+    with pytest.warns(UserWarning, match="failed and is skipped") as record:
+        t, _, _ = fit(tmp_path, cb, max_epochs=3)
+    messages = [str(w.message) for w in record if "failed and is skipped" in str(w.message)]
+    assert len(messages) == 5  # once per metric (4) and the gap, not once per epoch
+    assert t.current_epoch == 3
+    assert all(set(v) == {"flatness/seconds"} for _, v in cb.history)
+
+
+def test_on_error_raise_reraises(tmp_path):
+    cb = FlatnessCallback(loss_fn=nan_loss, on_error="raise", **SMALL)
+    with pytest.raises(Exception, match="non-finite"):
+        fit(tmp_path, cb, max_epochs=1)
+
+
+def test_frozen_parameters_are_not_measured(tmp_path):
+    model = Classifier()
+    model.net[0].requires_grad_(False)
+    cb = FlatnessCallback(metrics=["hessian_top_eig"], **SMALL)
+    fit(tmp_path, cb, model=model, max_epochs=1)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert cb._eig_vectors.shape == (1, trainable) and trainable < sum(p.numel() for p in model.parameters())
+
+
+def test_no_validation_data_logs_train_side_and_warns(tmp_path):
+    cb = FlatnessCallback(metrics=["fisher_trace"], **SMALL)
+    with pytest.warns(UserWarning, match="no validation data"):
+        fit(tmp_path, cb, dm=DataModule(val=False), max_epochs=2)
+    for _, values in cb.history:
+        assert "gap/train_loss" in values and "gap/train_acc" in values and "gap/test_loss" not in values
+
+
+def test_source_val_draws_from_validation_set(tmp_path):
+    cb = FlatnessCallback(metrics=["fisher_trace"], source="val", **SMALL)
+    _, model, dm = fit(tmp_path, cb, max_epochs=1)
+    batches = subsample(dm.val_set, 0, 64, 16)
+    assert close(cb.history[-1][1]["flatness/fisher_trace"], fisher_trace(model, batches).value, 1e-6)
+
+
+def test_iterable_dataset_copies_first_training_batches(tmp_path):
+    class StreamModule(DataModule):
+        def train_dataloader(self):
+            return DataLoader(Stream(256), batch_size=32)
+
+    cb = FlatnessCallback(metrics=["fisher_trace", "grad_cosine_regret"], **SMALL)
+    _, model, _ = fit(tmp_path, cb, dm=StreamModule(), max_epochs=2)
+    data = make_data(256)
+    batches = [(data.tensors[0][s : s + 16], data.tensors[1][s : s + 16]) for s in range(0, 64, 16)]
+    assert [x for x, _ in cb.history] == [1, 2]
+    assert close(cb.history[-1][1]["flatness/fisher_trace"], fisher_trace(model, batches).value, 1e-6)
+
+
+def test_bf16_mixed_precision_measures_in_float32(tmp_path):
+    cb = FlatnessCallback(metrics=["hessian_top_eig", "fisher_trace"], tol=1e-7, max_iter=300, **SMALL)
+    _, model, dm = fit(tmp_path, cb, max_epochs=1, precision="bf16-mixed")
+    batches = subsample(dm.train_set, 0, 64, 16)
+    assert close(cb.history[-1][1]["flatness/hessian_top_eig"], hessian_eigenvalues(model, batches, tol=1e-7, max_iter=300).values[0].item(), 1e-5)
+
+
+def test_resume_from_checkpoint_logs_the_same_values(tmp_path):
+    def run(root, epochs, ckpt=None):
+        cb = FlatnessCallback(metrics=["hessian_top_eig", "pacgen"], **SMALL)
+        seed_everything(0)
+        ck = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        t = trainer(root, [cb, ck], max_epochs=epochs, enable_checkpointing=True)
+        t.fit(Classifier(dropout=0.0), DataModule(shuffle=False), ckpt_path=ckpt)
+        return cb
+
+    full = run(tmp_path / "full", 3)
+    run(tmp_path / "part", 1)
+    resumed = run(tmp_path / "resumed", 3, ckpt=str(tmp_path / "part" / "epoch=0.ckpt"))
+    assert [x for x, _ in resumed.history] == [2, 3]
+    for (xa, a), (xb, b) in zip(full.history[1:], resumed.history):
+        assert xa == xb
+        for key in ("flatness/hessian_top_eig", "flatness/pacgen"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-6), (key, a[key], b[key])
+    state = resumed.state_dict()
+    assert torch.equal(state["indices"]["measure"], full.state_dict()["indices"]["measure"])
