@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 log = logging.getLogger("lightning_flatness")
 
@@ -60,7 +60,12 @@ class LoggerWriter:
             return
         params = {f"flatness_callback/{key}": _plain(value) for key, value in config.items()}
         for logger in trainer.loggers:
-            logger.log_hyperparams(params)
+            if isinstance(logger, TensorBoardLogger):
+                # A second hparams session in the event file would hide the LightningModule's own in
+                # TensorBoard's HPARAMS tab; merge into the logger's hparams (saved to hparams.yaml).
+                logger.hparams.update(params)
+            else:
+                logger.log_hyperparams(params)
 
 
 def _plain(value: Any) -> Any:

@@ -108,12 +108,12 @@ class FlatnessCallback(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.metrics.to(pl_module.device)
+        if stage == "fit" and self.config["log_hyperparams"]:  # before Lightning writes hparams.yaml
+            self._writer.write_hyperparams(trainer, {k: v for k, v in self.config.items() if k != "log_hyperparams"})
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()
         self.metrics.to(pl_module.device)
-        if self.config["log_hyperparams"]:
-            self._writer.write_hyperparams(trainer, {k: v for k, v in self.config.items() if k != "log_hyperparams"})
         self._prepare_data(trainer, pl_module)
         if self.config["measure_at_start"] and self._last_step != trainer.global_step:
             if self._data is None:

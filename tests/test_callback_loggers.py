@@ -1,0 +1,153 @@
+"""FlatnessCallback with TensorBoard, CSV and W&B loggers, hyperparameters, progress and LightningCLI."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+
+import pytest
+import yaml
+from lightning.pytorch import seed_everything
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from test_callback_common import Classifier, DataModule, trainer
+
+from lightning_flatness import FlatnessCallback
+
+SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=96)
+ALL_KEYS = {
+    "flatness/hessian_top_eig", "flatness/grad_cosine_regret", "flatness/grad_cosine", "flatness/fisher_trace",
+    "flatness/pacgen", "gap/train_loss", "gap/test_loss", "gap/loss", "gap/train_acc", "gap/test_acc", "gap/acc",
+    "flatness/seconds",
+}  # fmt: skip
+
+
+def fit(tmp_path, cb, logger, **kwargs):
+    seed_everything(0)
+    t = trainer(tmp_path, [cb], logger=logger, **kwargs)
+    t.fit(Classifier(), DataModule())
+    return t
+
+
+def read_tensorboard(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_tensorboard_and_csv_one_value_per_measured_epoch(tmp_path):
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    cv = CSVLogger(str(tmp_path), name="csv")
+    cb = FlatnessCallback(measure_at_start=True, every_n_epochs=2, **SMALL)
+    fit(tmp_path, cb, [tb, cv], max_epochs=3)
+    expected = [0, 2, 3]  # initialization, epoch 2, and the final weights (epoch 3 not on the schedule)
+    assert [x for x, _ in cb.history] == expected
+    scalars = read_tensorboard(tb.log_dir)
+    assert ALL_KEYS <= set(scalars)
+    for key in ALL_KEYS:
+        assert [step for step, _ in scalars[key]] == expected, key
+        for (step, value), (x, values) in zip(scalars[key], cb.history):
+            assert value == pytest.approx(values[key], rel=1e-6, abs=1e-7), key
+    rows = [r for r in read_csv_rows(os.path.join(cv.log_dir, "metrics.csv")) if r.get("flatness/hessian_top_eig")]
+    assert [int(r["step"]) for r in rows] == expected
+    for row, (_, values) in zip(rows, cb.history):
+        for key in ALL_KEYS:
+            assert float(row[key]) == pytest.approx(values[key], rel=1e-6, abs=1e-7), key
+
+
+def test_hyperparameters_are_logged(tmp_path):
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    cv = CSVLogger(str(tmp_path), name="csv")
+    fit(tmp_path, FlatnessCallback(metrics=["fisher_trace"], seed=7, **SMALL), [tb, cv], max_epochs=1)
+    for logger in (tb, cv):
+        with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
+            hparams = yaml.safe_load(f)
+        assert hparams["flatness_callback/seed"] == 7
+        assert hparams["flatness_callback/num_samples"] == 64
+        assert hparams["flatness_callback/metrics"] == "fisher_trace"
+
+
+def test_no_logger(tmp_path):
+    cb = FlatnessCallback(metrics=["fisher_trace"], **SMALL)
+    fit(tmp_path, cb, False, max_epochs=1)
+    assert [x for x, _ in cb.history] == [1]
+
+
+def test_wandb_offline_uses_epoch_step_metric(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wb = WandbLogger(save_dir=str(tmp_path), offline=True, project="flatness-test")
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    experiment = wb.experiment
+    defined, logged = [], []
+    real_define, real_log = experiment.define_metric, experiment.log
+    monkeypatch.setattr(experiment, "define_metric", lambda *a, **k: defined.append((a, k)) or real_define(*a, **k))
+    monkeypatch.setattr(experiment, "log", lambda data, *a, **k: logged.append(dict(data)) or real_log(data, *a, **k))
+    cb = FlatnessCallback(metrics=["hessian_top_eig", "fisher_trace"], measure_at_start=True, **SMALL)
+    try:
+        fit(tmp_path, cb, [wb, tb], max_epochs=2)
+    finally:
+        experiment.finish()
+    assert (("flatness/*",), {"step_metric": "epoch"}) in defined
+    assert (("gap/*",), {"step_metric": "epoch"}) in defined
+    rows = [r for r in logged if "flatness/hessian_top_eig" in r]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all("trainer/global_step" not in r for r in rows)  # Lightning's step axis is left alone
+    for row, (_, values) in zip(rows, cb.history):
+        assert row["flatness/fisher_trace"] == values["flatness/fisher_trace"]
+        assert row["gap/train_loss"] == values["gap/train_loss"]
+    # the TensorBoard logger next to it got the same epochs
+    assert [s for s, _ in read_tensorboard(tb.log_dir)["flatness/fisher_trace"]] == [0, 1, 2]
+
+
+def test_progress_status_line(tmp_path, caplog, monkeypatch):
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+    postfixes = []
+    real = Tqdm.set_postfix_str
+    monkeypatch.setattr(Tqdm, "set_postfix_str", lambda self, s="", refresh=True: postfixes.append(s) or real(self, s, refresh))
+    cb = FlatnessCallback(metrics=["hessian_top_eig", "fisher_trace"], **SMALL)
+    with caplog.at_level(logging.INFO, logger="lightning_flatness"):
+        fit(tmp_path, cb, False, max_epochs=1, enable_progress_bar=True)
+    assert "flatness: epoch 1: hessian_top_eig (1/2)" in postfixes
+    assert any(p.startswith("flatness: epoch 1 measured in") for p in postfixes)
+    assert "flatness: epoch 1: fisher_trace (2/2)" in caplog.text
+
+
+def test_lightning_cli_configures_callback_from_yaml(tmp_path):
+    pytest.importorskip("jsonargparse")
+    from lightning.pytorch.cli import LightningCLI
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+            "enable_checkpointing": False, "enable_model_summary": False, "default_root_dir": str(tmp_path),
+            "callbacks": [{
+                "class_path": "lightning_flatness.FlatnessCallback",
+                "init_args": {
+                    "metrics": ["hessian_top_eig", "fisher_trace"], "num_samples": 64, "batch_size": 16,
+                    "gap_num_samples": 96, "every_n_epochs": 1, "max_overhead": 0.5, "rho": 0.0,
+                    "loss_fn": "cross_entropy", "source": "val", "k": 2, "on_error": "raise",
+                },
+            }],
+        },
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(Classifier, DataModule, args=["fit", "--config", str(path)], save_config_kwargs={"overwrite": True})
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, FlatnessCallback)]
+    assert cb.config["metrics"] == ("hessian_top_eig", "fisher_trace")
+    assert cb.config["max_overhead"] == 0.5 and cb.config["source"] == "val" and cb.config["k"] == 2
+    assert [x for x, _ in cb.history] == [1]
+    assert "flatness/hessian_eig_2" in cb.history[0][1]
