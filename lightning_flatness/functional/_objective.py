@@ -172,10 +172,15 @@ class Objective:
         w = self.w0 if at is None else at
         return [t.detach().requires_grad_() for t in unflatten(w, self.shapes)]
 
-    def _finish(self, total: Tensor, count: int, what: str) -> Tensor:
+    def reduce(self, total: Tensor, count: int) -> tuple[Tensor, int]:
+        """Sum ``total`` and ``count`` over processes (identity outside :func:`cross_process_reduction`)."""
         if self._cross is not None:
             total = self._cross.sum(total)
             count = int(self._cross.sum(torch.tensor([float(count)], dtype=torch.float64, device=total.device)).item())
+        return total, count
+
+    def _finish(self, total: Tensor, count: int, what: str) -> Tensor:
+        total, count = self.reduce(total, count)
         self._num_samples = count
         if count == 0:
             raise ValueError("batches is empty: the loss function returned no samples.")

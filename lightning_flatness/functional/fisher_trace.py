@@ -77,6 +77,7 @@ def fisher_trace(
                 sq = _mc_sq_norms(objective, batch, num_samples, gen)
                 count += sq.numel() // num_samples
             total += sq.sum(dtype=torch.float64)
+        total, count = objective.reduce(total, count)
     if count == 0:
         raise ValueError("batches is empty: pass at least one sample.")
     n_grad = 1 if kind == "empirical" else num_samples
