@@ -11,16 +11,20 @@ from .fisher_trace import FisherResult, fisher_trace
 from .grad_cosine_regret import RegretResult, grad_cosine_regret
 from .hessian_eigenvalues import EigenResult, hessian_eigenvalues, hessian_top_eigenvalue
 from .hutchinson import TraceResult, hessian_diagonal, hessian_trace
+from .loss_landscape import EigenvectorSlice, LandscapeResult, eigenvector_slice, loss_landscape, normalize_direction
 from .pacgen import PACGenResult, estimate_rho, pacgen, pacgen_perturbation_scale
 
 __all__ = [
     "BUILTIN_LOSSES",
     "EigenResult",
+    "EigenvectorSlice",
+    "LandscapeResult",
     "FisherResult",
     "PACGenResult",
     "RegretResult",
     "TraceResult",
     "cross_entropy_loss",
+    "eigenvector_slice",
     "estimate_rho",
     "fisher_trace",
     "flatten",
@@ -29,8 +33,10 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_top_eigenvalue",
     "hessian_trace",
+    "loss_landscape",
     "measurement_mode",
     "mse_loss",
+    "normalize_direction",
     "pacgen",
     "pacgen_perturbation_scale",
     "unflatten",
