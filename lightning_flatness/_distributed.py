@@ -43,3 +43,27 @@ def cross_process(strategy: Any | None) -> Iterator[None]:
     hook = CrossProcess(sum=lambda t: _sum(strategy, t), gather=lambda t: _gather(strategy, t))
     with cross_process_reduction(hook):
         yield
+
+
+@contextlib.contextmanager
+def rank_zero_buffers(strategy: Any | None, module: torch.nn.Module) -> Iterator[None]:
+    """Use rank 0's buffers (e.g. BatchNorm statistics, which drift apart per rank) while measuring.
+
+    Each rank's own buffers are put back afterwards, so training is unaffected whatever the
+    strategy's ``broadcast_buffers`` setting.
+    """
+    buffers = [b for b in module.buffers() if b.numel() > 0]
+    if strategy is None or not buffers:
+        yield
+        return
+    saved = [b.detach().clone() for b in buffers]
+    source = strategy.broadcast([b.detach().cpu() for b in buffers], src=0)
+    try:
+        with torch.no_grad():
+            for b, value in zip(buffers, source):
+                b.copy_(value.to(b.device))
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(buffers, saved):
+                b.copy_(value)

@@ -13,7 +13,7 @@ from torchmetrics import MetricCollection
 
 from . import _subsample as sub
 from ._config import validate
-from ._distributed import cross_process
+from ._distributed import cross_process, rank_zero_buffers
 from ._logging import LoggerWriter, status
 from .metrics import FLATNESS_METRICS, EstimatorOptions, GapMeter, build_collection, finite, measurement_seed, run_estimator
 
@@ -188,7 +188,9 @@ class FlatnessCallback(Callback):
                 self._data["gap_val"] = self._draw(trainer, pl_module, "gap_val", val, cfg["gap_num_samples"], 2)
 
     def _draw(self, trainer: Trainer, pl_module: LightningModule, name: str, loader: Any, num: int, offset: int) -> list:
-        size = self.config["batch_size"] if name == "measure" else max(self.config["batch_size"], 256)
+        size = self.config["batch_size"]
+        if name != "measure":  # bigger chunks for the gap, but at least one per process
+            size = max(size, min(256, -(-num // max(1, trainer.world_size))))
         if sub.is_indexable(loader):
             if name not in self._indices:
                 self._indices[name] = sub.draw_indices(len(loader.dataset), num, self.config["seed"] + offset)
@@ -240,7 +242,8 @@ class FlatnessCallback(Callback):
         batches = sub.shard(self._data["measure"], rank, world)
         local = sum(sub.batch_size_of(b) for b in batches)
         names = self.config["metrics"]
-        with cross_process(trainer.strategy if world > 1 else None):
+        strategy = trainer.strategy if world > 1 else None
+        with rank_zero_buffers(strategy, pl_module), cross_process(strategy):
             for i, name in enumerate(names):
                 status(trainer, f"flatness: epoch {x}: {name} ({i + 1}/{len(names)})")
                 result = self._guard(trainer, name, lambda: self._estimate(name, pl_module, batches, x, local))
@@ -253,7 +256,8 @@ class FlatnessCallback(Callback):
                 for split, data in (("train", self._data.get("gap_train")), ("test", self._data.get("gap_val"))):
                     if data is not None:
                         part = sub.shard(data, rank, world)
-                        if self._guard(trainer, "gap", lambda: self._gap.update(split, pl_module, part) or {}) is not None:
+                        update = lambda: (self._gap.update(split, pl_module, part) if part else None) or {}  # noqa: E731
+                        if self._guard(trainer, "gap", update) is not None:
                             updated.append(f"gap/{split}_loss")
         values = {key: float(self.metrics[key].compute()) for key in updated}
         for split in ("train", "test"):
