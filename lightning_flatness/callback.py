@@ -168,7 +168,7 @@ class FlatnessCallback(Callback):
         if cfg["source"] == "train" and not sub.is_indexable(source):
             if self._recorder is None:
                 self._recorder = sub.BatchRecorder(max(cfg["num_samples"], cfg["gap_num_samples"]))
-            if not self._recorder.full and trainer.current_epoch == 0 and not self._recorder.batches:
+            if not self._recorder.batches:
                 return  # copied from the first training batches once the loop yields them
             recorded = self._recorder.batches
             self._data = {
@@ -225,7 +225,8 @@ class FlatnessCallback(Callback):
         self._writer.write(trainer, values, x)
         if use_module_log:
             for key, value in values.items():
-                pl_module.log(key, value, logger=False, on_step=False, on_epoch=True, sync_dist=False)
+                # identical on every rank already; sync_dist only silences Lightning's DDP warning
+                pl_module.log(key, value, logger=False, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, x: int) -> dict[str, float]:
         """Measure now; returns ``{key: value}`` (also left in :attr:`metrics`)."""
@@ -277,6 +278,8 @@ class FlatnessCallback(Callback):
     def _estimate(self, name: str, pl_module: LightningModule, batches: list, x: int, local: int) -> dict:
         seed = measurement_seed(self.config["seed"], x, name)
         init = self._eig_vectors if name == "hessian_top_eig" else None
+        if init is not None and init.shape[-1] != sum(p.numel() for p in pl_module.parameters() if p.requires_grad):
+            init = None  # the trainable parameters changed (e.g. unfrozen): start afresh
         out, vectors = run_estimator(name, pl_module, batches, self.options, seed=seed, init=init, local_count=local)
         if not finite(out):
             raise FloatingPointError(f"{name} returned a non-finite value: {out}")

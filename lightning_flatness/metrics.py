@@ -1,10 +1,11 @@
 """What the callback measures: the flatness estimators and the train/test gap, as torchmetrics.
 
 Every value is held in a torchmetrics ``Metric`` (``FlatnessCallback.metrics``, a
-``MetricCollection``) so that it reduces across processes. Curvature values are computed on
-every rank from the same cross-rank sums and enter their ``MeanMetric`` with weight 1; the
-Fisher trace is a per-sample mean, so each rank enters its shard's mean weighted by its
-sample count; the gap uses ``MeanMetric`` over per-sample losses and ``MulticlassAccuracy``.
+``MetricCollection``) so that it reduces across processes. Under DDP the estimators' data
+passes are summed over ranks (``_distributed.cross_process``), so every rank computes the
+value of the whole subsample and enters it in its ``MeanMetric`` (the Fisher trace, a
+per-sample mean, weighted by the rank's sample count, which is also right for a per-shard
+value); the gap uses ``MeanMetric`` over per-sample losses and ``MulticlassAccuracy``.
 """
 
 from __future__ import annotations

@@ -256,3 +256,34 @@ def test_resume_from_checkpoint_logs_the_same_values(tmp_path):
             assert math.isclose(a[key], b[key], rel_tol=1e-6), (key, a[key], b[key])
     state = resumed.state_dict()
     assert torch.equal(state["indices"]["measure"], full.state_dict()["indices"]["measure"])
+
+
+class NoisyData(torch.utils.data.Dataset):
+    """Random augmentation in __getitem__: reading samples consumes the global RNGs."""
+
+    def __init__(self, n=256):
+        self.data = make_data(n)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        x, y = self.data[i]
+        return x + 0.1 * torch.randn_like(x) + 0.01 * random.random() + 0.01 * float(np.random.rand()), y
+
+
+def test_drawing_the_subsample_consumes_no_training_rng(tmp_path):
+    class NoisyModule(DataModule):
+        def train_dataloader(self):
+            return DataLoader(NoisyData(), batch_size=32, shuffle=True)
+
+    _, plain, _ = fit(tmp_path / "a", None, dm=NoisyModule(), max_epochs=2)
+    cb = FlatnessCallback(measure_at_start=True, **SMALL)
+    _, measured, _ = fit(tmp_path / "b", cb, dm=NoisyModule(), max_epochs=2)
+    assert len(cb.history) == 3
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, measured.state_dict()[key]), key
