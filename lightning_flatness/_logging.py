@@ -2,8 +2,10 @@
 
 TensorBoard and CSV get ``log_metrics(values, step=epoch)``. W&B gets the values together with
 an ``epoch`` value through ``experiment.log`` (its own step stays monotonic) and, once,
-``define_metric("flatness/*", step_metric="epoch")`` (and ``gap/*``), so its charts use the
-epoch as x-axis without user setup; ``gap/train_loss`` can be picked as x-axis as well.
+``define_metric("flatness/*", step_metric="epoch")`` (and ``gap/*``, and each logged key
+exactly, since exact definitions take precedence over the ``"*"`` glob that Lightning's
+``WandbLogger`` binds to ``trainer/global_step``), so its charts use the epoch as x-axis
+without user setup; ``gap/train_loss`` can be picked as x-axis as well.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class LoggerWriter:
 
     def __init__(self) -> None:
         self._wandb_ready: set[int] = set()
+        self._wandb_keys: dict[int, set[str]] = {}
 
     def write(self, trainer: Any, values: dict[str, float], epoch: int) -> None:
         if not trainer.is_global_zero:
@@ -50,6 +53,12 @@ class LoggerWriter:
                 if id(experiment) not in self._wandb_ready:
                     _define_wandb_axes(experiment)
                     self._wandb_ready.add(id(experiment))
+                # Exact definitions too: they take precedence over Lightning's "*" -> trainer/global_step glob.
+                known = self._wandb_keys.setdefault(id(experiment), set())
+                for key in sorted(set(values) - known):
+                    if hasattr(experiment, "define_metric"):
+                        experiment.define_metric(key, step_metric=STEP_METRIC)
+                    known.add(key)
                 experiment.log({**values, STEP_METRIC: epoch})
             else:
                 logger.log_metrics(values, step=epoch)

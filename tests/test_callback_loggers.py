@@ -100,6 +100,8 @@ def test_wandb_offline_uses_epoch_step_metric(tmp_path, monkeypatch):
         experiment.finish()
     assert (("flatness/*",), {"step_metric": "epoch"}) in defined
     assert (("gap/*",), {"step_metric": "epoch"}) in defined
+    assert (("flatness/fisher_trace",), {"step_metric": "epoch"}) in defined
+    assert (("gap/acc",), {"step_metric": "epoch"}) in defined
     rows = [r for r in logged if "flatness/hessian_top_eig" in r]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert all("trainer/global_step" not in r for r in rows)  # Lightning's step axis is left alone
