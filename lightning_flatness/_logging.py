@@ -86,14 +86,23 @@ def _plain(value: Any) -> Any:
 
 
 def status(trainer: Any, text: str) -> None:
-    """Show ``text`` on Lightning's training progress bar (TQDM postfix), else log it at INFO."""
+    """Show ``text`` on Lightning's training progress bar (TQDM postfix or Rich task description).
+
+    It is also logged at INFO on the ``lightning_flatness`` logger (on every rank).
+    """
     log.info(text)
     if not trainer.is_global_zero:
         return
     bar_callback = getattr(trainer, "progress_bar_callback", None)
     if bar_callback is None:
         return
-    try:
+    progress, task_id = getattr(bar_callback, "progress", None), getattr(bar_callback, "train_progress_bar_id", None)
+    if progress is not None and task_id is not None:  # RichProgressBar: "<epoch description> | <text>"
+        description = progress.tasks[task_id].description.split(" | flatness")[0]
+        progress.update(task_id, description=f"{description} | {text}")
+        bar_callback.refresh()
+        return
+    try:  # TQDMProgressBar
         bar = bar_callback.train_progress_bar
     except (AttributeError, TypeError):
         return

@@ -287,3 +287,20 @@ def test_drawing_the_subsample_consumes_no_training_rng(tmp_path):
     assert len(cb.history) == 3
     for key, value in plain.state_dict().items():
         assert torch.equal(value, measured.state_dict()[key]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_mixed_bit_identical_and_float32_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for deterministic=True
+    gpu = dict(max_epochs=2, accelerator="gpu", devices=1, precision="bf16-mixed")
+    _, plain, _ = fit(tmp_path / "a", None, **gpu)
+    cb = FlatnessCallback(measure_at_start=True, tol=1e-7, max_iter=300, **SMALL)
+    _, measured, dm = fit(tmp_path / "b", cb, **gpu)
+    assert [x for x, _ in cb.history] == [0, 1, 2]
+    assert cb._data["measure"][0][0].device.type == "cuda"  # the subsample is kept on the device
+    for key, value in plain.state_dict().items():  # dropout draws from the CUDA RNG: restored too
+        assert torch.equal(value, measured.state_dict()[key]), key
+    batches = subsample(dm.train_set, 0, 64, 16)
+    want = hessian_eigenvalues(measured.cpu().float(), batches, tol=1e-7, max_iter=300).values[0].item()
+    assert close(cb.history[-1][1]["flatness/hessian_top_eig"], want, 1e-4)
+    assert close(cb.history[-1][1]["flatness/fisher_trace"], fisher_trace(measured, batches).value, 1e-4)

@@ -118,9 +118,13 @@ def test_progress_status_line(tmp_path, caplog, monkeypatch):
     postfixes = []
     real = Tqdm.set_postfix_str
     monkeypatch.setattr(Tqdm, "set_postfix_str", lambda self, s="", refresh=True: postfixes.append(s) or real(self, s, refresh))
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
     cb = FlatnessCallback(metrics=["hessian_top_eig", "fisher_trace"], **SMALL)
     with caplog.at_level(logging.INFO, logger="lightning_flatness"):
-        fit(tmp_path, cb, False, max_epochs=1, enable_progress_bar=True)
+        seed_everything(0)
+        t = trainer(tmp_path, [cb, TQDMProgressBar()], max_epochs=1, enable_progress_bar=True)
+        t.fit(Classifier(), DataModule())
     assert "flatness: epoch 1: hessian_top_eig (1/2)" in postfixes
     assert any(p.startswith("flatness: epoch 1 measured in") for p in postfixes)
     assert "flatness: epoch 1: fisher_trace (2/2)" in caplog.text
@@ -153,3 +157,24 @@ def test_lightning_cli_configures_callback_from_yaml(tmp_path):
     assert cb.config["max_overhead"] == 0.5 and cb.config["source"] == "val" and cb.config["k"] == 2
     assert [x for x, _ in cb.history] == [1]
     assert "flatness/hessian_eig_2" in cb.history[0][1]
+
+
+def test_progress_status_on_rich_progress_bar(tmp_path, monkeypatch):
+    pytest.importorskip("rich")
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = RichProgressBar()
+    descriptions = []
+
+    class Spy(FlatnessCallback):
+        def measure(self, trainer, pl_module, x):
+            real_update = bar.progress.update
+            monkeypatch.setattr(
+                bar.progress, "update", lambda task, **kw: descriptions.append(kw.get("description")) or real_update(task, **kw)
+            )
+            return super().measure(trainer, pl_module, x)
+
+    seed_everything(0)
+    t = trainer(tmp_path, [Spy(metrics=["fisher_trace"], **SMALL), bar], max_epochs=1, enable_progress_bar=True)
+    t.fit(Classifier(), DataModule())
+    assert any(d and d.endswith(" | flatness: epoch 1: fisher_trace (1/1)") for d in descriptions), descriptions
