@@ -61,7 +61,7 @@ class FlatnessCallback(Callback):
         gap_num_samples: int = 2048,
         seed: int = 0,
         k: int = 1,
-        tol: float = 1e-3,
+        tol: float = 1e-4,
         max_iter: int = 100,
         kind: str = "empirical",
         gamma: float = 0.1,

@@ -32,7 +32,7 @@ GAP_KEYS = ("gap/train_loss", "gap/test_loss", "gap/loss", "gap/train_acc", "gap
 class EstimatorOptions:
     loss_fn: LossArg = "cross_entropy"
     k: int = 1
-    tol: float = 1e-3
+    tol: float = 1e-4
     max_iter: int = 100
     kind: str = "empirical"
     gamma: float = 0.1
