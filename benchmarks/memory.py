@@ -1,0 +1,175 @@
+"""Section 4: peak memory of each metric vs the subsample size, chunks of a fixed size.
+
+Each metric runs in its own child process (``python -m benchmarks.memory --child ...``) that
+builds the model and the largest subsample first, runs the metric once on the smallest
+subsample to warm up, and then, for each size, resets the peak and runs the metric on the first
+``size`` samples. The peak is the extra memory above what was held just before the call:
+
+* CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()``;
+* CPU (Linux): the peak resident set size ``VmHWM``, reset through ``/proc/self/clear_refs``,
+  minus the resident size before the call; glibc is told to return every allocation above
+  64 KiB to the system at once (``MALLOC_MMAP_THRESHOLD_``), so freed tensors cannot hide a
+  later peak. Elsewhere a 1 ms sampling thread reads the RSS with psutil.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from ._common import Config, Row, Section, error_text, fmt_params
+
+METRICS = ("gradient", "hessian_top_eig", "hessian_trace", "grad_cosine_regret", "fisher_trace", "pacgen")
+FLAT = 1.25  # peak at the largest size / peak at the smallest size
+
+
+def _metric(name: str) -> Callable[[torch.nn.Module, list[Any]], object]:
+    from lightning_flatness import functional as fn
+    from lightning_flatness.functional._objective import Objective
+
+    def gradient(model: torch.nn.Module, batches: list[Any]) -> object:
+        with fn.measurement_mode(model):
+            return Objective(model, batches).gradient()
+
+    return {
+        "gradient": gradient,
+        # a fixed number of Lanczos iterations, so the basis (10 flat vectors) is the same at every size
+        "hessian_top_eig": lambda m, b: fn.hessian_eigenvalues(m, b, tol=1e-12, max_iter=10),
+        "hessian_trace": lambda m, b: fn.hessian_trace(m, b, num_probes=8, generator=0),
+        "grad_cosine_regret": lambda m, b: fn.grad_cosine_regret(m, b),
+        "fisher_trace": lambda m, b: fn.fisher_trace(m, b),
+        "pacgen": lambda m, b: fn.pacgen(m, b, num_probes=8, rho_probes=1, generator=0),
+    }[name]
+
+
+class _PeakMeter:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.proc = os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)
+        self._psutil: Any = None
+        if device.type != "cuda" and not self.proc:
+            import psutil
+
+            self._psutil = psutil.Process()
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) * 1024  # type: ignore[union-attr]
+
+    def measure(self, fn: Callable[[], object]) -> int:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        if self.proc:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = self._status("VmRSS")
+            fn()
+            return self._status("VmHWM") - base
+        base = self._psutil.memory_info().rss
+        peak = [base]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], self._psutil.memory_info().rss)
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        fn()
+        done.set()
+        thread.join()
+        return max(peak[0], self._psutil.memory_info().rss) - base
+
+
+def child(metric: str, sizes: list[int], chunk: int, scale: str, device: str, seed: int) -> dict[str, Any]:
+    from .models import workloads
+
+    dev = torch.device(device)
+    work = workloads(scale, dev, ("mlp",), seed)[0]
+    data = work.batches(max(sizes), chunk, seed, dev)
+    fn = _metric(metric)
+    meter = _PeakMeter(dev)
+    fn(work.model, data[: max(1, sizes[0] // chunk)])  # warm-up: lazy initializations, thread pools
+    peaks = {}
+    for size in sizes:
+        batches = data[: size // chunk]
+        peaks[str(size)] = meter.measure(lambda: fn(work.model, batches))
+    return {"metric": metric, "peaks": peaks, "num_params": work.num_params, "label": work.label}
+
+
+def run(cfg: Config) -> Section:
+    sizes = [256, 512] if cfg.quick else [256, 1024, 4096]
+    chunk = 128 if cfg.quick else 256
+    scale = "quick" if cfg.quick else "full"
+    section = Section(
+        "memory",
+        f"4. Peak memory above the model and data vs subsample size (chunks of {chunk})",
+        ["metric"] + [f"N={s}" for s in sizes] + [f"N={sizes[-1]} / N={sizes[0]}", "target", "met"],
+    )
+    label = None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
+    for metric in METRICS:
+        cmd = [sys.executable, "-m", "benchmarks.memory", "--child", metric, "--sizes", ",".join(map(str, sizes)),
+               "--chunk", str(chunk), "--scale", scale, "--device", str(cfg.device), "--seed", str(cfg.seed)]  # fmt: skip
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            section.rows.append(Row({"metric": metric, f"N={sizes[0]}": f"error: {error_text(RuntimeError(tail[0]))}"}))
+            continue
+        result = json.loads(lines[-1])
+        label = f"{result['label']} ({fmt_params(result['num_params'])})"
+        peaks = [result["peaks"][str(s)] for s in sizes]
+        growth = peaks[-1] / max(peaks[0], 1)
+        met = growth <= FLAT
+        cells = {"metric": metric}
+        cells.update({f"N={s}": f"{p / 2**20:.1f} MiB" for s, p in zip(sizes, peaks)})
+        cells[f"N={sizes[-1]} / N={sizes[0]}"] = f"{growth:.2f}×"
+        cells["target"] = f"≤ {FLAT:g}× (flat)"
+        cells["met"] = "✅ met" if met else "❌ missed"
+        section.rows.append(Row(cells, growth, f"≤ {FLAT:g}×", met))
+        section.targets.append((f"peak memory N={sizes[-1]} / N={sizes[0]}: {metric}", label, f"{growth:.2f}×", f"≤ {FLAT:g}×", met))
+    how = "torch.cuda.max_memory_allocated" if cfg.device.type == "cuda" else "peak RSS (VmHWM reset per call)"
+    section.notes.append(
+        f"Model: {label}. Peak = {how} minus the memory held just before the call, each metric in a fresh process. "
+        "hessian_top_eig runs exactly 10 Lanczos iterations, hessian_trace 8 probes, pacgen 8 probes + 1 ρ probe; "
+        "`gradient` is one full gradient through `Objective`, for scale. grad_cosine_regret keeps one flat gradient per "
+        "mini-batch (its Gram matrix needs them all), so it grows with N/chunk by design of the current implementation."
+    )
+    return section
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child", required=True, choices=METRICS)
+    parser.add_argument("--sizes", required=True)
+    parser.add_argument("--chunk", type=int, required=True)
+    parser.add_argument("--scale", default="full")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(json.dumps(child(args.child, sizes, args.chunk, args.scale, args.device, args.seed)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Benchmark workloads: an MLP, a small CNN with BatchNorm and a small transformer encoder.
+
+Every workload comes with a synthetic, learnable data set (class templates plus noise for the
+images, class-dependent token distributions for the sequences), so a few SGD steps give the
+loss landscape a realistic, non-random shape. Three scales:
+
+* ``full``  – the sizes the benchmark reports (MLP ~1.07M, CNN ~0.49M, transformer ~0.93M
+  parameters);
+* ``eigen`` – smaller versions of the same three architectures for the eigenvalue race, where
+  every method runs to convergence many times over the whole subsample;
+* ``quick`` – toy sizes for ``--quick`` and the smoke test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+NUM_CLASSES = 10
+
+
+class TokenClassifier(nn.Module):
+    """Embedding + learned positions + ``nn.TransformerEncoder`` + mean pooling + linear head."""
+
+    def __init__(self, vocab: int, d_model: int, layers: int, heads: int, seq_len: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, NUM_CLASSES)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(tokens) + self.pos).mean(dim=1))
+
+
+def mlp(widths: tuple[int, ...]) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(widths[-1], NUM_CLASSES))
+    return nn.Sequential(*layers)
+
+
+def cnn(channels: tuple[int, ...], image: int, hidden: int) -> nn.Module:
+    """Conv(3x3, no bias) -> BatchNorm -> ReLU -> MaxPool(2) blocks, then a two-layer head."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+        c_in = c
+    side = image // 2 ** len(channels)
+    layers += [nn.Flatten(), nn.Linear(c_in * side * side, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES)]
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Workload:
+    """A model and a generator of labelled batches for it."""
+
+    name: str
+    label: str
+    model: nn.Module
+    sample: Callable[[int, torch.Generator], tuple[Tensor, Tensor]]  # (n, generator) -> (x, y) on CPU
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def batches(self, n: int, batch_size: int, seed: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """``n`` samples as a list of ``(x, y)`` chunks of ``batch_size`` on ``device``."""
+        gen = torch.Generator().manual_seed(seed)
+        x, y = self.sample(n, gen)
+        x, y = x.to(device), y.to(device)
+        return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def _image_sampler(shape: tuple[int, ...], seed: int) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
+    templates = torch.randn(NUM_CLASSES, *shape, generator=torch.Generator().manual_seed(seed))
+
+    def sample(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+        x = 0.5 * templates[y] + torch.randn(n, *shape, generator=gen)
+        return x, y
+
+    return sample
+
+
+def _token_sampler(vocab: int, seq_len: int, seed: int) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
+    logits = 2.0 * torch.randn(NUM_CLASSES, vocab, generator=torch.Generator().manual_seed(seed))
+    probs = torch.softmax(logits, dim=1)
+
+    def sample(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+        x = torch.multinomial(probs[y], seq_len, replacement=True, generator=gen)
+        return x, y
+
+    return sample
+
+
+SCALES = {
+    # name: (mlp widths, (cnn channels, image side, hidden), (vocab, d_model, layers, heads, seq_len))
+    "full": ((784, 1024, 256), ((32, 64, 128), 32, 192), (1000, 128, 4, 4, 16)),
+    "eigen": ((196, 256, 128), ((16, 32), 16, 64), (200, 48, 2, 4, 12)),
+    "quick": ((64, 64), ((8, 16), 8, 32), (50, 16, 1, 2, 8)),
+}
+
+
+def workloads(scale: str, device: torch.device, names: tuple[str, ...] | None = None, seed: int = 0) -> list[Workload]:
+    """The benchmark's models at ``scale`` (``"full"``, ``"eigen"`` or ``"quick"``) on ``device``."""
+    widths, (channels, side, hidden), (vocab, d_model, layers, heads, seq_len) = SCALES[scale]
+    torch.manual_seed(seed)
+    image = int(round((widths[0]) ** 0.5))
+    out = [
+        Workload(
+            "mlp",
+            f"MLP {'-'.join(map(str, widths))}-{NUM_CLASSES}",
+            mlp(widths),
+            _image_sampler((1, image, image), seed),
+        ),
+        Workload(
+            "cnn_bn",
+            f"CNN+BN {'-'.join(map(str, channels))} on {side}x{side}",
+            cnn(channels, side, hidden),
+            _image_sampler((3, side, side), seed + 1),
+        ),
+        Workload(
+            "transformer",
+            f"Transformer d={d_model} L={layers} T={seq_len}",
+            TokenClassifier(vocab, d_model, layers, heads, seq_len),
+            _token_sampler(vocab, seq_len, seed + 2),
+        ),
+    ]
+    out = [w for w in out if names is None or w.name in names]
+    for w in out:
+        w.model.to(device)
+    return out
+
+
+def train_briefly(work: Workload, steps: int, device: torch.device, seed: int = 0, lr: float = 0.05) -> None:
+    """A few SGD steps in train mode, so the landscape is not the one at initialization."""
+    model = work.model
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    for _ in range(steps):
+        x, y = work.sample(64, gen)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()

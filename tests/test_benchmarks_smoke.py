@@ -1,0 +1,46 @@
+"""Smoke test of ``python -m benchmarks``: the quickest run on a toy MLP, every peer involved."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def test_quick_benchmark_runs_and_writes_the_table(tmp_path):
+    for peer in ("scipy", "pyhessian", "curvlinops", "backpack"):
+        pytest.importorskip(peer)
+    from benchmarks.run import main
+
+    out = tmp_path / "RESULTS.md"
+    text = main(
+        ["--quick", "--models", "mlp", "--sections", "hvp,eigen,fisher", "--repeats", "1", "--out", str(out), "--strict"]
+    )
+    assert out.read_text() == text
+    assert "## Targets" in text and "Quick smoke run" in text
+    for row in ("HVP / gradient", "top eig HVPs, ours cold / PyHessian cold", "Fisher: loop time / ours",
+                "Fisher: ours time / BackPACK"):  # fmt: skip
+        assert row in text
+    assert "error:" not in text  # every peer ran on the MLP
+    # the three Fisher implementations agree sample by sample
+    fisher = text.split("## 3.")[1].split("\n## ")[0]
+    fisher_row = next(line for line in fisher.splitlines() if line.startswith("| MLP"))
+    diffs = [float(tok) for tok in fisher_row.replace(",", " ").split() if "e-" in tok]
+    assert diffs and max(diffs) < 1e-4
+
+
+def test_memory_probe_in_process():
+    """The memory section's child measurement, without the subprocess (no peers needed)."""
+    import torch
+
+    from benchmarks.memory import child
+
+    result = child("fisher_trace", [128, 256], 128, "quick", "cpu", 0)
+    assert set(result["peaks"]) == {"128", "256"}
+    assert all(isinstance(v, int) for v in result["peaks"].values())
+    assert torch.get_num_threads() >= 1
