@@ -1,0 +1,397 @@
+"""The batch-size study: one MLP trained with SGD at several batch sizes (or learning rates),
+each run to the same training loss, with :class:`~lightning_flatness.FlatnessCallback`.
+
+    lightning-flatness sweep                 # batch sizes 16 64 256 1024 at lr 0.1, mnist1d
+    lightning-flatness sweep --lr-sweep      # batch size 256, lr 0.01 0.03 0.1 0.3
+    python examples/batch_size_sweep.py ...  # the same
+
+Every run starts from the same initialization and trains until its loss on the *whole*
+training set (eval mode, checked after every epoch) is at most ``--target-train-loss``, or
+for ``--max-epochs``. Runs are compared there, at matched training loss (Keskar et al. 2017):
+with a fixed epoch budget the large-batch runs would simply be under-trained. Each run logs
+to ``LOGDIR/<run name>`` (TensorBoard, and W&B with ``--wandb``); the report
+(:mod:`lightning_flatness.report`) is written to ``LOGDIR/report`` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+
+from .data import DATASETS, Data, load_dataset
+from .metrics import FLATNESS_METRICS
+
+DESCRIPTION = (
+    "Train one MLP with SGD at several batch sizes (or learning rates), each run until its full-train-set loss "
+    "reaches --target-train-loss, with FlatnessCallback logging to TensorBoard; then run the report."
+)
+DEFAULT_BATCH_SIZES = (16, 64, 256, 1024)
+DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3)
+
+
+@dataclass
+class SweepConfig:
+    """Everything a sweep needs; the command-line options map one to one onto these fields."""
+
+    data: str = "mnist1d"
+    data_root: str = "data"
+    train_samples: int | None = None
+    test_samples: int | None = None
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES
+    lr: float = 0.1
+    lr_sweep: bool = False
+    lr_sweep_batch_size: int = 256
+    lrs: Sequence[float] = DEFAULT_LRS
+    hidden: Sequence[int] = (256, 256)
+    target_train_loss: float = 0.05
+    max_epochs: int = 3000
+    measure_every: int | None = None  # None: auto, see measurement_interval()
+    metrics: Sequence[str] = FLATNESS_METRICS
+    num_samples: int = 512
+    measure_batch_size: int = 64
+    seed: int = 0
+    logdir: str | None = None  # None: runs/batch_size_sweep or runs/lr_sweep
+    report: bool = True
+    plots: bool = True
+    wandb: bool = False
+    wandb_project: str = "lightning-flatness"
+    accelerator: str = "auto"
+    threads: int | None = 1
+    progress_seconds: float = 5.0
+    quiet: bool = False
+
+    def runs(self) -> list[tuple[str, int, float]]:
+        """``(name, batch_size, lr)`` of every run, in order."""
+        if self.lr_sweep:
+            pairs = [(self.lr_sweep_batch_size, float(lr)) for lr in self.lrs]
+        else:
+            pairs = [(int(bs), float(self.lr)) for bs in self.batch_sizes]
+        return [(run_name(bs, lr), bs, lr) for bs, lr in pairs]
+
+    def resolved_logdir(self) -> Path:
+        if self.logdir is not None:
+            return Path(self.logdir)
+        return Path("runs") / ("lr_sweep" if self.lr_sweep else "batch_size_sweep")
+
+
+def run_name(batch_size: int, lr: float) -> str:
+    """``bs64_lr0.1``."""
+    return f"bs{batch_size}_lr{lr:g}"
+
+
+def measurement_interval(batch_size: int, lr: float) -> int:
+    """Epochs between measurements when ``--measure-every`` is not given: ``max(1, round(B / (160 η)))``.
+
+    The number of epochs plain SGD needs to reach a given training loss grows roughly like
+    ``B / η``; this keeps the number of measurements per run comparable (about 15 per run on
+    the default mnist1d study: every 4th epoch at ``B = 64, η = 0.1``, every 64th at ``B = 1024``).
+    """
+    return max(1, round(batch_size / (160.0 * lr)))
+
+
+@dataclass
+class RunSummary:
+    name: str
+    batch_size: int
+    lr: float
+    epochs: int = 0
+    train_loss: float = float("nan")
+    test_loss: float = float("nan")
+    reached: bool = False
+    diverged: bool = False
+    seconds: float = 0.0
+    measure_every: int = 1
+    log_dir: str = ""
+    history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # FlatnessCallback.history
+
+
+def mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
+    """``in → hidden[0] → ... → num_classes`` with ReLU between the linear layers."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class Classifier(LightningModule):
+    """An MLP trained with plain SGD (no momentum, no weight decay) on cross-entropy."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, lr: float, batch_size: int) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = mlp(in_features, hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True)
+        self.log("val/acc", (logits.argmax(1) == y).float().mean(), on_epoch=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class TargetTrainLoss(Callback):
+    """After every epoch, the loss on the whole training set (eval mode); stops at ``target``.
+
+    Also prints a progress line every ``progress_seconds`` (and when the run stops).
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, target: float, label: str = "", progress_seconds: float | None = 5.0,
+                 chunk: int = 4096) -> None:  # fmt: skip
+        self.x, self.y, self.target, self.label = x, y, float(target), label
+        self.progress_seconds, self.chunk = progress_seconds, chunk
+        self.loss = float("nan")
+        self.reached = self.diverged = False
+        self._start = self._last_print = 0.0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = self._last_print = time.perf_counter()
+
+    @torch.no_grad()
+    def full_train_loss(self, pl_module: LightningModule) -> float:
+        was_training = pl_module.training
+        pl_module.eval()
+        total = 0.0
+        for s in range(0, len(self.y), self.chunk):
+            x = self.x[s : s + self.chunk].to(pl_module.device)
+            y = self.y[s : s + self.chunk].to(pl_module.device)
+            total += float(F.cross_entropy(pl_module(x), y, reduction="sum"))
+        pl_module.train(was_training)
+        return total / len(self.y)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.loss = self.full_train_loss(pl_module)
+        pl_module.log("train/full_loss", self.loss, prog_bar=True, logger=False)
+        if not math.isfinite(self.loss):
+            self.diverged = True
+            trainer.should_stop = True
+        elif self.loss <= self.target:
+            self.reached = True
+            trainer.should_stop = True
+        now = time.perf_counter()
+        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+        due = trainer.should_stop or last or now - self._last_print >= (self.progress_seconds or 0)
+        if self.progress_seconds is not None and due:
+            self._last_print = now
+            test = trainer.callback_metrics.get("val/loss")
+            test_text = f", test loss {float(test):.3f}" if test is not None else ""
+            print(f"  {self.label} epoch {trainer.current_epoch + 1}: train loss {self.loss:.4f} "
+                  f"(target {self.target:g}){test_text}, {now - self._start:.0f} s", flush=True)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-run banner and its warnings about tiny in-memory data loaders."""
+    names = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+             "lightning.pytorch.accelerators.cuda")  # fmt: skip
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        for pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*",
+                        ".*GPU available but not used.*", ".*LeafSpec.*is deprecated.*"):  # fmt: skip
+            warnings.filterwarnings("ignore", pattern)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _clear_run_dir(path: Path) -> None:
+    """Remove a previous run's event files and hparams so a re-run does not mix two runs."""
+    if not path.is_dir():
+        return
+    old = list(path.glob("events.out.tfevents.*")) + list(path.glob("hparams.yaml"))
+    for f in old:
+        f.unlink()
+
+
+def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float) -> RunSummary:
+    """Train one run to the target training loss, measuring flatness; returns its summary."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from .callback import FlatnessCallback
+
+    logdir = cfg.resolved_logdir()
+    every = cfg.measure_every if cfg.measure_every else measurement_interval(batch_size, lr)
+    summary = RunSummary(name, batch_size, lr, measure_every=every, log_dir=str(logdir / name))
+    _clear_run_dir(logdir / name)
+    torch.manual_seed(cfg.seed)  # the same initialization for every run
+    model = Classifier(data.in_features, tuple(cfg.hidden), data.num_classes, lr, batch_size)
+    train = data.loader("train", batch_size, shuffle=True, seed=cfg.seed)
+    test = data.loader("test", max(1024, batch_size))
+    flatness = FlatnessCallback(
+        metrics=tuple(cfg.metrics), every_n_epochs=every, num_samples=cfg.num_samples,
+        batch_size=cfg.measure_batch_size, gap_num_samples=max(len(data.y_train), len(data.y_test)),
+        seed=cfg.seed, measure_at_start=True,
+    )  # fmt: skip
+    target = TargetTrainLoss(data.x_train, data.y_train, cfg.target_train_loss, name,
+                             None if cfg.quiet else cfg.progress_seconds)  # fmt: skip
+    loggers: list[Any] = [TensorBoardLogger(save_dir=str(logdir), name="", version=name, default_hp_metric=False)]
+    if cfg.wandb:
+        loggers.append(_wandb_logger(cfg, name, batch_size, lr, every, data))
+    trainer = Trainer(
+        max_epochs=cfg.max_epochs, accelerator=cfg.accelerator, devices=1, logger=loggers,
+        callbacks=[target, flatness], enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=False, num_sanity_val_steps=0, log_every_n_steps=50, deterministic=False,
+    )  # fmt: skip
+    start = time.perf_counter()
+    try:
+        trainer.fit(model, train, test)
+    finally:
+        if cfg.wandb:
+            loggers[-1].experiment.finish()
+    summary.seconds = time.perf_counter() - start
+    summary.epochs = trainer.current_epoch
+    summary.train_loss, summary.reached, summary.diverged = target.loss, target.reached, target.diverged
+    summary.history = list(flatness.history)
+    test_loss = trainer.callback_metrics.get("val/loss")
+    summary.test_loss = float(test_loss) if test_loss is not None else float("nan")
+    return summary
+
+
+def _wandb_logger(cfg: SweepConfig, name: str, batch_size: int, lr: float, every: int, data: Data) -> Any:
+    try:
+        import wandb  # noqa: F401
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError as err:
+        raise SystemExit("--wandb needs the wandb package: pip install wandb") from err
+    group = "lr_sweep" if cfg.lr_sweep else "batch_size_sweep"
+    config = {"batch_size": batch_size, "lr": lr, "data": data.name, "hidden": list(cfg.hidden),
+              "target_train_loss": cfg.target_train_loss, "measure_every": every, "seed": cfg.seed}  # fmt: skip
+    return WandbLogger(project=cfg.wandb_project, name=name, group=group, save_dir=str(cfg.resolved_logdir()),
+                       config=config)  # fmt: skip
+
+
+def format_summaries(summaries: Sequence[RunSummary], target: float) -> str:
+    lines = ["| run | epochs | train loss | test loss | reached target | seconds |", "|---|---|---|---|---|---|"]
+    for s in summaries:
+        status = "diverged" if s.diverged else ("yes" if s.reached else "no (max epochs)")
+        lines.append(f"| {s.name} | {s.epochs} | {s.train_loss:.4f} | {s.test_loss:.4f} | {status} | {s.seconds:.1f} |")
+    missed = [s.name for s in summaries if not s.reached]
+    if missed:
+        lines.append("")
+        lines.append(f"WARNING: {', '.join(missed)} did not reach the target training loss {target:g}; their row in "
+                     "the report is not at matched training loss (raise --max-epochs).")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_sweep(cfg: SweepConfig) -> list[RunSummary]:
+    """Train every run of ``cfg``, print a summary, then write and print the report."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_dataset(cfg.data, root=cfg.data_root, train_samples=cfg.train_samples,
+                        test_samples=cfg.test_samples, seed=cfg.seed)  # fmt: skip
+    runs = cfg.runs()
+    logdir = cfg.resolved_logdir()
+    say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
+    say(f"{data}; MLP {'-'.join(str(n) for n in (data.in_features, *cfg.hidden, data.num_classes))}, plain SGD; "
+        f"{len(runs)} run{'s' if len(runs) != 1 else ''}, each to full-train loss <= {cfg.target_train_loss:g} "
+        f"(max {cfg.max_epochs} epochs); "
+        f"logs in {logdir}/")  # fmt: skip
+    summaries = []
+    sweep_start = time.perf_counter()
+    with _quiet_lightning():
+        for i, (name, bs, lr) in enumerate(runs):
+            every = cfg.measure_every or measurement_interval(bs, lr)
+            say(f"[{i + 1}/{len(runs)}] {name}: batch size {bs}, lr {lr:g}, flatness measured every {every} epoch(s)")
+            summaries.append(train_one(cfg, data, name, bs, lr))
+    say(f"\nTraining done in {time.perf_counter() - sweep_start:.0f} s.\n")
+    say(format_summaries(summaries, cfg.target_train_loss))
+    if cfg.report:
+        from .report import make_report
+
+        say("")
+        make_report(logdir, logdir / "report", plots=cfg.plots, echo=not cfg.quiet)
+    return summaries
+
+
+# ------------------------------------------------------------------------ command line
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = SweepConfig()
+    parser.add_argument("--data", choices=DATASETS, default=d.data,
+                        help="mnist1d (default: procedural, offline), digits (scikit-learn), "
+                             "mnist/cifar10 (torchvision)")
+    parser.add_argument("--data-root", default=d.data_root, help="download folder for mnist/cifar10")
+    parser.add_argument("--train-samples", type=_positive_int, help="use a seeded subset of the training set")
+    parser.add_argument("--test-samples", type=_positive_int, help="use a seeded subset of the test set")
+    parser.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=list(d.batch_sizes), metavar="B")
+    parser.add_argument("--lr", type=_positive_float, default=d.lr, help="learning rate of the batch-size sweep")
+    parser.add_argument("--lr-sweep", action="store_true",
+                        help="vary the learning rate (--lrs) at batch size --lr-sweep-batch-size instead")
+    parser.add_argument("--lrs", type=_positive_float, nargs="+", default=list(d.lrs), metavar="LR")
+    parser.add_argument("--lr-sweep-batch-size", type=_positive_int, default=d.lr_sweep_batch_size)
+    parser.add_argument("--hidden", type=_positive_int, nargs="+", default=list(d.hidden), metavar="H",
+                        help="hidden layer widths of the MLP")
+    parser.add_argument("--target-train-loss", type=_positive_float, default=d.target_train_loss,
+                        help="stop a run once its loss on the whole training set is at most this")
+    parser.add_argument("--max-epochs", type=_positive_int, default=d.max_epochs)
+    parser.add_argument("--measure-every", type=_positive_int, default=None, metavar="N",
+                        help="epochs between flatness measurements (default: max(1, round(B / (160 lr))))")
+    parser.add_argument("--metrics", nargs="+", choices=FLATNESS_METRICS, default=list(d.metrics))
+    parser.add_argument("--num-samples", type=_positive_int, default=d.num_samples,
+                        help="size of the fixed measurement subsample of the training set")
+    parser.add_argument("--measure-batch-size", type=_positive_int, default=d.measure_batch_size,
+                        help="mini-batch size of the gradient cosine regret (same for every run)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--logdir", default=None, help="default: runs/batch_size_sweep (runs/lr_sweep with --lr-sweep)")
+    parser.add_argument("--no-report", dest="report", action="store_false", help="do not run the report at the end")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="the report writes tables only")
+    parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (one run per batch size)")
+    parser.add_argument("--wandb-project", default=d.wandb_project)
+    parser.add_argument("--accelerator", default=d.accelerator, help="Lightning accelerator (cpu, gpu, auto)")
+    parser.add_argument("--threads", type=_positive_int, default=d.threads,
+                        help="torch.set_num_threads (default 1: fastest for the small MLP; raise for mnist/cifar10)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SweepConfig:
+    fields = SweepConfig.__dataclass_fields__
+    return SweepConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def main(argv: Sequence[str] | None = None) -> list[RunSummary]:
+    parser = add_arguments(argparse.ArgumentParser(prog="lightning-flatness sweep", description=DESCRIPTION))
+    return run_sweep(config_from_args(parser.parse_args(argv)))
