@@ -271,7 +271,7 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     summary.seconds = time.perf_counter() - start
     summary.epochs = trainer.current_epoch
     summary.train_loss, summary.reached, summary.diverged = target.loss, target.reached, target.diverged
-    summary.history = list(flatness.history)
+    summary.history = list(getattr(flatness, "history", []))
     test_loss = trainer.callback_metrics.get("val/loss")
     summary.test_loss = float(test_loss) if test_loss is not None else float("nan")
     return summary
