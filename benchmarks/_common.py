@@ -19,6 +19,7 @@ class Config:
     models: tuple[str, ...] | None
     seed: int = 0
     repeats: int = 7
+    threads: int | None = None
 
 
 @dataclass

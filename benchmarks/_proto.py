@@ -85,3 +85,199 @@ def hvps_batched(objective: Objective, vectors: Tensor) -> Tensor:
     if not torch.isfinite(out.sum(dtype=torch.float64)):
         raise ValueError("loss_fn produced a non-finite Hessian-vector product on these batches (NaN or inf).")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample squared gradient norms with the "ghost norm" of linear layers (a candidate fast path
+# for Objective.per_sample_sq_norms / fisher_trace).
+
+
+def _ghost_linear_norms(a: Tensor, d: Tensor, bias: bool) -> Tensor:
+    """Per-sample ``‖∂ℓ_n/∂W‖² (+ ‖∂ℓ_n/∂b‖²)`` of ``y = a Wᵀ + b`` from inputs ``a`` and output grads ``d``.
+
+    ``a``: (B, ..., in), ``d``: (B, ..., out). Without extra dims ``∂ℓ_n/∂W = d_n a_nᵀ`` and its
+    squared norm is ``‖d_n‖²‖a_n‖²``; with ``T`` positions it is ``Σ_tt' (a_t·a_t')(d_t·d_t')``
+    (cost ``T²(in+out)``) or, when cheaper, the materialized ``Σ_t d_t a_tᵀ`` (cost ``T·in·out``).
+    """
+    b = a.shape[0]
+    a = a.reshape(b, -1, a.shape[-1])
+    d = d.reshape(b, -1, d.shape[-1])
+    t, n_in, n_out = a.shape[1], a.shape[2], d.shape[2]
+    if t == 1:
+        out = (a[:, 0] ** 2).sum(1) * (d[:, 0] ** 2).sum(1)
+    elif t * (n_in + n_out) <= n_in * n_out:
+        out = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+    else:
+        out = (torch.bmm(d.transpose(1, 2), a) ** 2).sum((1, 2))
+    if bias:
+        out = out + (d.sum(1) ** 2).sum(1)
+    return out
+
+
+def ghost_sq_norms(objective: Objective, batch: object) -> Tensor:
+    """``‖∇ℓ_i(w)‖²`` per sample, like :meth:`Objective.per_sample_sq_norms` (at ``w0``).
+
+    ``nn.Linear`` layers whose parameters are measured, not shared with another module, and whose
+    ``forward`` runs once per forward pass get their per-sample norms from one ordinary batched
+    forward and backward (inputs captured by a forward hook, output gradients by ``autograd.grad``
+    w.r.t. the captured outputs): no per-sample gradient of theirs is materialized. Every other
+    measured parameter goes through ``vmap(grad)`` as before, with the linear layers' parameters
+    held fixed. Exact (no approximation), and in eval mode samples do not interact, so the output
+    gradients of the summed loss are the per-sample ones.
+    """
+    from torch import nn
+    from torch.func import grad, vmap
+    from torch.utils._pytree import tree_map
+
+    from lightning_flatness.functional._objective import _PER_SAMPLE_ELEMENTS, _batch_size
+    from lightning_flatness.functional._params import unflatten as unflat
+
+    index = {name: i for i, name in enumerate(objective.names)}
+    owners: dict[int, int] = {}
+    for module in objective.model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    linear: dict[str, tuple[nn.Module, int, int | None]] = {}
+    for mod_name, module in objective.model.named_modules():
+        if type(module) is nn.Linear:  # subclasses (e.g. MultiheadAttention.out_proj) may be used functionally
+            w_key = f"model.{mod_name}.weight" if mod_name else "model.weight"
+            b_key = f"model.{mod_name}.bias" if mod_name else "model.bias"
+            if w_key in index and owners.get(id(module.weight), 0) == 1:
+                b_idx = index.get(b_key) if module.bias is not None else None
+                if module.bias is not None and b_idx is None:
+                    continue  # a frozen bias with a measured weight: keep it simple, use vmap
+                linear[mod_name] = (module, index[w_key], b_idx)
+    ghost_idx = {i for _, wi, bi in linear.values() for i in (wi, bi) if i is not None}
+    tensors = [t.detach() for t in unflat(objective.w0, objective.shapes)]
+    size = _batch_size(batch)
+    total = torch.zeros(size, dtype=objective.dtype, device=objective.device)
+
+    if linear:
+        captured: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in linear}
+        handles = []
+        for name, (module, _, _) in linear.items():
+
+            def hook(mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, name: str = name) -> None:
+                captured[name].append((inputs[0].detach(), output))
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            leaves = [t.requires_grad_() if i in ghost_idx else t for i, t in enumerate(tensors)]
+            losses = objective.losses(leaves, batch)
+        finally:
+            for h in handles:
+                h.remove()
+            for t in tensors:
+                t.requires_grad_(False)
+        usable = [n for n, calls in captured.items() if len(calls) == 1 and calls[0][1].requires_grad]
+        if usable:
+            outs = [captured[n][0][1] for n in usable]
+            grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True, materialize_grads=True)
+            for n, d in zip(usable, grads):
+                a = captured[n][0][0]
+                total += _ghost_linear_norms(a, d.detach(), linear[n][2] is not None)
+        ghost_idx = {i for n in usable for i in (linear[n][1], linear[n][2]) if i is not None}
+
+    rest = [i for i in range(len(tensors)) if i not in ghost_idx]
+    if rest:
+        fixed = list(tensors)
+
+        def sample_loss(rest_ts: list[Tensor], sample: object) -> Tensor:
+            ts = list(fixed)
+            for i, t in zip(rest, rest_ts):
+                ts[i] = t
+            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample)
+            return objective.losses(ts, one).sum()
+
+        def sq_norm(rest_ts: list[Tensor], sample: object) -> Tensor:
+            return sum((g**2).sum() for g in grad(sample_loss)(rest_ts, sample))
+
+        rest_ts = [tensors[i] for i in rest]
+        numel = sum(t.numel() for t in rest_ts)
+        in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch))
+        chunk = max(1, _PER_SAMPLE_ELEMENTS // max(1, numel))
+        parts = []
+        for start in range(0, size, chunk):
+            part = tree_map(lambda t: t[start : start + chunk] if isinstance(t, Tensor) else t, batch)
+            parts.append(vmap(sq_norm, in_dims=in_dims)(rest_ts, part))
+        total += torch.cat(parts)
+    return total
+
+
+def fisher_trace_ghost(model: "torch.nn.Module", batches: list) -> float:
+    """``fisher_trace(kind="empirical")`` through :func:`ghost_sq_norms`."""
+    from lightning_flatness.functional import measurement_mode
+
+    with measurement_mode(model):
+        objective = Objective(model, batches)
+        total, count = 0.0, 0
+        for batch in objective.iter_batches():
+            sq = ghost_sq_norms(objective, batch)
+            total += sq.sum(dtype=torch.float64).item()
+            count += sq.numel()
+    return total / count
+
+
+# ----------------------------------------------------------------------------------------------
+# Other Hessian-vector product strategies, for comparison in section 1.
+
+
+def hvp_forward_over_reverse(objective: Objective, vector: Tensor) -> Tensor:
+    """``∇²L v`` as ``jvp(grad(L), (w,), (v,))`` (forward-mode over reverse-mode, Pearlmutter)."""
+    from torch.func import grad, jvp
+
+    tensors = [t.detach() for t in unflatten(objective.w0, objective.shapes)]
+    vs = unflatten(vector, objective.shapes)
+    total = None
+    count = 0
+    for batch in objective.iter_batches():
+        def loss(ts: list[Tensor]) -> Tensor:
+            return objective.losses(ts, batch).sum()
+
+        _, hv = jvp(grad(loss), (tensors,), (vs,))
+        flat = torch.cat([h.reshape(-1) for h in hv])
+        total = flat if total is None else total.add_(flat)
+        count += _n(batch)
+    assert total is not None
+    return total / count
+
+
+def _n(batch: object) -> int:
+    from lightning_flatness.functional._objective import _batch_size
+
+    return _batch_size(batch)
+
+
+class CachedHVP:
+    """HVPs that keep every chunk's first-backward graph between calls (PyHessian's single-batch trick).
+
+    The forward pass and the backward pass with ``create_graph=True`` run once, at construction;
+    each product then costs one second backward pass per chunk. Memory grows with the number of
+    chunks (every chunk's graph is held), so this only suits a subsample that fits in a memory
+    budget.
+    """
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        self.leaves = objective._leaves(None)
+        self.grads = []
+        self.count = 0
+        for batch in objective.iter_batches():
+            losses = objective.losses(self.leaves, batch)
+            self.grads.append(
+                torch.autograd.grad(losses.sum(), self.leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+            )
+            self.count += losses.numel()
+
+    def __call__(self, vector: Tensor) -> Tensor:
+        vs = unflatten(vector, self.objective.shapes)
+        acc: list[Tensor] | None = None
+        for g in self.grads:
+            hv = torch.autograd.grad(g, self.leaves, grad_outputs=vs, retain_graph=True, allow_unused=True, materialize_grads=True)
+            if acc is None:
+                acc = list(hv)
+            else:
+                for a, h in zip(acc, hv):
+                    a.add_(h)
+        assert acc is not None
+        return torch.cat([a.reshape(-1) for a in acc]) / self.count

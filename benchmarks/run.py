@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> str:
     for name in models:
         if name not in MODEL_NAMES:
             raise SystemExit(f"unknown model {name!r}; choose from {MODEL_NAMES}")
-    cfg = Config(device=device, quick=args.quick, models=models, seed=args.seed, repeats=args.repeats or (3 if args.quick else 7))
+    cfg = Config(device=device, quick=args.quick, models=models, seed=args.seed, repeats=args.repeats or (3 if args.quick else 7),
+                 threads=args.threads)
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     start = time.perf_counter()
     sections: list[Section] = []
