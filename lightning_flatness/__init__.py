@@ -2,6 +2,8 @@
 
 from . import functional
 from .callback import FlatnessCallback
+from .optim import EntropySGD
+from .perturbation import PACGenPerturbation
 
 __version__ = "0.1.0"
-__all__ = ["FlatnessCallback", "functional"]
+__all__ = ["EntropySGD", "FlatnessCallback", "PACGenPerturbation", "functional"]

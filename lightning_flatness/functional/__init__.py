@@ -11,6 +11,7 @@ from .fisher_trace import FisherResult, fisher_trace
 from .grad_cosine_regret import RegretResult, grad_cosine_regret
 from .hessian_eigenvalues import EigenResult, hessian_eigenvalues, hessian_top_eigenvalue
 from .hutchinson import TraceResult, hessian_diagonal, hessian_trace
+from .local_entropy import LocalEntropyResult, local_entropy
 from .loss_landscape import EigenvectorSlice, LandscapeResult, eigenvector_slice, loss_landscape, normalize_direction
 from .pacgen import PACGenResult, estimate_rho, pacgen, pacgen_perturbation_scale
 
@@ -19,6 +20,7 @@ __all__ = [
     "EigenResult",
     "EigenvectorSlice",
     "LandscapeResult",
+    "LocalEntropyResult",
     "FisherResult",
     "PACGenResult",
     "RegretResult",
@@ -33,6 +35,7 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_top_eigenvalue",
     "hessian_trace",
+    "local_entropy",
     "loss_landscape",
     "measurement_mode",
     "mse_loss",
