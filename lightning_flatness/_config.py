@@ -9,7 +9,7 @@ import numbers
 from typing import Any, Sequence
 
 from .functional._losses import BUILTIN_LOSSES, resolve_loss_fn
-from .metrics import FLATNESS_METRICS
+from .metrics import KNOWN_METRICS
 
 SOURCES = ("train", "val")
 ON_ERROR = ("warn", "raise")
@@ -46,10 +46,10 @@ def validate(args: dict[str, Any]) -> dict[str, Any]:
     if isinstance(metrics, str):
         metrics = [metrics]
     if not isinstance(metrics, (list, tuple)):
-        raise ValueError(f"metrics must be a list of names from {list(FLATNESS_METRICS)}, got {metrics!r}.")
+        raise ValueError(f"metrics must be a list of names from {list(KNOWN_METRICS)}, got {metrics!r}.")
     for name in metrics:
-        if name not in FLATNESS_METRICS:
-            raise ValueError(f"metrics contains unknown metric {name!r}; accepted: {list(FLATNESS_METRICS)}.")
+        if name not in KNOWN_METRICS:
+            raise ValueError(f"metrics contains unknown metric {name!r}; accepted: {list(KNOWN_METRICS)}.")
     if len(set(metrics)) != len(metrics):
         raise ValueError(f"metrics lists a metric twice: {list(metrics)}.")
     out["metrics"] = tuple(metrics)
@@ -85,6 +85,10 @@ def validate(args: dict[str, Any]) -> dict[str, Any]:
     out["num_probes"] = _int("num_probes", args["num_probes"], 1)
     if args["max_overhead"] is not None:
         out["max_overhead"] = _float("max_overhead", args["max_overhead"], allow_zero=False, maximum=1.0)
+    out["entropy_gamma"] = _float("entropy_gamma", args["entropy_gamma"], allow_zero=False)
+    out["entropy_noise"] = _float("entropy_noise", args["entropy_noise"], allow_zero=False)
+    out["entropy_step_size"] = _float("entropy_step_size", args["entropy_step_size"], allow_zero=False)
+    out["entropy_steps"] = _int("entropy_steps", args["entropy_steps"], 4)
     out["on_error"] = _choice("on_error", args["on_error"], ON_ERROR)
     if not isinstance(args["measure_at_start"], bool):
         raise ValueError(f"measure_at_start must be True or False, got {args['measure_at_start']!r}.")

@@ -31,7 +31,8 @@ class FlatnessCallback(Callback):
     initialization), to ``trainer.callback_metrics`` and to :attr:`metrics`.
 
     Args:
-        metrics: any of ``"hessian_top_eig"``, ``"grad_cosine_regret"``, ``"fisher_trace"``, ``"pacgen"``.
+        metrics: any of ``"hessian_top_eig"``, ``"grad_cosine_regret"``, ``"fisher_trace"``, ``"pacgen"``
+            (the default: all four), and ``"local_entropy"`` (off by default: costly).
         every_n_epochs: measure after every n-th epoch; 0 measures only the final weights.
         num_samples: size of the measurement subsample.
         batch_size: mini-batch size of the regret's mini-batches and of the chunks evaluated at once.
@@ -42,6 +43,9 @@ class FlatnessCallback(Callback):
         k, tol, max_iter: Hessian eigenvalues (``hessian_eigenvalues``); warm-started from the last ones.
         kind: Fisher trace, ``"empirical"`` or ``"mc"``.
         gamma, eps, rho, num_probes: PACGen options (``pacgen``).
+        entropy_gamma, entropy_noise, entropy_steps, entropy_step_size: ``local_entropy`` options
+            (``gamma``, ``noise``, ``num_steps``, ``step_size``); it costs ``9 * entropy_steps``
+            gradient passes over the measurement subsample.
         measure_at_start: also measure in ``on_train_start`` so curves start at initialization.
         max_overhead: skip epoch-end measurements while the time spent measuring exceeds this
             fraction of the training wall time (``None``: no budget).
@@ -68,6 +72,10 @@ class FlatnessCallback(Callback):
         eps: float = 0.1,
         rho: Union[float, None] = None,
         num_probes: int = 16,
+        entropy_gamma: float = 100.0,
+        entropy_noise: float = 0.03,
+        entropy_steps: int = 100,
+        entropy_step_size: float = 0.002,
         measure_at_start: bool = False,
         max_overhead: Union[float, None] = None,
         on_error: str = "warn",
@@ -79,13 +87,16 @@ class FlatnessCallback(Callback):
                 metrics=metrics, every_n_epochs=every_n_epochs, num_samples=num_samples, batch_size=batch_size,
                 source=source, loss_fn=loss_fn, gap_num_samples=gap_num_samples, seed=seed, k=k, tol=tol,
                 max_iter=max_iter, kind=kind, gamma=gamma, eps=eps, rho=rho, num_probes=num_probes,
-                measure_at_start=measure_at_start, max_overhead=max_overhead, on_error=on_error,
+                entropy_gamma=entropy_gamma, entropy_noise=entropy_noise, entropy_steps=entropy_steps,
+                entropy_step_size=entropy_step_size, measure_at_start=measure_at_start, max_overhead=max_overhead, on_error=on_error,
             )
         )  # fmt: skip
         self.config = {**cfg, "log_hyperparams": bool(log_hyperparams)}
         self.options = EstimatorOptions(
             loss_fn=loss_fn, k=cfg["k"], tol=cfg["tol"], max_iter=cfg["max_iter"], kind=cfg["kind"],
             gamma=cfg["gamma"], eps=cfg["eps"], rho=cfg["rho"], num_probes=cfg["num_probes"],
+            entropy_gamma=cfg["entropy_gamma"], entropy_noise=cfg["entropy_noise"],
+            entropy_steps=cfg["entropy_steps"], entropy_step_size=cfg["entropy_step_size"],
         )  # fmt: skip
         self.metrics: MetricCollection = build_collection(cfg["metrics"], cfg["k"], cfg["gap_num_samples"] > 0)
         self.history: list[tuple[int, dict[str, float]]] = []

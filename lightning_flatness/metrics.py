@@ -20,11 +20,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from .functional import fisher_trace, grad_cosine_regret, hessian_eigenvalues, measurement_mode, pacgen
+from .functional import fisher_trace, grad_cosine_regret, hessian_eigenvalues, local_entropy, measurement_mode, pacgen
 from .functional._losses import LossArg
 from .functional._objective import Objective
 
 FLATNESS_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
+# Measured only when asked for: far more expensive than the defaults.
+OPTIONAL_METRICS = ("local_entropy",)
+KNOWN_METRICS = FLATNESS_METRICS + OPTIONAL_METRICS
 GAP_KEYS = ("gap/train_loss", "gap/test_loss", "gap/loss", "gap/train_acc", "gap/test_acc", "gap/acc")
 
 
@@ -39,6 +42,10 @@ class EstimatorOptions:
     eps: float = 0.1
     rho: float | None = None
     num_probes: int = 16
+    entropy_gamma: float = 100.0
+    entropy_noise: float = 0.03
+    entropy_steps: int = 100
+    entropy_step_size: float = 0.002
 
 
 def metric_keys(name: str, k: int) -> list[str]:
@@ -100,7 +107,28 @@ def run_estimator(
             num_probes=opts.num_probes, generator=seed,
         )  # fmt: skip
         return {"flatness/pacgen": (pac.value, 1.0)}, None
-    raise ValueError(f"unknown metric {name!r}; accepted: {FLATNESS_METRICS}")
+    if name == "local_entropy":
+        # One SGLD chain over the whole shard: cycling mini-batches at a small temperature
+        # adds mini-batch noise that overheats the chain.
+        whole = [_concatenate(batches)]
+        ent = local_entropy(
+            model, whole, opts.loss_fn, gamma=opts.entropy_gamma, num_steps=opts.entropy_steps,
+            step_size=opts.entropy_step_size, noise=opts.entropy_noise, generator=seed,
+        )  # fmt: skip
+        return {"flatness/local_entropy": (ent.value, 1.0)}, None
+    raise ValueError(f"unknown metric {name!r}; accepted: {KNOWN_METRICS}")
+
+
+def _concatenate(batches: list[Any]) -> Any:
+    """The mini-batches as one batch (tensors concatenated along the sample axis)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat = [tree_flatten(b) for b in batches]
+    spec = flat[0][1]
+    if any(s != spec for _, s in flat):
+        raise ValueError("local_entropy needs every mini-batch to have the same structure.")
+    leaves = [torch.cat(parts) if isinstance(parts[0], Tensor) else parts[0] for parts in zip(*(f for f, _ in flat))]
+    return tree_unflatten(leaves, spec)
 
 
 def _classification_pair(batch: Any) -> tuple[Any, Tensor] | None:

@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor, nn
+from lightning.pytorch import Trainer
 
+from ._sweep_training import OPTIMIZERS, Classifier, TargetTrainLoss
 from .data import DATASETS, Data, load_dataset
-from .metrics import FLATNESS_METRICS
+from .metrics import FLATNESS_METRICS, KNOWN_METRICS
 
 DESCRIPTION = (
     "Train one MLP with SGD at several batch sizes (or learning rates), each run until its full-train-set loss "
@@ -65,6 +64,8 @@ class SweepConfig:
     logdir: str | None = None  # None: runs/batch_size_sweep or runs/lr_sweep
     report: bool = True
     plots: bool = True
+    optimizer: str = "sgd"
+    pacgen_noise: float = 0.0
     wandb: bool = False
     wandb_project: str = "lightning-flatness"
     accelerator: str = "auto"
@@ -72,13 +73,23 @@ class SweepConfig:
     progress_seconds: float = 5.0
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.optimizer == "entropy-sgd" and self.pacgen_noise > 0:
+            raise ValueError("pacgen_noise > 0 cannot be combined with optimizer='entropy-sgd': EntropySGD evaluates "
+                             "its closure several times per step, PACGenPerturbation perturbs only the first.")  # fmt: skip
+
     def runs(self) -> list[tuple[str, int, float]]:
         """``(name, batch_size, lr)`` of every run, in order."""
         if self.lr_sweep:
             pairs = [(self.lr_sweep_batch_size, float(lr)) for lr in self.lrs]
         else:
             pairs = [(int(bs), float(self.lr)) for bs in self.batch_sizes]
-        return [(run_name(bs, lr), bs, lr) for bs, lr in pairs]
+        suffix = ("_esgd" if self.optimizer == "entropy-sgd" else "") + (
+            f"_pac{self.pacgen_noise:g}" if self.pacgen_noise > 0 else ""
+        )
+        return [(run_name(bs, lr) + suffix, bs, lr) for bs, lr in pairs]
 
     def resolved_logdir(self) -> Path:
         if self.logdir is not None:
@@ -115,93 +126,6 @@ class RunSummary:
     measure_every: int = 1
     log_dir: str = ""
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # FlatnessCallback.history
-
-
-def mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
-    """``in → hidden[0] → ... → num_classes`` with ReLU between the linear layers."""
-    layers: list[nn.Module] = []
-    width = in_features
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
-
-
-class Classifier(LightningModule):
-    """An MLP trained with plain SGD (no momentum, no weight decay) on cross-entropy."""
-
-    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, lr: float, batch_size: int) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = mlp(in_features, hidden, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True)
-        self.log("val/acc", (logits.argmax(1) == y).float().mean(), on_epoch=True)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
-
-
-class TargetTrainLoss(Callback):
-    """After every epoch, the loss on the whole training set (eval mode); stops at ``target``.
-
-    Also prints a progress line every ``progress_seconds`` (and when the run stops).
-    """
-
-    def __init__(self, x: Tensor, y: Tensor, target: float, label: str = "", progress_seconds: float | None = 5.0,
-                 chunk: int = 4096) -> None:  # fmt: skip
-        self.x, self.y, self.target, self.label = x, y, float(target), label
-        self.progress_seconds, self.chunk = progress_seconds, chunk
-        self.loss = float("nan")
-        self.reached = self.diverged = False
-        self._start = self._last_print = 0.0
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start = self._last_print = time.perf_counter()
-
-    @torch.no_grad()
-    def full_train_loss(self, pl_module: LightningModule) -> float:
-        was_training = pl_module.training
-        pl_module.eval()
-        total = 0.0
-        for s in range(0, len(self.y), self.chunk):
-            x = self.x[s : s + self.chunk].to(pl_module.device)
-            y = self.y[s : s + self.chunk].to(pl_module.device)
-            total += float(F.cross_entropy(pl_module(x), y, reduction="sum"))
-        pl_module.train(was_training)
-        return total / len(self.y)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.loss = self.full_train_loss(pl_module)
-        pl_module.log("train/full_loss", self.loss, prog_bar=True, logger=False)
-        if not math.isfinite(self.loss):
-            self.diverged = True
-            trainer.should_stop = True
-        elif self.loss <= self.target:
-            self.reached = True
-            trainer.should_stop = True
-        now = time.perf_counter()
-        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
-        due = trainer.should_stop or last or now - self._last_print >= (self.progress_seconds or 0)
-        if self.progress_seconds is not None and due:
-            self._last_print = now
-            test = trainer.callback_metrics.get("val/loss")
-            test_text = f", test loss {float(test):.3f}" if test is not None else ""
-            print(f"  {self.label} epoch {trainer.current_epoch + 1}: train loss {self.loss:.4f} "
-                  f"(target {self.target:g}){test_text}, {now - self._start:.0f} s", flush=True)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -244,7 +168,7 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     summary = RunSummary(name, batch_size, lr, measure_every=every, log_dir=str(logdir / name))
     _clear_run_dir(logdir / name)
     torch.manual_seed(cfg.seed)  # the same initialization for every run
-    model = Classifier(data.in_features, tuple(cfg.hidden), data.num_classes, lr, batch_size)
+    model = Classifier(data.in_features, tuple(cfg.hidden), data.num_classes, lr, batch_size, cfg.optimizer)
     train = data.loader("train", batch_size, shuffle=True, seed=cfg.seed)
     test = data.loader("test", max(1024, batch_size))
     flatness = FlatnessCallback(
@@ -259,7 +183,7 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
         loggers.append(_wandb_logger(cfg, name, batch_size, lr, every, data))
     trainer = Trainer(
         max_epochs=cfg.max_epochs, accelerator=cfg.accelerator, devices=1, logger=loggers,
-        callbacks=[target, flatness], enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[target, flatness, *_perturbation(cfg)], enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=False, num_sanity_val_steps=0, log_every_n_steps=50, deterministic=False,
     )  # fmt: skip
     start = time.perf_counter()
@@ -275,6 +199,14 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     test_loss = trainer.callback_metrics.get("val/loss")
     summary.test_loss = float(test_loss) if test_loss is not None else float("nan")
     return summary
+
+
+def _perturbation(cfg: SweepConfig) -> list[Any]:
+    if cfg.pacgen_noise <= 0:
+        return []
+    from .perturbation import PACGenPerturbation
+
+    return [PACGenPerturbation(noise_scale=cfg.pacgen_noise, every_n_steps=100, seed=cfg.seed)]
 
 
 def _wandb_logger(cfg: SweepConfig, name: str, batch_size: int, lr: float, every: int, data: Data) -> Any:
@@ -348,6 +280,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = SweepConfig()
     parser.add_argument("--data", choices=DATASETS, default=d.data,
@@ -369,7 +308,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-epochs", type=_positive_int, default=d.max_epochs)
     parser.add_argument("--measure-every", type=_positive_int, default=None, metavar="N",
                         help="epochs between flatness measurements (default: max(1, round(B / (160 lr))))")
-    parser.add_argument("--metrics", nargs="+", choices=FLATNESS_METRICS, default=list(d.metrics))
+    parser.add_argument("--metrics", nargs="+", choices=KNOWN_METRICS, default=list(d.metrics))
     parser.add_argument("--num-samples", type=_positive_int, default=d.num_samples,
                         help="size of the fixed measurement subsample of the training set")
     parser.add_argument("--measure-batch-size", type=_positive_int, default=d.measure_batch_size,
@@ -378,6 +317,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--logdir", default=None, help="default: runs/batch_size_sweep (runs/lr_sweep with --lr-sweep)")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not run the report at the end")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="the report writes tables only")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                        help="entropy-sgd: EntropySGD(lr=1, num_steps=5, sgld_lr=--lr, gamma=0.5, gamma_max=1), "
+                             "5 gradient evaluations per step")
+    parser.add_argument("--pacgen-noise", type=_nonnegative_float, default=d.pacgen_noise, metavar="S",
+                        help="train with PACGenPerturbation(noise_scale=S) (Wang et al. 2018); 0 = off")
     parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (one run per batch size)")
     parser.add_argument("--wandb-project", default=d.wandb_project)
     parser.add_argument("--accelerator", default=d.accelerator, help="Lightning accelerator (cpu, gpu, auto)")

@@ -304,3 +304,28 @@ def test_cuda_bf16_mixed_bit_identical_and_float32_values(tmp_path, monkeypatch)
     want = hessian_eigenvalues(measured.cpu().float(), batches, tol=1e-7, max_iter=300).values[0].item()
     assert close(cb.history[-1][1]["flatness/hessian_top_eig"], want, 1e-4)
     assert close(cb.history[-1][1]["flatness/fisher_trace"], fisher_trace(measured, batches).value, 1e-4)
+
+
+def test_local_entropy_is_opt_in_and_equals_the_functional_api(tmp_path):
+    from lightning_flatness.functional import local_entropy
+
+    assert "local_entropy" not in FlatnessCallback().config["metrics"]
+    options = dict(entropy_gamma=50.0, entropy_noise=0.05, entropy_steps=8, entropy_step_size=0.002)
+    cb = FlatnessCallback(metrics=["local_entropy"], **options, **SMALL)
+    _, model, dm = fit(tmp_path, cb, max_epochs=1)
+    x, last = cb.history[-1]
+    batches = subsample(dm.train_set, 0, 64, 16)
+    whole = [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))]
+    ent = local_entropy(
+        model, whole, gamma=50.0, noise=0.05, num_steps=8, step_size=0.002,
+        generator=measurement_seed(0, x, "local_entropy"),
+    )  # fmt: skip
+    assert close(last["flatness/local_entropy"], ent.value, 1e-6)
+
+
+@pytest.mark.parametrize("name", ["entropy_gamma", "entropy_noise", "entropy_step_size"])
+def test_local_entropy_options_are_validated(name):
+    with pytest.raises(ValueError, match=name):
+        FlatnessCallback(metrics=["local_entropy"], **{name: 0.0})
+    with pytest.raises(ValueError, match="entropy_steps"):
+        FlatnessCallback(entropy_steps=2)

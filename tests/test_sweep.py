@@ -182,3 +182,17 @@ def test_fast_loader_batches_equal_the_standard_ones():
     ds = fast.dataset
     xs, ys = fast.collate_fn([ds[i] for i in (4, 7)])  # what FlatnessCallback does with loader.collate_fn
     assert torch.equal(xs, x[[4, 7]]) and torch.equal(ys, y[[4, 7]])
+
+
+def test_entropy_sgd_and_pacgen_noise_runs_end_to_end(tmp_path):
+    """``--optimizer entropy-sgd`` and ``--pacgen-noise`` train, get their own run names, and log."""
+    from lightning_flatness.sweep import main
+
+    common = [*TINY, "--batch-sizes", "16", "--logdir", str(tmp_path), "--no-report", "--metrics", "hessian_top_eig"]
+    for flags, name in ((["--optimizer", "entropy-sgd"], "bs16_lr0.1_esgd"), (["--pacgen-noise", "0.5"], "bs16_lr0.1_pac0.5")):
+        assert [s.name for s in main([*common, *flags])] == [name]
+        assert sorted(read_scalars(tmp_path / name)["flatness/hessian_top_eig"]) == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        main([*TINY, "--pacgen-noise", "-1"])
+    with pytest.raises(ValueError, match="pacgen_noise"):
+        main([*common, "--optimizer", "entropy-sgd", "--pacgen-noise", "0.5"])

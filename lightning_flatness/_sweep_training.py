@@ -1,0 +1,113 @@
+"""The sweep's model and stopping rule: an MLP classifier and a full-train-loss target."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+
+
+def mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
+    """``in → hidden[0] → ... → num_classes`` with ReLU between the linear layers."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+OPTIMIZERS = ("sgd", "entropy-sgd")
+
+
+class Classifier(LightningModule):
+    """An MLP trained on cross-entropy with plain SGD (no momentum, no weight decay) or Entropy-SGD."""
+
+    def __init__(
+        self, in_features: int, hidden: Sequence[int], num_classes: int, lr: float, batch_size: int,
+        optimizer: str = "sgd",
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+        self.save_hyperparameters()
+        self.net = mlp(in_features, hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True)
+        self.log("val/acc", (logits.argmax(1) == y).float().mean(), on_epoch=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "entropy-sgd":
+            from .optim import EntropySGD
+
+            # Inner SGLD at the sweep's lr; 5 gradient evaluations per step (Chaudhari et al. 2017).
+            return EntropySGD(self.parameters(), lr=1.0, num_steps=5, sgld_lr=self.hparams.lr, noise=1e-4,
+                              gamma=0.5, gamma_growth=1e-3, gamma_max=1.0)  # fmt: skip
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class TargetTrainLoss(Callback):
+    """After every epoch, the loss on the whole training set (eval mode); stops at ``target``.
+
+    Also prints a progress line every ``progress_seconds`` (and when the run stops).
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, target: float, label: str = "", progress_seconds: float | None = 5.0,
+                 chunk: int = 4096) -> None:  # fmt: skip
+        self.x, self.y, self.target, self.label = x, y, float(target), label
+        self.progress_seconds, self.chunk = progress_seconds, chunk
+        self.loss = float("nan")
+        self.reached = self.diverged = False
+        self._start = self._last_print = 0.0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = self._last_print = time.perf_counter()
+
+    @torch.no_grad()
+    def full_train_loss(self, pl_module: LightningModule) -> float:
+        was_training = pl_module.training
+        pl_module.eval()
+        total = 0.0
+        for s in range(0, len(self.y), self.chunk):
+            x = self.x[s : s + self.chunk].to(pl_module.device)
+            y = self.y[s : s + self.chunk].to(pl_module.device)
+            total += float(F.cross_entropy(pl_module(x), y, reduction="sum"))
+        pl_module.train(was_training)
+        return total / len(self.y)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.loss = self.full_train_loss(pl_module)
+        pl_module.log("train/full_loss", self.loss, prog_bar=True, logger=False)
+        if not math.isfinite(self.loss):
+            self.diverged = True
+            trainer.should_stop = True
+        elif self.loss <= self.target:
+            self.reached = True
+            trainer.should_stop = True
+        now = time.perf_counter()
+        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+        due = trainer.should_stop or last or now - self._last_print >= (self.progress_seconds or 0)
+        if self.progress_seconds is not None and due:
+            self._last_print = now
+            test = trainer.callback_metrics.get("val/loss")
+            test_text = f", test loss {float(test):.3f}" if test is not None else ""
+            print(f"  {self.label} epoch {trainer.current_epoch + 1}: train loss {self.loss:.4f} "
+                  f"(target {self.target:g}){test_text}, {now - self._start:.0f} s", flush=True)  # fmt: skip
