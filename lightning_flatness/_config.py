@@ -90,6 +90,13 @@ def validate(args: dict[str, Any]) -> dict[str, Any]:
     out["entropy_step_size"] = _float("entropy_step_size", args["entropy_step_size"], allow_zero=False)
     out["entropy_steps"] = _int("entropy_steps", args["entropy_steps"], 4)
     out["on_error"] = _choice("on_error", args["on_error"], ON_ERROR)
+    out["landscape_every_n_epochs"] = _int("landscape_every_n_epochs", args["landscape_every_n_epochs"], -1)
+    out["landscape_steps"] = _int("landscape_steps", args["landscape_steps"], 2)
+    out["landscape_span"] = _float("landscape_span", args["landscape_span"], allow_zero=False)
+    out["landscape_2d_steps"] = _int("landscape_2d_steps", args["landscape_2d_steps"], 2)
+    out["landscape_eig_span"] = _float("landscape_eig_span", args["landscape_eig_span"], allow_zero=False)
+    if not isinstance(args["landscape_2d"], bool):
+        raise ValueError(f"landscape_2d must be True or False, got {args['landscape_2d']!r}.")
     if not isinstance(args["measure_at_start"], bool):
         raise ValueError(f"measure_at_start must be True or False, got {args['measure_at_start']!r}.")
     return out

@@ -14,6 +14,7 @@ from torchmetrics import MetricCollection
 from . import _subsample as sub
 from ._config import validate
 from ._distributed import cross_process, rank_zero_buffers
+from ._landscape import LandscapeOptions, LandscapeRecorder
 from ._logging import LoggerWriter, status
 from .metrics import FLATNESS_METRICS, EstimatorOptions, GapMeter, build_collection, finite, measurement_seed, run_estimator
 
@@ -52,6 +53,14 @@ class FlatnessCallback(Callback):
         on_error: ``"warn"``: a failing metric (non-finite, out of memory, unsupported layer) warns
             once and is skipped for that measurement; ``"raise"``: re-raise.
         log_hyperparams: log this configuration as hyperparameters to every logger.
+        landscape_every_n_epochs: loss-landscape views (a 1-D filter-normalized slice, optionally a
+            2-D one, and the slice along the top Hessian eigenvector on train and validation data)
+            logged as images and to ``<log_dir>/landscape/epoch_<x>.json``: 0 off (default), -1 only
+            for the final weights, n at every measured epoch divisible by n and for the final weights.
+            Rank 0 only. See ``docs/metrics.md``.
+        landscape_steps, landscape_span: grid points and half-width of the 1-D slices (the random
+            direction's and, with ``landscape_eig_span``, the eigenvector's).
+        landscape_2d, landscape_2d_steps: also the 2-D slice, on a ``landscape_2d_steps²`` grid.
     """
 
     def __init__(
@@ -80,6 +89,12 @@ class FlatnessCallback(Callback):
         max_overhead: Union[float, None] = None,
         on_error: str = "warn",
         log_hyperparams: bool = True,
+        landscape_every_n_epochs: int = 0,
+        landscape_steps: int = 21,
+        landscape_span: float = 1.0,
+        landscape_2d: bool = False,
+        landscape_2d_steps: int = 15,
+        landscape_eig_span: float = 1.0,
     ) -> None:
         super().__init__()
         cfg = validate(
@@ -89,6 +104,9 @@ class FlatnessCallback(Callback):
                 max_iter=max_iter, kind=kind, gamma=gamma, eps=eps, rho=rho, num_probes=num_probes,
                 entropy_gamma=entropy_gamma, entropy_noise=entropy_noise, entropy_steps=entropy_steps,
                 entropy_step_size=entropy_step_size, measure_at_start=measure_at_start, max_overhead=max_overhead, on_error=on_error,
+                landscape_every_n_epochs=landscape_every_n_epochs, landscape_steps=landscape_steps,
+                landscape_span=landscape_span, landscape_2d=landscape_2d, landscape_2d_steps=landscape_2d_steps,
+                landscape_eig_span=landscape_eig_span,
             )
         )  # fmt: skip
         self.config = {**cfg, "log_hyperparams": bool(log_hyperparams)}
@@ -111,6 +129,13 @@ class FlatnessCallback(Callback):
         self._spent = 0.0
         self._fit_start = 0.0
         self._warned: set[str] = set()
+        self._landscape = LandscapeRecorder(
+            LandscapeOptions(
+                every_n_epochs=cfg["landscape_every_n_epochs"], steps=cfg["landscape_steps"],
+                span=cfg["landscape_span"], two_d=cfg["landscape_2d"], steps_2d=cfg["landscape_2d_steps"], eig_span=cfg["landscape_eig_span"],
+            ),
+            seed=measurement_seed(cfg["seed"], 0, "landscape"), on_error=cfg["on_error"],
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -149,11 +174,14 @@ class FlatnessCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_step == trainer.global_step and self._last_x is not None:
-            return  # the final weights were just measured
+            # the final weights were just measured; their landscape views may still be due
+            last = self.history[-1][1] if self.history else {}
+            self._draw_landscape(trainer, pl_module, self._last_x, last, final=True)
+            return
         x = trainer.current_epoch
         if self._last_x is not None and x <= self._last_x:
             x = self._last_x + 1
-        self._measure_and_log(trainer, pl_module, x, use_module_log=False)
+        self._measure_and_log(trainer, pl_module, x, use_module_log=False, final=True)
 
     # ------------------------------------------------------------ scheduling
     def _within_budget(self, trainer: Trainer) -> bool:
@@ -226,7 +254,9 @@ class FlatnessCallback(Callback):
             return sub.move(batch, pl_module.device)
 
     # --------------------------------------------------------------- measuring
-    def _measure_and_log(self, trainer: Trainer, pl_module: LightningModule, x: int, use_module_log: bool) -> None:
+    def _measure_and_log(
+        self, trainer: Trainer, pl_module: LightningModule, x: int, use_module_log: bool, final: bool = False
+    ) -> None:
         self._prepare_data(trainer, pl_module)
         if self._data is None:
             return
@@ -234,10 +264,25 @@ class FlatnessCallback(Callback):
         self._last_x, self._last_step = x, trainer.global_step
         self.history.append((x, values))
         self._writer.write(trainer, values, x)
+        self._draw_landscape(trainer, pl_module, x, values, final)
         if use_module_log:
             for key, value in values.items():
                 # identical on every rank already; sync_dist only silences Lightning's DDP warning
                 pl_module.log(key, value, logger=False, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
+
+    def _draw_landscape(self, trainer: Trainer, pl_module: LightningModule, x: int, values: dict, final: bool) -> None:
+        """The loss-landscape views at ``x`` if due: rank 0 only, no collectives (see ``_landscape.py``)."""
+        if self._data is None or not self._landscape.options.due(x, final) or self._landscape.last_x == x:
+            return
+        start = time.perf_counter()
+        status(trainer, f"flatness: epoch {x}: loss-landscape views")
+        fresh = "flatness/hessian_top_eig" in values and self._eig_vectors is not None  # this measurement's
+        self._landscape.record(
+            trainer, pl_module, self._data, x, self.options.loss_fn, vector=self._eig_vectors[0] if fresh else None,
+            eigenvalue=values.get("flatness/hessian_top_eig"),
+            eigen_kwargs={"tol": self.options.tol, "max_iter": self.options.max_iter},
+        )  # fmt: skip
+        self._spent += time.perf_counter() - start
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, x: int) -> dict[str, float]:
         """Measure now; returns ``{key: value}`` (also left in :attr:`metrics`)."""

@@ -8,6 +8,10 @@ holds ``events.out.tfevents.*`` files; its name is its path relative to ``LOGDIR
 - ``<key>_vs_epoch.png`` and ``<key>_vs_train_loss.png`` for every logged key (every run's
   curve; the second uses ``gap/train_loss`` as the x-axis, the matched-loss view), and
   ``overview.png`` (the flatness metrics and the gap vs training loss, one panel each);
+- ``landscape_1d.png`` and ``landscape_eigenvector.png`` when runs logged loss-landscape views
+  (``FlatnessCallback(landscape_every_n_epochs=...)``): every run's latest 1-D filter-normalized
+  slice on one figure, and its slice along the top Hessian eigenvector (train solid, validation
+  dashed), read from ``<run>/landscape/epoch_*.json``;
 - ``summary.md``: one row per key, one column per run, with the value at the comparison point
   and the Kendall τ and Spearman ρ between that key and ``gap/loss`` across runs;
 - ``summary.csv`` (one row per run) and ``correlations.csv``.
@@ -257,9 +261,11 @@ def make_report(
     if TARGET not in keys:
         warnings.warn(f"no run logged {TARGET} (it needs validation data): no rank correlations.", stacklevel=2)
     if plots:
+        from ._landscape_plots import plot_runs
         from ._plots import plot_all
 
         files += plot_all(runs, rows, keys, out_dir)
+        files += plot_runs(runs, out_dir)  # only when runs logged landscape views
     if echo:
         print(markdown)
         pngs = sum(1 for f in files if f.suffix == ".png")

@@ -60,6 +60,7 @@ class SweepConfig:
     metrics: Sequence[str] = FLATNESS_METRICS
     num_samples: int = 512
     measure_batch_size: int = 64
+    landscape_every_n_epochs: int = -1  # FlatnessCallback's: -1 final weights only, 0 off, N every N-th measured epoch
     seed: int = 0
     logdir: str | None = None  # None: runs/batch_size_sweep or runs/lr_sweep
     report: bool = True
@@ -153,6 +154,7 @@ def _clear_run_dir(path: Path) -> None:
     if not path.is_dir():
         return
     old = list(path.glob("events.out.tfevents.*")) + list(path.glob("hparams.yaml"))
+    old += list(path.glob("landscape/epoch_*.json"))
     for f in old:
         f.unlink()
 
@@ -174,7 +176,7 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     flatness = FlatnessCallback(
         metrics=tuple(cfg.metrics), every_n_epochs=every, num_samples=cfg.num_samples,
         batch_size=cfg.measure_batch_size, gap_num_samples=max(len(data.y_train), len(data.y_test)),
-        seed=cfg.seed, measure_at_start=True,
+        seed=cfg.seed, measure_at_start=True, landscape_every_n_epochs=cfg.landscape_every_n_epochs, landscape_2d=True,
     )  # fmt: skip
     target = TargetTrainLoss(data.x_train, data.y_train, cfg.target_train_loss, name,
                              None if cfg.quiet else cfg.progress_seconds)  # fmt: skip
@@ -313,6 +315,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="size of the fixed measurement subsample of the training set")
     parser.add_argument("--measure-batch-size", type=_positive_int, default=d.measure_batch_size,
                         help="mini-batch size of the gradient cosine regret (same for every run)")
+    parser.add_argument("--no-landscape", dest="landscape_every_n_epochs", action="store_const", const=0,
+                        default=d.landscape_every_n_epochs,
+                        help="do not log the loss-landscape views (default: 1-D, 2-D and eigenvector slices of the "
+                             "final weights, about 1-3 s per run)")
+    parser.add_argument("--landscape-every", dest="landscape_every_n_epochs", type=_positive_int, metavar="N",
+                        help="log the loss-landscape views at every measured epoch divisible by N too")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--logdir", default=None, help="default: runs/batch_size_sweep (runs/lr_sweep with --lr-sweep)")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not run the report at the end")

@@ -76,9 +76,11 @@ def test_values_equal_functional_api_on_the_same_subsample(tmp_path):
 
 def test_final_weights_bit_identical_with_and_without_callback(tmp_path):
     _, plain, _ = fit(tmp_path / "a", None, max_epochs=3)
-    cb = FlatnessCallback(measure_at_start=True, **SMALL)
+    # with the loss-landscape views too (1-D, 2-D and eigenvector slices at every measurement)
+    cb = FlatnessCallback(measure_at_start=True, landscape_every_n_epochs=1, landscape_steps=3, landscape_2d=True,
+                          landscape_2d_steps=2, **SMALL)  # fmt: skip
     _, measured, _ = fit(tmp_path / "b", cb, max_epochs=3)
-    assert len(cb.history) == 4
+    assert len(cb.history) == 4 and len(cb._landscape.views) == 4
     a, b = plain.state_dict(), measured.state_dict()
     assert a.keys() == b.keys()
     for key in a:  # weights and BatchNorm statistics

@@ -61,13 +61,16 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     dm = DataModule(shuffle=False)
     cb = FlatnessCallback(
         num_samples=96, batch_size=16, gap_num_samples=100, tol=1e-8, max_iter=400, measure_at_start=True,
-        every_n_epochs=2,
+        every_n_epochs=2, landscape_every_n_epochs=2, landscape_steps=3,
     )  # fmt: skip
     logger = CSVLogger(str(tmp_path), name="csv")
     t = trainer(tmp_path, [cb], logger=logger, max_epochs=2, strategy="ddp_spawn", devices=2)
     t.fit(model, dm)  # ddp_spawn loads rank 0's final weights (and buffers) back into `model`
     written = glob.glob(os.path.join(str(tmp_path), "csv", "*", "metrics.csv"))
     assert len(written) == 1  # only rank 0 wrote
+    # loss-landscape views: rank 0 alone computes and writes them, without collectives (no deadlock)
+    views = sorted(os.listdir(os.path.join(os.path.dirname(written[0]), "landscape")))
+    assert views == ["epoch_000000.json", "epoch_000002.json"]
     with open(written[0]) as f:
         rows = [r for r in csv.DictReader(f) if r.get("flatness/hessian_top_eig")]
     assert [int(r["step"]) for r in rows] == [0, 2]

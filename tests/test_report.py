@@ -206,3 +206,33 @@ def test_runs_without_the_metrics_are_a_clear_error(tmp_path):
     assert [r.run for r in report.rows] == ["run1"]
     with pytest.raises(ReportError, match="--at-train-loss needs gap/train_loss"):
         make_report(tmp_path / "plain", tmp_path / "o", at_train_loss=0.1, plots=False, echo=False)
+
+
+def test_landscape_overlays_from_the_runs_json_files(tmp_path):
+    from lightning_flatness._landscape import LandscapeViews, write_json
+
+    root = tmp_path / "runs"
+    a = [-1.0, 0.0, 1.0]
+    for name, bs in list(RUNS.items())[:2]:
+        w = SummaryWriter(log_dir=str(root / name))
+        w.add_scalar("flatness/hessian_top_eig", float(bs), 3)
+        w.close()
+        for epoch in (1, 3):  # the latest is drawn
+            s = bs / 16 * epoch
+            write_json(root / name, LandscapeViews(
+                epoch=epoch, coordinates=a, loss_1d=[s, 0.1, s], eig_coordinates=a, eig_train_loss=[s, 0.1, s],
+                eig_val_loss=[s + 1, 0.5, s + 1], eigenvalue=float(bs), loss_2d=[[s] * 3] * 3, coordinates_2d=a,
+            ))  # fmt: skip
+    (root / "bs16_lr0.1" / "landscape" / "epoch_000004.json").write_text("{not json")  # skipped: epoch 3 is used
+    third = root / "bs256_lr0.1"  # a run without landscape files is left out
+    w = SummaryWriter(log_dir=str(third))
+    w.add_scalar("flatness/hessian_top_eig", 256.0, 3)
+    w.close()
+    from lightning_flatness._landscape import read_final
+
+    assert read_final(root / "bs16_lr0.1").epoch == 3 and read_final(third) is None
+    out = tmp_path / "out"
+    report = make_report(root, out, echo=False)
+    for png in ("landscape_1d.png", "landscape_eigenvector.png"):
+        assert out / png in report.files
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

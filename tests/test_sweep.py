@@ -52,14 +52,30 @@ def test_sweep_end_to_end_then_report_equals_logged_values(tmp_path, monkeypatch
             assert float(row[key]) == logged[key][2], key
     md = (logdir / "report" / "summary.md").read_text()
     assert "| key | bs16_lr0.1 | bs48_lr0.1 | Kendall τ | Spearman ρ |" in md
+    # Loss-landscape views of the final weights (on by default): images in TensorBoard and a JSON file ...
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_flatness._landscape_plots import plot_runs
+    from lightning_flatness.report import load_runs
+
+    for name in rows:
+        assert [p.name for p in (logdir / name / "landscape").iterdir()] == ["epoch_000002.json"]
+        acc = EventAccumulator(str(logdir / name), size_guidance={"images": 0})
+        acc.Reload()
+        assert {t: [e.step for e in acc.Images(t)] for t in acc.Tags()["images"]} == {
+            "landscape/1d": [2], "landscape/2d": [2], "landscape/eigenvector": [2]}
+    # ... which the report overlays (the report's other plots are off in this test: --no-plots)
+    drawn = plot_runs(load_runs(logdir), tmp_path)
+    assert [p.name for p in drawn] == ["landscape_1d.png", "landscape_eigenvector.png"]
 
 
 def test_sweep_values_equal_the_callbacks_own(tmp_path):
     cfg = SweepConfig(data="digits", train_samples=64, test_samples=32, batch_sizes=(16, 32), hidden=(8,),
                       max_epochs=2, target_train_loss=1e-6, measure_every=2, num_samples=32, measure_batch_size=16,
                       metrics=("hessian_top_eig", "grad_cosine_regret"), logdir=str(tmp_path), plots=False,
-                      quiet=True)  # fmt: skip
+                      quiet=True, landscape_every_n_epochs=0)  # fmt: skip
     summaries = run_sweep(cfg)
+    assert not list(tmp_path.glob("*/landscape"))  # the views were turned off
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "report" / "summary.csv").open())}
     for s in summaries:
         assert s.epochs == 2 and not s.reached and s.log_dir == str(tmp_path / s.name)
@@ -119,6 +135,14 @@ def test_run_plan():
     assert run_name(64, 0.1) == "bs64_lr0.1"
     assert [measurement_interval(b, 0.1) for b in (16, 64, 256, 1024)] == [1, 4, 16, 64]
     assert measurement_interval(256, 0.01) == 160 and measurement_interval(256, 0.3) == 5
+    import argparse
+
+    from lightning_flatness.sweep import add_arguments, config_from_args
+
+    def landscape(*argv):
+        return config_from_args(add_arguments(argparse.ArgumentParser()).parse_args(list(argv))).landscape_every_n_epochs
+
+    assert (landscape(), landscape("--no-landscape"), landscape("--landscape-every", "5")) == (-1, 0, 5)
 
 
 def test_mnist1d_is_generated_offline(monkeypatch):

@@ -1,0 +1,166 @@
+"""Figures of the loss-landscape views (matplotlib, object-oriented API: no pyplot, no global state).
+
+Used by :class:`~lightning_flatness.FlatnessCallback` (images for TensorBoard and W&B) and by
+``lightning-flatness report`` (every run's final slices on one figure).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from ._landscape import LandscapeViews, read_final
+
+
+# -------------------------------------------------------------------------- drawing
+def _figure(width: float = 5.6, height: float = 4.0):  # noqa: ANN202
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _log_y(ax: Any, values: Sequence[float]) -> None:  # noqa: ANN401
+    vals = [v for v in values if math.isfinite(v)]
+    if vals and min(vals) > 0 and max(vals) / min(vals) > 30:
+        ax.set_yscale("log")
+
+
+def figure_1d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(views.coordinates, views.loss_1d, color="C0", marker="o", markersize=2.5, label="loss")
+    _log_y(ax, views.loss_1d)
+    ax.set_xlabel(f"α (step along a {views.normalization}-normalized random direction)")
+    ax.set_ylabel("loss", color="C0")
+    ax.grid(True, alpha=0.3)
+    if views.accuracy_1d is not None:
+        acc = ax.twinx()
+        acc.plot(views.coordinates, views.accuracy_1d, color="C1", linestyle="--", label="accuracy")
+        acc.set_ylabel("accuracy", color="C1")
+        acc.set_ylim(-0.02, 1.02)
+    ax.set_title(title or f"1-D loss slice, epoch {views.epoch}", fontsize=10)
+    fig.subplots_adjust(left=0.14, right=0.86, bottom=0.13, top=0.91)
+    return fig
+
+
+def figure_2d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
+    import numpy as np
+
+    from matplotlib.colors import LogNorm
+
+    fig = _figure(5.4, 4.4)
+    ax = fig.add_subplot()
+    a = np.asarray(views.coordinates_2d)
+    loss = np.asarray(views.loss_2d, dtype=float).T  # rows of loss_2d = first direction = x axis
+    finite = loss[np.isfinite(loss)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (1.0, 1.0)
+    if low > 0 and high > low * 1.0001:  # log-spaced levels: the basin and the walls both show
+        levels, norm = np.geomspace(low, high, 21), LogNorm(low, high)
+    else:
+        levels, norm = 20, None
+    filled = ax.contourf(a, a, loss, levels=levels, norm=norm, cmap="viridis", extend="neither")
+    ax.contour(a, a, loss, levels=filled.levels[::2], norm=norm, colors="white", linewidths=0.4, alpha=0.6)
+    fig.colorbar(filled, ax=ax, label="loss" + (" (log-spaced levels)" if norm is not None else ""), format="%.3g")
+    ax.plot([0], [0], marker="*", color="red", markersize=10, linestyle="none")
+    ax.set_xlabel("α (direction 1)")
+    ax.set_ylabel("β (direction 2)")
+    ax.set_aspect("equal")
+    ax.set_title(title or f"2-D loss slice ({views.normalization}-normalized), epoch {views.epoch}", fontsize=10)
+    fig.subplots_adjust(left=0.13, right=0.95, bottom=0.12, top=0.92)
+    return fig
+
+
+def figure_eigenvector(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(views.eig_coordinates, views.eig_train_loss, color="C0", label="train")
+    values = list(views.eig_train_loss or [])
+    if views.eig_val_loss is not None:
+        ax.plot(views.eig_coordinates, views.eig_val_loss, color="C0", linestyle="--", label="validation")
+        values += views.eig_val_loss
+    _log_y(ax, values)
+    lam = f", λ₁ = {views.eigenvalue:.4g}" if views.eigenvalue is not None else ""
+    ax.set_title(title or f"loss along the top Hessian eigenvector, epoch {views.epoch}{lam}", fontsize=10)
+    ax.set_xlabel("a (distance along the unit eigenvector)")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.14, right=0.96, bottom=0.13, top=0.91)
+    return fig
+
+
+def render(fig: Any) -> Any:  # noqa: ANN401
+    """The figure as an ``(H, W, 3)`` uint8 array."""
+    import numpy as np
+
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def images(views: LandscapeViews) -> dict[str, Any]:
+    out = {"landscape/1d": render(figure_1d(views))}
+    if views.loss_2d is not None:
+        out["landscape/2d"] = render(figure_2d(views))
+    if views.eig_coordinates is not None:
+        out["landscape/eigenvector"] = render(figure_eigenvector(views))
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def plot_runs(runs: Sequence[Any], out: Path) -> list[Path]:
+    """``landscape_1d.png`` and ``landscape_eigenvector.png``: every run's final slices on one figure.
+
+    ``runs`` have ``.name`` and ``.path`` (the report's runs); runs without landscape files are left out.
+    """
+    from ._plots import _colors
+
+    found = [(run.name, v) for run in runs if (v := read_final(run.path)) is not None]
+    if not found:
+        return []
+    written = []
+    colors = _colors(len(found))
+    fig = _figure(6.4, 4.4)
+    ax = fig.add_subplot()
+    values: list[float] = []
+    for (name, v), color in zip(found, colors):
+        ax.plot(v.coordinates, v.loss_1d, color=color, label=f"{name} (epoch {v.epoch})")
+        values += v.loss_1d
+    _log_y(ax, values)
+    ax.set_xlabel("α (step along the same filter-normalized random direction)")
+    ax.set_ylabel("loss (measurement subsample)")
+    ax.set_title("Final weights: 1-D filter-normalized loss slices", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
+    path = out / "landscape_1d.png"
+    fig.savefig(path, dpi=110)
+    written.append(path)
+    eig = [(n, v, c) for (n, v), c in zip(found, colors) if v.eig_coordinates is not None]
+    if eig:
+        fig = _figure(6.4, 4.4)
+        ax = fig.add_subplot()
+        values = []
+        for name, v, color in eig:
+            lam = f", λ₁ {v.eigenvalue:.3g}" if v.eigenvalue is not None else ""
+            ax.plot(v.eig_coordinates, v.eig_train_loss, color=color, label=f"{name}{lam}")
+            values += v.eig_train_loss
+            if v.eig_val_loss is not None:
+                ax.plot(v.eig_coordinates, v.eig_val_loss, color=color, linestyle="--")
+                values += v.eig_val_loss
+        _log_y(ax, values)
+        ax.set_xlabel("a (distance along the unit top Hessian eigenvector)")
+        ax.set_ylabel("loss")
+        ax.set_title("Final weights: loss along the top eigenvector (solid: train, dashed: validation)", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
+        path = out / "landscape_eigenvector.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
