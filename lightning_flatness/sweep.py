@@ -203,6 +203,11 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     return summary
 
 
+def _optimizer_text(cfg: SweepConfig) -> str:
+    text = "Entropy-SGD" if cfg.optimizer == "entropy-sgd" else "plain SGD"
+    return text + (f" with PACGen perturbation x{cfg.pacgen_noise:g}" if cfg.pacgen_noise > 0 else "")
+
+
 def _perturbation(cfg: SweepConfig) -> list[Any]:
     if cfg.pacgen_noise <= 0:
         return []
@@ -246,7 +251,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunSummary]:
     runs = cfg.runs()
     logdir = cfg.resolved_logdir()
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
-    say(f"{data}; MLP {'-'.join(str(n) for n in (data.in_features, *cfg.hidden, data.num_classes))}, plain SGD; "
+    say(f"{data}; MLP {'-'.join(str(n) for n in (data.in_features, *cfg.hidden, data.num_classes))}, {_optimizer_text(cfg)}; "
         f"{len(runs)} run{'s' if len(runs) != 1 else ''}, each to full-train loss <= {cfg.target_train_loss:g} "
         f"(max {cfg.max_epochs} epochs); "
         f"logs in {logdir}/")  # fmt: skip
