@@ -2,8 +2,8 @@
 
 Under DDP every rank holds a shard of whole mini-batches of the measurement subsample. The
 functional estimators accumulate sums over their batches (loss, gradient and Hessian-vector
-product totals and the sample count, in ``Objective._finish``) and, for the regret, a list of
-mini-batch gradients. Inside :func:`cross_process` these are summed / concatenated over ranks
+product totals, the regret's running sums, and the sample counts, in ``Objective.reduce``).
+Inside :func:`cross_process` these are summed over ranks
 (hook ``lightning_flatness.functional._objective.CrossProcess``), so every rank sees the
 objective of the whole subsample and the iterative solvers run identically on every rank.
 """
@@ -23,24 +23,13 @@ def _sum(strategy: Any, tensor: Tensor) -> Tensor:
     return strategy.reduce(tensor.detach().clone(), reduce_op="sum")
 
 
-def _gather(strategy: Any, tensor: Tensor) -> Tensor:
-    """Concatenate ``tensor`` (rows) over ranks in rank order; row counts may differ."""
-    rows = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = strategy.all_gather(rows).reshape(-1).tolist()
-    longest = max(counts)
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.shape[0]] = tensor
-    gathered = strategy.all_gather(padded)  # (world, longest, ...)
-    return torch.cat([gathered[r, : counts[r]] for r in range(len(counts))])
-
-
 @contextlib.contextmanager
 def cross_process(strategy: Any | None) -> Iterator[None]:
     """Estimators called inside reduce their data passes over ranks (no-op for ``None``)."""
     if strategy is None:
         yield
         return
-    hook = CrossProcess(sum=lambda t: _sum(strategy, t), gather=lambda t: _gather(strategy, t))
+    hook = CrossProcess(sum=lambda t: _sum(strategy, t))
     with cross_process_reduction(hook):
         yield
 

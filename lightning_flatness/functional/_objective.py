@@ -32,14 +32,12 @@ _PER_SAMPLE_ELEMENTS = 2**25
 class CrossProcess:
     """Combines the data passes of processes that each hold a shard of ``batches``.
 
-    ``sum(t)``: elementwise sum of ``t`` over processes; ``gather(t)``: concatenation of ``t``'s
-    rows over processes (row counts may differ). Used by :class:`Objective` on its totals and
-    sample count (so ``L``, gradients and Hessian-vector products are those of the union of the
-    shards) and on the list of mini-batch gradients.
+    ``sum(t)``: elementwise sum of ``t`` over processes. Used by :meth:`Objective.reduce` on
+    every total and sample count, so ``L``, gradients, Hessian-vector products and the regret's
+    sums are those of the union of the shards.
     """
 
     sum: Callable[[Tensor], Tensor]
-    gather: Callable[[Tensor], Tensor]
 
 
 _CROSS_PROCESS: contextvars.ContextVar[CrossProcess | None] = contextvars.ContextVar(
@@ -210,24 +208,22 @@ class Objective:
 
     def gradient(self, at: Tensor | None = None) -> Tensor:
         """``∇L(w)`` as a flat vector: one forward and one backward pass per chunk."""
-        return self.batch_gradients(at, mean=True)[0]
+        total, count = torch.zeros_like(self.w0), 0
+        for summed, size in self.batch_gradient_sums(at):
+            total += summed
+            count += size
+        return self._finish(total, count, "gradient")
 
-    def batch_gradients(self, at: Tensor | None = None, mean: bool = False) -> list[Tensor]:
-        """Mean-loss gradient of every batch (``mean=False``) or of all of them (``mean=True``)."""
+    def batch_gradient_sums(self, at: Tensor | None = None) -> Iterator[tuple[Tensor, int]]:
+        """For every batch, ``(Σ_i ∇ℓ_i(w), B)``: one forward and one backward pass each.
+
+        Not reduced over processes: callers combine and :meth:`reduce` what they accumulate.
+        """
         leaves = self._leaves(at)
-        total = torch.zeros_like(self.w0)
-        grads, count = [], 0
         for batch in self.iter_batches():
             losses = self.losses(leaves, batch)
-            g = flatten(torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True))
-            count += losses.numel()
-            total += g
-            if not mean:
-                grads.append(g / losses.numel())
-        total = self._finish(total, count, "gradient")
-        if not mean and self._cross is not None:
-            grads = list(self._cross.gather(torch.stack(grads)))
-        return [total] if mean else grads
+            g = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
+            yield flatten(g), losses.numel()
 
     def hvps(self, vectors: Tensor, at: Tensor | None = None) -> Tensor:
         """``∇²L(w) v`` for each row ``v`` of ``vectors`` (shape ``(K, P)``).

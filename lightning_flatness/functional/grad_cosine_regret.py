@@ -44,8 +44,10 @@ def grad_cosine_regret(
     * ``regret_sgd`` :math:`= \operatorname{mean}(\|g_j\|^2 - g_i\cdot g_j)` — the same for
       an SGD step :math:`-\eta g_i`, per unit :math:`\eta`.
 
-    Cost: one gradient pass over ``batches`` (``n_grad = 1``); memory ``M`` flat vectors.
-    All pair statistics come from the ``M x M`` Gram matrix, computed in float64.
+    Cost: one gradient pass over ``batches`` (``n_grad = 1``). Memory: three flat vectors,
+    whatever ``M``: every pair mean follows from running sums, e.g.
+    :math:`\sum_{i\ne j}\cos(g_i,g_j) = \|\sum_j \hat g_j\|^2 - M` with
+    :math:`\hat g_j = g_j/\|g_j\|` (accumulated in float64).
 
     Example:
         >>> import torch
@@ -59,23 +61,40 @@ def grad_cosine_regret(
     """
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
-        grads = objective.batch_gradients()
-    if len(grads) < 2:
-        raise ValueError(f"batches must hold at least 2 mini-batches for the regret, got {len(grads)}.")
-    g = torch.stack(grads).to(torch.float64)
-    gram = g @ g.T
-    sq_norms = gram.diagonal()
-    if (sq_norms == 0).any():
-        zero = (sq_norms == 0).nonzero().flatten().tolist()
-        raise ValueError(f"mini-batch gradients {zero} are exactly zero; their cosine is undefined.")
-    norms = sq_norms.sqrt()
-    cos = gram / (norms[:, None] * norms[None, :])  # cos[i, j]
-    off = ~torch.eye(len(grads), dtype=torch.bool, device=g.device)
-    regret = norms[None, :] * (1 - cos)  # [i, j] -> ||g_j|| (1 - cos(g_i, g_j))
-    regret_sgd = sq_norms[None, :] - gram
+        stats, count = _pair_sums(objective)
+    p = objective.num_params
+    sum_g, sum_unit = stats[:p], stats[p : 2 * p]
+    sum_norm, sum_sq_norm, zeros = stats[2 * p :].tolist()
+    if count < 2:
+        raise ValueError(f"batches must hold at least 2 mini-batches for the regret, got {count}.")
+    if not torch.isfinite(stats).all():
+        raise ValueError("loss_fn produced a non-finite mini-batch gradient (NaN or inf).")
+    if zeros:
+        raise ValueError(f"{int(zeros)} mini-batch gradient(s) are exactly zero; their cosine is undefined.")
+    pairs = count * (count - 1)
+    # Σ_{i≠j} a_i·b_j = (Σ a)·(Σ b) − Σ a_j·b_j, so only running sums are needed (memory O(P)).
+    cross_unit = (sum_unit @ sum_unit).item() - count  # Σ_{i≠j} cos(g_i, g_j)
+    cross_unit_g = (sum_unit @ sum_g).item() - sum_norm  # Σ_{i≠j} ĝ_i·g_j
+    cross_g = (sum_g @ sum_g).item() - sum_sq_norm  # Σ_{i≠j} g_i·g_j
     return RegretResult(
-        regret=regret[off].mean().item(),
-        regret_sgd=regret_sgd[off].mean().item(),
-        cosine=cos[off].mean().item(),
+        regret=((count - 1) * sum_norm - cross_unit_g) / pairs,
+        regret_sgd=((count - 1) * sum_sq_norm - cross_g) / pairs,
+        cosine=cross_unit / pairs,
         n_grad=1,
     )
+
+
+def _pair_sums(objective: Objective) -> tuple[Tensor, int]:
+    """``[Σ g_j, Σ g_j/‖g_j‖, Σ‖g_j‖, Σ‖g_j‖², #zero g_j]`` (float64) and ``M``, over processes."""
+    p = objective.num_params
+    stats = torch.zeros(2 * p + 3, dtype=torch.float64, device=objective.device)
+    count = 0
+    for summed, size in objective.batch_gradient_sums():
+        g = summed.to(torch.float64) / size
+        norm = g.norm()
+        stats[:p] += g
+        if norm > 0:
+            stats[p : 2 * p] += g / norm
+        stats[2 * p :] += torch.stack([norm, norm**2, (norm == 0).to(torch.float64)])
+        count += 1
+    return objective.reduce(stats, count)
