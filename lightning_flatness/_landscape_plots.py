@@ -134,7 +134,7 @@ def plot_runs(runs: Sequence[Any], out: Path) -> list[Path]:
     ax.set_ylabel("loss (measurement subsample)")
     ax.set_title("Final weights: 1-D filter-normalized loss slices", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center")
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
     path = out / "landscape_1d.png"
     fig.savefig(path, dpi=110)
@@ -156,7 +156,7 @@ def plot_runs(runs: Sequence[Any], out: Path) -> list[Path]:
         ax.set_ylabel("loss")
         ax.set_title("Final weights: loss along the top eigenvector (solid: train, dashed: validation)", fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center")
         fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
         path = out / "landscape_eigenvector.png"
         fig.savefig(path, dpi=110)
