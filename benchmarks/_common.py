@@ -20,6 +20,7 @@ class Config:
     seed: int = 0
     repeats: int = 7
     threads: int | None = None
+    eigsh_warm: bool = False
 
 
 @dataclass

@@ -281,3 +281,77 @@ class CachedHVP:
                     a.add_(h)
         assert acc is not None
         return torch.cat([a.reshape(-1) for a in acc]) / self.count
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval-mode BatchNorm as an explicit affine map, so its double backward is a few products.
+
+
+class AffineBatchNorm(torch.overrides.TorchFunctionMode):
+    """Inside, ``F.batch_norm(..., training=False)`` runs as ``x * scale + shift``.
+
+    With running statistics, batch norm is the per-channel affine map
+    ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``. Autograd's double
+    backward of ``native_batch_norm_backward`` is a long generic formula over the whole
+    activation tensor (it also serves training mode); of the explicit form it is two products.
+    Same values, same gradients.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.batch_norm:
+            names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+            bound = dict(zip(names, args))
+            bound.update(kwargs)
+            if not bound.get("training", False) and bound.get("running_mean") is not None:
+                x = bound["input"]
+                eps = bound.get("eps", 1e-5)
+                scale = torch.rsqrt(bound["running_var"] + eps)
+                if bound.get("weight") is not None:
+                    scale = scale * bound["weight"]
+                shift = -bound["running_mean"] * scale
+                if bound.get("bias") is not None:
+                    shift = shift + bound["bias"]
+                shape = (1, -1) + (1,) * (x.dim() - 2)
+                return x * scale.reshape(shape) + shift.reshape(shape)
+        return func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# grad_cosine_regret in O(P) memory: every pair statistic from running sums.
+
+
+def grad_cosine_regret_streaming(model: "torch.nn.Module", batches: list) -> tuple[float, float, float]:
+    """``(regret, regret_sgd, cosine)`` of :func:`grad_cosine_regret` with two running sums.
+
+    With ``n_i = ‖g_i‖``, ``S = Σ g_i/n_i``, ``G = Σ g_i``, ``A = Σ n_i``, ``Q = Σ n_i²`` over the
+    ``M`` mini-batches, the sums over ordered pairs ``i ≠ j`` are
+    ``Σ cos = ‖S‖² − M``, ``Σ n_j(1 − cos) = M·A − S·G`` and ``Σ (n_j² − g_i·g_j) = M·Q − ‖G‖²``;
+    each is divided by ``M(M−1)``. Memory: two float64 flat vectors instead of ``M``.
+    """
+    from lightning_flatness.functional import measurement_mode
+    from lightning_flatness.functional._params import flatten
+
+    with measurement_mode(model):
+        objective = Objective(model, batches)
+        leaves = objective._leaves(None)
+        s = g_sum = None
+        a = q = 0.0
+        m = 0
+        for batch in objective.iter_batches():
+            losses = objective.losses(leaves, batch)
+            g = flatten(torch.autograd.grad(losses.mean(), leaves, allow_unused=True, materialize_grads=True))
+            g = g.to(torch.float64)
+            n = g.norm().item()
+            if s is None:
+                s, g_sum = g / n, g.clone()
+            else:
+                s.add_(g, alpha=1 / n)
+                g_sum.add_(g)
+            a, q, m = a + n, q + n * n, m + 1
+    assert s is not None and g_sum is not None and m >= 2
+    pairs = m * (m - 1)
+    cosine = ((s @ s).item() - m) / pairs
+    regret = (m * a - (s @ g_sum).item()) / pairs
+    regret_sgd = (m * q - (g_sum @ g_sum).item()) / pairs
+    return regret, regret_sgd, cosine

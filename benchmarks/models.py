@@ -140,6 +140,14 @@ def workloads(scale: str, device: torch.device, names: tuple[str, ...] | None = 
     return out
 
 
+def readme_workload(device: torch.device, seed: int = 0) -> Workload:
+    """The README's batch-size study model, a 40-256-256-10 MLP, on mnist1d-shaped synthetic data."""
+    torch.manual_seed(seed)
+    work = Workload("mlp", "README MLP 40-256-256-10", mlp((40, 256, 256)), _image_sampler((40,), seed + 3))
+    work.model.to(device)
+    return work
+
+
 def train_briefly(work: Workload, steps: int, device: torch.device, seed: int = 0, lr: float = 0.05) -> None:
     """A few SGD steps in train mode, so the landscape is not the one at initialization."""
     model = work.model

@@ -109,9 +109,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="toy models and sizes: a smoke run under a minute")
     parser.add_argument("--sections", default=",".join(SECTION_NAMES), help=f"comma-separated subset of {SECTION_NAMES}")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {MODEL_NAMES} (default all; quick: mlp)")
-    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 7, quick 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 5, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eigsh-warm", action="store_true", help="also run eigsh warm-started (always 21 products)")
     parser.add_argument("--out", default=None, help=f"markdown file to write (default {DEFAULT_OUT}; with --quick, none)")
     parser.add_argument("--strict", action="store_true", help="re-raise a failing section instead of reporting it")
     return parser.parse_args(argv)
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> str:
     for name in models:
         if name not in MODEL_NAMES:
             raise SystemExit(f"unknown model {name!r}; choose from {MODEL_NAMES}")
-    cfg = Config(device=device, quick=args.quick, models=models, seed=args.seed, repeats=args.repeats or (3 if args.quick else 7),
-                 threads=args.threads)
+    cfg = Config(device=device, quick=args.quick, models=models, seed=args.seed, repeats=args.repeats or (3 if args.quick else 5),
+                 threads=args.threads, eigsh_warm=args.eigsh_warm)
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     start = time.perf_counter()
     sections: list[Section] = []
