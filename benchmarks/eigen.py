@@ -118,14 +118,20 @@ def ours(model: nn.Module, batches: list[Any], init: Tensor | None, init_from_gr
     )
 
 
-def pyhessian_power(
+def pyhessian_power(*args: Any) -> Trace:
+    """:func:`_pyhessian_power` with PyHessian's ``backward(create_graph=True)`` warning silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+        return _pyhessian_power(*args)
+
+
+def _pyhessian_power(
     model: nn.Module, batches: list[Any], device: torch.device, ref: float, cap: int, init: Tensor | None, seed: int
 ) -> Trace:
     """PyHessian's ``hessian.eigenvalues`` (cold), or its power iteration from ``init`` (warm)."""
     from pyhessian import hessian as PyHessian
     from pyhessian.utils import normalization
 
-    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")  # PyHessian's own
     torch.manual_seed(seed)
     start = time.perf_counter()
     engine = PyHessian(model, nn.CrossEntropyLoss(), dataloader=batches, cuda=device.type == "cuda")

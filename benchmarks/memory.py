@@ -9,7 +9,8 @@ on the first ``size`` samples. The peak is the extra memory above what was held 
 * CPU (Linux): the peak resident set size ``VmHWM``, reset through ``/proc/self/clear_refs``,
   minus the resident size before the call; glibc is told to return every allocation above
   64 KiB to the system at once (``MALLOC_MMAP_THRESHOLD_``), so freed tensors cannot hide a
-  later peak. Elsewhere a 1 ms sampling thread reads the RSS with psutil.
+  later peak. Elsewhere a 1 ms sampling thread reads the RSS with psutil (or, without psutil,
+  the growth of the process's lifetime peak ``ru_maxrss``).
 """
 
 from __future__ import annotations
@@ -67,9 +68,12 @@ class _PeakMeter:
         self.proc = os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)
         self._psutil: Any = None
         if device.type != "cuda" and not self.proc:
-            import psutil
+            try:
+                import psutil
 
-            self._psutil = psutil.Process()
+                self._psutil = psutil.Process()
+            except ImportError:  # last resort: the process's lifetime peak, which cannot be reset
+                self._psutil = None
 
     @staticmethod
     def _status(field: str) -> int:
@@ -91,6 +95,13 @@ class _PeakMeter:
             base = self._status("VmRSS")
             fn()
             return self._status("VmHWM") - base
+        if self._psutil is None:
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            fn()
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale - base
         base = self._psutil.memory_info().rss
         peak = [base]
         done = threading.Event()
