@@ -18,15 +18,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
 from ._losses import LossArg, resolve_loss_fn
 from ._params import flatten, resolve_params, unflatten
-
-# Per-sample gradients materialize (chunk x P) numbers; cap a chunk at this many elements.
-_PER_SAMPLE_ELEMENTS = 2**25
-
+from ._per_sample import per_sample_sq_norms
 
 @dataclass(frozen=True)
 class CrossProcess:
@@ -254,35 +251,6 @@ class Objective:
 
     # ------------------------------------------------------- per-sample gradients
     def per_sample_sq_norms(self, batch: Any, at: Tensor | None = None) -> Tensor:
-        """``‖∇ℓ_i(w)‖²`` for every sample of one prepared batch, via ``vmap(grad(·))``.
-
-        The batch is split into sub-chunks so at most ``2**25`` gradient entries exist at once.
-        """
-        w = self.w0 if at is None else at
-        tensors = [t.detach() for t in unflatten(w, self.shapes)]
-
-        def sample_loss(ts: list[Tensor], sample: Any) -> Tensor:
-            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample)
-            return self.losses(ts, one).sum()
-
-        def sq_norm(ts: list[Tensor], sample: Any) -> Tensor:
-            return sum((gi**2).sum() for gi in grad(sample_loss)(ts, sample))
-
-        in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch))
-        size = _batch_size(batch)
-        chunk = max(1, _PER_SAMPLE_ELEMENTS // max(1, self.num_params))
-        out = []
-        for start in range(0, size, chunk):
-            part = tree_map(lambda t: t[start : start + chunk] if isinstance(t, Tensor) else t, batch)
-            out.append(vmap(sq_norm, in_dims=in_dims)(tensors, part))
-        return torch.cat(out)
-
-
-def _batch_size(batch: Any) -> int:
-    sizes = {t.shape[0] for t in tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0}
-    if len(sizes) != 1:
-        raise ValueError(
-            "per-sample gradients need every tensor in a batch to share the leading (sample) "
-            f"dimension; found leading sizes {sorted(sizes)}."
-        )
-    return sizes.pop()
+        """``‖∇ℓ_i(w)‖²`` for every sample of one prepared batch: ghost norms for Linear
+        layers, ``vmap(grad(·))`` for the rest (:mod:`._per_sample`)."""
+        return per_sample_sq_norms(self, batch, at)
