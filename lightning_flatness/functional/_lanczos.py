@@ -96,4 +96,4 @@ def lanczos_top(
     q_mat = torch.stack(basis)
     ritz = s[:, :k].to(q_mat.dtype).T.to(q_mat.device) @ q_mat
     ritz = ritz / ritz.norm(dim=1, keepdim=True)
-    return LanczosOutput(theta[:k].to(start.dtype), ritz, len(basis), converged)
+    return LanczosOutput(theta[:k].to(device=start.device, dtype=start.dtype), ritz, len(basis), converged)
