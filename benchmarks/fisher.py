@@ -14,7 +14,6 @@ from lightning_flatness.functional import fisher_trace, measurement_mode
 from lightning_flatness.functional._objective import Objective
 
 from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio, timed
-from . import _proto
 from .models import workloads
 
 TARGET_LOOP = 10.0
@@ -71,17 +70,14 @@ def run(cfg: Config) -> Section:
         "fisher",
         f"3. Empirical Fisher trace at batch {batch_size} (median over {rounds} interleaved rounds)",
         ["model", "params", "ours (fisher_trace)", "per-sample loop", "BackPACK BatchL2Grad", "loop / ours",
-         "ours / BackPACK", "max rel. diff (ours, BackPACK vs loop)", "targets", "met", "proto ghost: time",
-         "proto: loop / ghost", "proto: ghost / BackPACK", "proto: max rel. diff"],
+         "ours / BackPACK", "max rel. diff (ours, BackPACK vs loop)", "targets", "met"],
     )  # fmt: skip
     section.notes.append(
-        "ours = `fisher_trace(model, [(x, y)])` (per-sample gradients by `vmap(grad)`); loop = one forward and "
+        "ours = `fisher_trace(model, [(x, y)])` (per-sample squared gradient norms: ghost norms for `nn.Linear`, "
+        "`vmap(grad)` for the other parameters); loop = one forward and "
         "backward per sample; BackPACK = `BatchL2Grad` on an `extend`ed copy with `CrossEntropyLoss(reduction='sum')`. "
         f"Targets: loop / ours ≥ {TARGET_LOOP:g}, ours / BackPACK ≤ {TARGET_BACKPACK:g}. Max rel. diff compares the "
-        "per-sample squared gradient norms with the loop's, sample by sample. proto ghost = `_proto.ghost_sq_norms`, "
-        "a candidate fix: `nn.Linear` layers get their per-sample norms from one batched forward/backward "
-        "(‖∂ℓ_n/∂W‖² = ‖a_n‖²‖δ_n‖², or the Gram-matrix form with positions), every other parameter through "
-        "`vmap(grad)` as before."
+        "per-sample squared gradient norms with the loop's, sample by sample."
     )
     for work in workloads("quick" if cfg.quick else "full", cfg.device, cfg.models, cfg.seed):
         model = work.model
@@ -108,11 +104,9 @@ def run(cfg: Config) -> Section:
                         bp_norms = backpack_impl.sq_norms(x, y)
                     except Exception as exc:
                         backpack_impl, backpack_error = None, error_text(exc)
-                ghost_norms = _proto.ghost_sq_norms(objective, (x, y))
                 fns = {
                     "ours": lambda: fisher_trace(model, [(x, y)]),
                     "loop": lambda: loop_sq_norms(model, x, y),
-                    "ghost": lambda: _proto.fisher_trace_ghost(model, [(x, y)]),
                 }
                 if backpack_impl is not None:
                     impl = backpack_impl
@@ -145,11 +139,6 @@ def run(cfg: Config) -> Section:
             cells["ours / BackPACK"] = "n/a"
             section.notes.append(f"{work.label}: BackPACK does not support this model ({backpack_error}).")
         cells["max rel. diff (ours, BackPACK vs loop)"] = diffs
-        cells["proto ghost: time"] = fmt_time(med["ghost"])
-        cells["proto: loop / ghost"] = fmt_ratio(median_ratio(times["loop"], times["ghost"]), 1)
-        if "backpack" in times:
-            cells["proto: ghost / BackPACK"] = fmt_ratio(median_ratio(times["ghost"], times["backpack"]))
-        cells["proto: max rel. diff"] = f"{_max_rel(ghost_norms, loop_norms):.1e}"
         cells["targets"] = f"≥ {TARGET_LOOP:g}, ≤ {TARGET_BACKPACK:g}"
         cells["met"] = "✅ met" if all(mets) else "❌ missed"
         section.rows.append(Row(cells, loop_ratio, "", all(mets)))

@@ -84,7 +84,6 @@ def run(cfg: Config) -> Section:
                         section.notes.append(f"{work.label}: {name} failed ({error_text(exc)}).")
                         del fns[name]
                 times = interleaved(fns, cfg.repeats, cfg.device)
-                del cached
         med = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
 
         def r(name: str, per: int = 1) -> float | None:

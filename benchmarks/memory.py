@@ -30,8 +30,7 @@ import torch
 
 from ._common import Config, Row, Section, error_text, fmt_params
 
-METRICS = ("gradient", "hessian_top_eig", "hessian_trace", "grad_cosine_regret", "fisher_trace", "pacgen",
-           "proto_regret_streaming")  # fmt: skip
+METRICS = ("gradient", "hessian_top_eig", "hessian_trace", "grad_cosine_regret", "fisher_trace", "pacgen")
 FLAT = 1.25  # peak at the largest size / peak at the smallest size ...
 SLACK = 2**20  # ... or at most 1 MiB more (allocator granularity on small peaks)
 
@@ -52,14 +51,8 @@ def _metric(name: str) -> Callable[[torch.nn.Module, list[Any]], object]:
         "grad_cosine_regret": lambda m, b: fn.grad_cosine_regret(m, b),
         "fisher_trace": lambda m, b: fn.fisher_trace(m, b),
         "pacgen": lambda m, b: fn.pacgen(m, b, num_probes=8, rho_probes=1, generator=0),
-        "proto_regret_streaming": _proto_regret,
     }[name]
 
-
-def _proto_regret(model: torch.nn.Module, batches: list[Any]) -> object:
-    from ._proto import grad_cosine_regret_streaming
-
-    return grad_cosine_regret_streaming(model, batches)
 
 
 class _PeakMeter:
@@ -171,23 +164,19 @@ def run(cfg: Config) -> Section:
         peaks = [result["peaks"][str(s)] for s in sizes]
         growth = peaks[-1] / peaks[0] if peaks[0] >= SLACK else float("nan")  # a ratio of tiny peaks means nothing
         met = growth <= FLAT or peaks[-1] - peaks[0] <= SLACK
-        cells = {"metric": "↳ proto: grad_cosine_regret, streaming (`_proto.grad_cosine_regret_streaming`)"
-                 if metric == "proto_regret_streaming" else metric}
+        cells = {"metric": metric}
         cells.update({f"N={s}": f"{p / 2**20:.1f} MiB" for s, p in zip(sizes, peaks)})
         cells[f"N={sizes[-1]} / N={sizes[0]}"] = f"{growth:.2f}×" if growth == growth else "—"
         cells["difference"] = f"{(peaks[-1] - peaks[0]) / 2**20:+.1f} MiB"
         cells["target"] = f"≤ {FLAT:g}× or ≤ +1 MiB"
         cells["met"] = "✅ met" if met else "❌ missed"
         section.rows.append(Row(cells, growth, f"≤ {FLAT:g}×", met))
-        if metric != "proto_regret_streaming":
-            section.targets.append((f"peak memory N={sizes[-1]} / N={sizes[0]}: {metric}", label, f"{growth:.2f}×" if growth == growth else f"{(peaks[-1] - peaks[0]) / 2**20:+.1f} MiB", f"≤ {FLAT:g}× or +1 MiB", met))
+        section.targets.append((f"peak memory N={sizes[-1]} / N={sizes[0]}: {metric}", label, f"{growth:.2f}×" if growth == growth else f"{(peaks[-1] - peaks[0]) / 2**20:+.1f} MiB", f"≤ {FLAT:g}× or +1 MiB", met))
     how = "torch.cuda.max_memory_allocated" if cfg.device.type == "cuda" else "peak RSS (VmHWM reset per call)"
     section.notes.append(
         f"Model: {label}. Peak = {how} minus the memory held just before the call (model and data included in the latter). "
         "hessian_top_eig runs exactly 5 Lanczos iterations, hessian_trace 8 probes, pacgen 8 probes + 1 ρ probe; "
-        "`gradient` is one full gradient through `Objective`, for scale. grad_cosine_regret holds one flat gradient "
-        "per mini-batch for its Gram matrix (N/chunk of them); the ↳ proto row computes the same three statistics "
-        "from two running sums (see `_proto.grad_cosine_regret_streaming`)."
+        "`gradient` is one full gradient through `Objective`, for scale."
     )
     return section
 
