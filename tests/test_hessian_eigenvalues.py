@@ -97,3 +97,25 @@ def test_init_block_and_vector_shapes_are_checked():
         hessian_eigenvalues(model, batches, init=torch.zeros(51, dtype=torch.float64))
     with pytest.raises(TypeError, match="init"):
         hessian_eigenvalues(model, batches, init=[1.0] * 51)
+
+
+def test_attention_models_get_hessian_vector_products():
+    """Fused attention kernels have no double backward; measurements use the math kernel."""
+    from torch import nn
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Encoder()
+    batches = [(torch.randn(6, 5, 8), torch.randint(0, 3, (6,)))]
+    with sdpa_kernel([SDPBackend.MATH]):
+        exact = torch.linalg.eigvalsh(dense_hessian(model, batches).double())[-1].item()
+    assert hessian_eigenvalues(model, batches).values[0].item() == pytest.approx(exact, rel=1e-3)

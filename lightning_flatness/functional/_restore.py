@@ -9,6 +9,19 @@ import torch
 from torch import nn
 
 
+def _math_attention() -> contextlib.AbstractContextManager:
+    """Scaled-dot-product attention through its plain (math) kernel.
+
+    The fused kernels (flash, memory-efficient) have no double backward and no ``vmap`` rule,
+    so Hessian-vector products through them fail and per-sample gradients fall back to a loop.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no selector, the kernel choice is left to torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _device_types(model: nn.Module) -> set[str]:
     return {t.device.type for t in list(model.parameters()) + list(model.buffers())} | {"cpu"}
 
@@ -17,6 +30,7 @@ def _device_types(model: nn.Module) -> set[str]:
 def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode with autocast off, and restore everything on exit.
 
+    Attention runs through the math kernel (the fused ones cannot be differentiated twice).
     Restored: every submodule's ``training`` flag, each parameter's ``.grad``, parameter and
     buffer values (BatchNorm running statistics included), and the global CPU and CUDA RNG
     states. Estimators never write to the model (they evaluate it functionally), so restoring
@@ -31,6 +45,7 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     autocast_off = contextlib.ExitStack()
     for device_type in _device_types(model):
         autocast_off.enter_context(torch.autocast(device_type=device_type, enabled=False))
+    autocast_off.enter_context(_math_attention())
     try:
         model.eval()
         with autocast_off:
