@@ -112,7 +112,7 @@ def hvp_forward_over_reverse(objective: Objective, vector: Tensor) -> Tensor:
 
 
 def _n(batch: object) -> int:
-    from lightning_flatness.functional._objective import _batch_size
+    from lightning_flatness.functional._per_sample import batch_size as _batch_size
 
     return _batch_size(batch)
 

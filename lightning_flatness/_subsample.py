@@ -16,9 +16,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
+
+from .functional._per_sample import batch_size
 
 try:  # NumPy is a dependency, but keep the module importable without it.
     import numpy as np
@@ -87,13 +89,7 @@ def collate_indices(dataset: Dataset, indices: Sequence[int], collate_fn: Any, b
 
 
 def batch_size_of(batch: Any) -> int:
-    sizes = {t.shape[0] for t in tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0}
-    if len(sizes) != 1:
-        raise ValueError(
-            "the measurement subsample needs every tensor of a batch to share the leading (sample) "
-            f"dimension; found leading sizes {sorted(sizes)}."
-        )
-    return sizes.pop()
+    return batch_size(batch, "the measurement subsample")
 
 
 def rebatch(batches: Sequence[Any], batch_size: int, num: int) -> list[Any]:

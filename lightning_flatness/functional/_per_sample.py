@@ -34,11 +34,12 @@ if TYPE_CHECKING:
 PER_SAMPLE_ELEMENTS = 2**25
 
 
-def batch_size(batch: Any) -> int:
+def batch_size(batch: Any, purpose: str = "per-sample gradients") -> int:
+    """The number of samples in ``batch``: the leading size shared by all its tensors."""
     sizes = {t.shape[0] for t in tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0}
     if len(sizes) != 1:
         raise ValueError(
-            "per-sample gradients need every tensor in a batch to share the leading (sample) "
+            f"{purpose} need(s) every tensor in a batch to share the leading (sample) "
             f"dimension; found leading sizes {sorted(sizes)}."
         )
     return sizes.pop()
