@@ -179,9 +179,10 @@ class Objective:
         self._num_samples = count
         if count == 0:
             raise ValueError("batches is empty: the loss function returned no samples.")
-        if not torch.isfinite(total).all():
+        # One reduction instead of an elementwise mask: NaN and inf propagate into the sum.
+        if not torch.isfinite(total.sum(dtype=torch.float64)):
             raise ValueError(f"loss_fn produced a non-finite {what} on these batches (NaN or inf).")
-        return total / count
+        return total.div_(count)
 
     @property
     def num_samples(self) -> int:
@@ -233,6 +234,8 @@ class Objective:
         leaves = self._leaves(at)
         vs = [unflatten(v, self.shapes) for v in vectors]
         total = torch.zeros_like(vectors)
+        # Accumulate straight into views of ``total``: no flattened copy per chunk and product.
+        views = [unflatten(row, self.shapes) for row in total]
         count = 0
         for batch in self.iter_batches():
             losses = self.losses(leaves, batch)
@@ -241,7 +244,7 @@ class Objective:
                 hv = torch.autograd.grad(
                     g, leaves, grad_outputs=v, retain_graph=k + 1 < len(vs), allow_unused=True, materialize_grads=True
                 )
-                total[k] += flatten(hv)
+                torch._foreach_add_(views[k], hv)
             count += losses.numel()
         return self._finish(total, count, "Hessian-vector product")
 
