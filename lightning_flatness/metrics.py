@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -131,14 +130,6 @@ def _concatenate(batches: list[Any]) -> Any:
     return tree_unflatten(leaves, spec)
 
 
-def _classification_pair(batch: Any) -> tuple[Any, Tensor] | None:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
-        y = batch[1]
-        if not y.is_floating_point() and not y.is_complex() and y.dim() == 1:
-            return batch[0], y
-    return None
-
-
 class GapMeter:
     """Eval-mode mean loss and accuracy on fixed subsamples, with torchmetrics states.
 
@@ -163,17 +154,9 @@ class GapMeter:
         with measurement_mode(model):
             objective = Objective(model, batches, self.loss_fn)
             for batch in objective.iter_batches():
-                pair = _classification_pair(batch)
-                logits = objective.outputs(pair[0]) if pair is not None else None
-                if logits is not None and logits.dim() == 2 and logits.shape[1] >= 2:
-                    acc = self._accuracy(split, logits.shape[1], logits.device)
-                    acc.update(logits, pair[1])
-                    if objective.loss_name == "cross_entropy":
-                        losses = F.cross_entropy(logits, pair[1], reduction="none")
-                    else:
-                        losses = objective.losses(objective.w0, batch)
-                else:
-                    losses = objective.losses(objective.w0, batch)
+                losses, logits = objective.losses_and_logits(batch)
+                if logits is not None:
+                    self._accuracy(split, logits.shape[1], logits.device).update(logits, batch[1])
                 loss_metric.update(losses.float())
 
     def has_accuracy(self, split: str) -> bool:

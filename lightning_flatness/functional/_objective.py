@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
@@ -163,6 +164,24 @@ class Objective:
         with torch.no_grad():
             return functional_call(self.model, state, (inputs,))
 
+    def losses_and_logits(self, batch: Any, at: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Per-sample losses and, for a classification batch, the logits (no gradients).
+
+        A batch is a classification batch when it is ``(x, y)`` with integer labels ``y`` of
+        shape ``(B,)`` and the model returns logits of shape ``(B, C)``, ``C >= 2``. Then the
+        built-in cross-entropy is computed from those logits (one forward pass); any other
+        loss is evaluated by ``loss_fn`` as usual.
+        """
+        w = self.w0 if at is None else at
+        with torch.no_grad():
+            pair = _classification_pair(batch)
+            logits = self.outputs(pair[0], w) if pair is not None else None
+            if logits is None or logits.dim() != 2 or logits.shape[1] < 2:
+                return self.losses(w, batch), None
+            if self.loss_name == "cross_entropy":
+                return F.cross_entropy(logits, pair[1], reduction="none"), logits
+            return self.losses(w, batch), logits
+
     def _leaves(self, at: Tensor | None) -> list[Tensor]:
         w = self.w0 if at is None else at
         return [t.detach().requires_grad_() for t in unflatten(w, self.shapes)]
@@ -257,3 +276,11 @@ class Objective:
         """``‖∇ℓ_i(w)‖²`` for every sample of one prepared batch: ghost norms for Linear
         layers, ``vmap(grad(·))`` for the rest (:mod:`._per_sample`)."""
         return per_sample_sq_norms(self, batch, at)
+
+
+def _classification_pair(batch: Any) -> tuple[Any, Tensor] | None:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        y = batch[1]
+        if not y.is_floating_point() and not y.is_complex() and y.dim() == 1:
+            return batch[0], y
+    return None

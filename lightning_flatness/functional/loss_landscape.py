@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._losses import LossArg
@@ -65,19 +64,16 @@ def normalize_direction(direction: Tensor, weights: Tensor, shapes: Sequence[tor
 
 
 def _loss_and_accuracy(objective: Objective, at: Tensor) -> tuple[float, float | None]:
-    classify = objective.loss_name == "cross_entropy"
+    """Mean loss and, for the built-in cross-entropy on classification batches, accuracy."""
     total = torch.zeros(2, dtype=torch.float64, device=objective.device)
-    count = 0
-    with torch.no_grad():
-        for batch in objective.iter_batches():
-            if classify:
-                out = objective.outputs(batch[0], at)
-                losses = F.cross_entropy(out, batch[1], reduction="none")
-                total[1] += (out.argmax(dim=1) == batch[1]).sum()
-            else:
-                losses = objective.losses(at, batch)
-            total[0] += losses.sum(dtype=torch.float64)
-            count += losses.numel()
+    count, classify = 0, objective.loss_name == "cross_entropy"
+    for batch in objective.iter_batches():
+        losses, logits = objective.losses_and_logits(batch, at)
+        classify = classify and logits is not None
+        if classify:
+            total[1] += (logits.argmax(dim=1) == batch[1]).sum()
+        total[0] += losses.sum(dtype=torch.float64)
+        count += losses.numel()
     total, count = objective.reduce(total, count)
     mean = (total / count).tolist()
     return mean[0], (mean[1] if classify else None)
