@@ -129,16 +129,10 @@ def plot_runs(runs: Sequence[Any], out: Path) -> list[Path]:
     for (name, v), color in zip(found, colors):
         ax.plot(v.coordinates, v.loss_1d, color=color, label=f"{name} (epoch {v.epoch})")
         values += v.loss_1d
-    _log_y(ax, values)
-    ax.set_xlabel("α (step along the same filter-normalized random direction)")
-    ax.set_ylabel("loss (measurement subsample)")
-    ax.set_title("Final weights: 1-D filter-normalized loss slices", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center")
-    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
-    path = out / "landscape_1d.png"
-    fig.savefig(path, dpi=110)
-    written.append(path)
+    written.append(_finish_overlay(
+        fig, ax, values, "α (step along the same filter-normalized random direction)", "loss (measurement subsample)",
+        "Final weights: 1-D filter-normalized loss slices", 10, out / "landscape_1d.png",
+    ))  # fmt: skip
     eig = [(n, v, c) for (n, v), c in zip(found, colors) if v.eig_coordinates is not None]
     if eig:
         fig = _figure(6.4, 4.4)
@@ -151,16 +145,24 @@ def plot_runs(runs: Sequence[Any], out: Path) -> list[Path]:
             if v.eig_val_loss is not None:
                 ax.plot(v.eig_coordinates, v.eig_val_loss, color=color, linestyle="--")
                 values += v.eig_val_loss
-        _log_y(ax, values)
-        ax.set_xlabel("a (distance along the unit top Hessian eigenvector)")
-        ax.set_ylabel("loss")
-        ax.set_title("Final weights: loss along the top eigenvector (solid: train, dashed: validation)", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center")
-        fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
-        path = out / "landscape_eigenvector.png"
-        fig.savefig(path, dpi=110)
-        written.append(path)
+        written.append(_finish_overlay(
+            fig, ax, values, "a (distance along the unit top Hessian eigenvector)", "loss",
+            "Final weights: loss along the top eigenvector (solid: train, dashed: validation)", 9,
+            out / "landscape_eigenvector.png",
+        ))  # fmt: skip
     return written
 
 
+def _finish_overlay(
+    fig: Any, ax: Any, values: list[float], xlabel: str, ylabel: str, title: str, title_size: int, path: Path
+) -> Path:
+    """Axes, legend and layout shared by the report's overlay figures; saves to ``path``."""
+    _log_y(ax, values)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=title_size)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center")
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)
+    fig.savefig(path, dpi=110)
+    return path
