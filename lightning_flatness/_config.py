@@ -97,6 +97,8 @@ def validate(args: dict[str, Any]) -> dict[str, Any]:
     out["landscape_eig_span"] = _float("landscape_eig_span", args["landscape_eig_span"], allow_zero=False)
     if not isinstance(args["landscape_2d"], bool):
         raise ValueError(f"landscape_2d must be True or False, got {args['landscape_2d']!r}.")
+    if not isinstance(args["pacgen_screen"], bool):
+        raise ValueError(f"pacgen_screen must be True or False, got {args['pacgen_screen']!r}.")
     if not isinstance(args["measure_at_start"], bool):
         raise ValueError(f"measure_at_start must be True or False, got {args['measure_at_start']!r}.")
     return out

@@ -44,6 +44,9 @@ class FlatnessCallback(Callback):
         k, tol, max_iter: Hessian eigenvalues (``hessian_eigenvalues``); warm-started from the last ones.
         kind: Fisher trace, ``"empirical"`` or ``"mc"``.
         gamma, eps, rho, num_probes: PACGen options (``pacgen``).
+        pacgen_screen: when ``hessian_top_eig`` is measured too (and converged), pass twice its value to
+            ``pacgen`` as ``hessian_max``, which skips the ``num_probes`` products of the Hessian's
+            diagonal when no ``H_ii`` below that bound could change Ψ (``docs/metrics.md``).
         entropy_gamma, entropy_noise, entropy_steps, entropy_step_size: ``local_entropy`` options
             (``gamma``, ``noise``, ``num_steps``, ``step_size``); it costs ``9 * entropy_steps``
             gradient passes over the measurement subsample.
@@ -81,6 +84,7 @@ class FlatnessCallback(Callback):
         eps: float = 0.1,
         rho: Union[float, None] = None,
         num_probes: int = 16,
+        pacgen_screen: bool = True,
         entropy_gamma: float = 100.0,
         entropy_noise: float = 0.03,
         entropy_steps: int = 100,
@@ -102,6 +106,7 @@ class FlatnessCallback(Callback):
                 metrics=metrics, every_n_epochs=every_n_epochs, num_samples=num_samples, batch_size=batch_size,
                 source=source, loss_fn=loss_fn, gap_num_samples=gap_num_samples, seed=seed, k=k, tol=tol,
                 max_iter=max_iter, kind=kind, gamma=gamma, eps=eps, rho=rho, num_probes=num_probes,
+                pacgen_screen=pacgen_screen,
                 entropy_gamma=entropy_gamma, entropy_noise=entropy_noise, entropy_steps=entropy_steps,
                 entropy_step_size=entropy_step_size, measure_at_start=measure_at_start, max_overhead=max_overhead, on_error=on_error,
                 landscape_every_n_epochs=landscape_every_n_epochs, landscape_steps=landscape_steps,
@@ -113,6 +118,7 @@ class FlatnessCallback(Callback):
         self.options = EstimatorOptions(
             loss_fn=loss_fn, k=cfg["k"], tol=cfg["tol"], max_iter=cfg["max_iter"], kind=cfg["kind"],
             gamma=cfg["gamma"], eps=cfg["eps"], rho=cfg["rho"], num_probes=cfg["num_probes"],
+            pacgen_screen=cfg["pacgen_screen"],
             entropy_gamma=cfg["entropy_gamma"], entropy_noise=cfg["entropy_noise"],
             entropy_steps=cfg["entropy_steps"], entropy_step_size=cfg["entropy_step_size"],
         )  # fmt: skip
@@ -298,13 +304,17 @@ class FlatnessCallback(Callback):
             )
         batches = sub.shard(self._data["measure"], rank, world)
         local = sum(sub.batch_size_of(b) for b in batches)
-        names = self.config["metrics"]
+        # The top eigenvalue first: it bounds the Hessian's diagonal for PACGen's screen.
+        names = sorted(self.config["metrics"], key=lambda name: name != "hessian_top_eig")
+        shared: dict[str, float] = {}
         strategy = trainer.strategy if world > 1 else None
         with rank_zero_buffers(strategy, pl_module), cross_process(strategy):
             for i, name in enumerate(names):
                 status(trainer, f"flatness: epoch {x}: {name} ({i + 1}/{len(names)})")
-                result = self._guard(trainer, name, lambda: self._estimate(name, pl_module, batches, x, local))
-                if result is not None:
+                result = self._guard(trainer, name, lambda: self._estimate(name, pl_module, batches, x, local, shared))
+                if result is None:
+                    shared.clear()  # failed on some rank: no rank may use what it left behind
+                else:
                     for key, (value, weight) in result.items():
                         self.metrics[key].update(torch.tensor(value, dtype=torch.float64), weight)
                         updated.append(key)
@@ -331,12 +341,14 @@ class FlatnessCallback(Callback):
         status(trainer, f"flatness: epoch {x} measured in {seconds:.1f}s")
         return values
 
-    def _estimate(self, name: str, pl_module: LightningModule, batches: list, x: int, local: int) -> dict:
+    def _estimate(self, name: str, pl_module: LightningModule, batches: list, x: int, local: int, shared: dict) -> dict:
         seed = measurement_seed(self.config["seed"], x, name)
         init = self._eig_vectors if name == "hessian_top_eig" else None
         if init is not None and init.shape[-1] != sum(p.numel() for p in pl_module.parameters() if p.requires_grad):
             init = None  # the trainable parameters changed (e.g. unfrozen): start afresh
-        out, vectors = run_estimator(name, pl_module, batches, self.options, seed=seed, init=init, local_count=local)
+        out, vectors = run_estimator(
+            name, pl_module, batches, self.options, seed=seed, init=init, local_count=local, shared=shared
+        )
         if not finite(out):
             raise FloatingPointError(f"{name} returned a non-finite value: {out}")
         if vectors is not None:

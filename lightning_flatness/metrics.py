@@ -41,6 +41,7 @@ class EstimatorOptions:
     eps: float = 0.1
     rho: float | None = None
     num_probes: int = 16
+    pacgen_screen: bool = True
     entropy_gamma: float = 100.0
     entropy_noise: float = 0.03
     entropy_steps: int = 100
@@ -65,6 +66,12 @@ def build_collection(metrics: Sequence[str], k: int, gap: bool) -> MetricCollect
     return MetricCollection({key: MeanMetric(nan_strategy="error") for key in keys}, compute_groups=False)
 
 
+# PACGen's diagonal screen uses twice the measured top eigenvalue as the bound on every H_ii:
+# Lanczos approaches λ_max from below, and a converged Ritz value under half of it would mean
+# the start vector all but missed the top eigenvector.
+SCREEN_MARGIN = 2.0
+
+
 def measurement_seed(seed: int, step: int, name: str) -> int:
     """A seed for one metric at one measurement, a pure function of (seed, step, name)."""
     return (seed * 1_000_003 + step * 7919 + zlib.crc32(name.encode())) % (2**63 - 1)
@@ -79,17 +86,23 @@ def run_estimator(
     seed: int,
     init: Tensor | None,
     local_count: int,
+    shared: dict[str, float] | None = None,
 ) -> tuple[dict[str, tuple[float, float]], Tensor | None]:
     """One flatness metric: ``({key: (value, weight)}, new eigenvectors or None)``.
 
     ``local_count`` is the number of samples in ``batches`` (this rank's shard); it weights
     per-sample means (the Fisher trace) so that the cross-process mean is the global one.
+    ``shared`` carries results between the metrics of one measurement: a converged top
+    eigenvalue becomes PACGen's bound on the Hessian's diagonal (``hessian_max``).
     """
+    shared = {} if shared is None else shared
     if name == "hessian_top_eig":
         res = hessian_eigenvalues(
             model, batches, opts.loss_fn, k=opts.k, tol=opts.tol, max_iter=opts.max_iter, init=init, generator=seed
         )
         values = res.values.tolist()
+        if res.converged:
+            shared["hessian_max"] = SCREEN_MARGIN * max(values[0], 0.0)
         out = {"flatness/hessian_top_eig": (values[0], 1.0)}
         if len(values) > 1:
             out.update({f"flatness/hessian_eig_{j + 1}": (v, 1.0) for j, v in enumerate(values)})
@@ -104,6 +117,7 @@ def run_estimator(
         pac = pacgen(
             model, batches, opts.loss_fn, gamma=opts.gamma, eps=opts.eps, rho=opts.rho,
             num_probes=opts.num_probes, generator=seed,
+            hessian_max=shared.get("hessian_max") if opts.pacgen_screen else None,
         )  # fmt: skip
         return {"flatness/pacgen": (pac.value, 1.0)}, None
     if name == "local_entropy":

@@ -162,6 +162,7 @@ def test_max_overhead_budget_skips_measurements(tmp_path):
         (dict(rho=-1.0), "rho"),
         (dict(max_overhead=1.5), "max_overhead"),
         (dict(on_error="ignore"), "on_error"),
+        (dict(pacgen_screen=1), "pacgen_screen"),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs, name):
@@ -331,3 +332,28 @@ def test_local_entropy_options_are_validated(name):
         FlatnessCallback(metrics=["local_entropy"], **{name: 0.0})
     with pytest.raises(ValueError, match="entropy_steps"):
         FlatnessCallback(entropy_steps=2)
+
+
+@pytest.mark.parametrize("screen", [True, False])
+def test_pacgen_gets_twice_the_top_eigenvalue_as_its_diagonal_bound(tmp_path, monkeypatch, screen):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["hessian_max"])
+        return pacgen(*args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "pacgen", spy)
+    # pacgen listed first still runs after the eigenvalue that bounds its diagonal
+    cb = FlatnessCallback(metrics=("pacgen", "hessian_top_eig"), pacgen_screen=screen, eps=3.0, **SMALL)
+    _, model, dm = fit(tmp_path, cb, max_epochs=1)
+    x, last = cb.history[-1]
+    assert len(seen) == 1
+    if not screen:
+        assert seen[0] is None
+        return
+    assert seen[0] == 2 * last["flatness/hessian_top_eig"] > 0
+    # eps = 3 puts the floor 1/N_i² below the bound, so the diagonal is estimated after ρ
+    batches = subsample(dm.train_set, 0, 64, 16)
+    expected = pacgen(model, batches, eps=3.0, hessian_max=seen[0], generator=measurement_seed(0, x, "pacgen"))
+    assert expected.n_hvp == 16 + 6
+    assert close(last["flatness/pacgen"], expected.value, 1e-6)

@@ -71,3 +71,34 @@ def test_estimated_diagonal_counts_hvps_and_is_reproducible(model_and_batches):
     assert first == second
     assert first.n_hvp == 8 + 6
     assert math.isfinite(first.value) and first.rho > 0
+
+
+def test_hessian_max_skips_the_diagonal_only_when_it_cannot_matter(model_and_batches):
+    model, batches = model_and_batches
+    hessian = dense_hessian(model, batches)
+    diag, lam_max = hessian.diagonal(), torch.linalg.eigvalsh(hessian)[-1].item()
+    assert (diag <= lam_max + 1e-12).all()  # the bound the screen relies on
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    # Floor 1/N_i² >= 1/(0.1·max|w| + 0.1)² is far above λ_max here: the diagonal is skipped,
+    # and Ψ and σ equal their values with the exact diagonal.
+    screened = pacgen(model, batches, rho=0.01, hessian_max=lam_max, num_probes=8, generator=0)
+    assert screened.n_hvp == 0
+    assert screened.value == pytest.approx(direct_psi(w, diag, 0.01, 0.1, 0.1), rel=1e-12)
+    sigma = pacgen_perturbation_scale(model, batches, rho=0.01, hessian_max=lam_max, generator=0)
+    exact = pacgen_perturbation_scale(model, batches, rho=0.01, hessian_diag=diag)
+    assert torch.equal(sigma, exact)
+    # With ρ estimated, only its 2·rho_probes products are spent.
+    assert pacgen(model, batches, hessian_max=lam_max, generator=0).n_hvp == 6
+    # A wide box (eps = 3: floor 1/9 < λ_max) fails the screen: the diagonal is estimated,
+    # with the same draws as without the bound.
+    assert 1 / 9 < lam_max
+    fallback = pacgen(model, batches, eps=3.0, rho=0.0, hessian_max=lam_max, num_probes=8, generator=4)
+    plain = pacgen(model, batches, eps=3.0, rho=0.0, num_probes=8, generator=4)
+    assert fallback == plain and fallback.n_hvp == 8
+
+
+@pytest.mark.parametrize("bad, error", [(float("nan"), ValueError), (float("inf"), ValueError), ("1", TypeError), (True, TypeError)])
+def test_hessian_max_is_validated(model_and_batches, bad, error):
+    model, batches = model_and_batches
+    with pytest.raises(error, match="hessian_max"):
+        pacgen(model, batches, rho=0.0, hessian_max=bad)
