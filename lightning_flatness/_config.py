@@ -77,6 +77,7 @@ def validate(args: dict[str, Any]) -> dict[str, Any]:
     out["max_iter"] = _int("max_iter", args["max_iter"], 1)
     if out["max_iter"] < out["k"]:
         raise ValueError(f"max_iter={out['max_iter']} must be >= k={out['k']}.")
+    out["cache_chunks"] = _int("cache_chunks", args["cache_chunks"], 0)
     out["kind"] = _choice("kind", args["kind"], FISHER_KINDS)
     out["gamma"] = _float("gamma", args["gamma"], allow_zero=True)
     out["eps"] = _float("eps", args["eps"], allow_zero=False)

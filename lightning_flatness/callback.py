@@ -42,6 +42,9 @@ class FlatnessCallback(Callback):
         gap_num_samples: size of the train and validation subsamples of the gap (all if fewer).
         seed: seeds the subsample draws and the stochastic estimators.
         k, tol, max_iter: Hessian eigenvalues (``hessian_eigenvalues``); warm-started from the last ones.
+        cache_chunks: Hessian eigenvalues: keep the gradient graphs between Lanczos products when the
+            subsample (this process's shard) has at most this many mini-batches, which makes each
+            product about half as costly for that many mini-batches' graphs held in memory at once.
         kind: Fisher trace, ``"empirical"`` or ``"mc"``.
         gamma, eps, rho, num_probes: PACGen options (``pacgen``).
         pacgen_screen: when ``hessian_top_eig`` is measured too (and converged), pass twice its value to
@@ -79,6 +82,7 @@ class FlatnessCallback(Callback):
         k: int = 1,
         tol: float = 1e-4,
         max_iter: int = 100,
+        cache_chunks: int = 1,
         kind: str = "empirical",
         gamma: float = 0.1,
         eps: float = 0.1,
@@ -105,8 +109,8 @@ class FlatnessCallback(Callback):
             dict(
                 metrics=metrics, every_n_epochs=every_n_epochs, num_samples=num_samples, batch_size=batch_size,
                 source=source, loss_fn=loss_fn, gap_num_samples=gap_num_samples, seed=seed, k=k, tol=tol,
-                max_iter=max_iter, kind=kind, gamma=gamma, eps=eps, rho=rho, num_probes=num_probes,
-                pacgen_screen=pacgen_screen,
+                max_iter=max_iter, cache_chunks=cache_chunks, kind=kind, gamma=gamma, eps=eps, rho=rho,
+                num_probes=num_probes, pacgen_screen=pacgen_screen,
                 entropy_gamma=entropy_gamma, entropy_noise=entropy_noise, entropy_steps=entropy_steps,
                 entropy_step_size=entropy_step_size, measure_at_start=measure_at_start, max_overhead=max_overhead, on_error=on_error,
                 landscape_every_n_epochs=landscape_every_n_epochs, landscape_steps=landscape_steps,
@@ -116,7 +120,8 @@ class FlatnessCallback(Callback):
         )  # fmt: skip
         self.config = {**cfg, "log_hyperparams": bool(log_hyperparams)}
         self.options = EstimatorOptions(
-            loss_fn=loss_fn, k=cfg["k"], tol=cfg["tol"], max_iter=cfg["max_iter"], kind=cfg["kind"],
+            loss_fn=loss_fn, k=cfg["k"], tol=cfg["tol"], max_iter=cfg["max_iter"], cache_chunks=cfg["cache_chunks"],
+            kind=cfg["kind"],
             gamma=cfg["gamma"], eps=cfg["eps"], rho=cfg["rho"], num_probes=cfg["num_probes"],
             pacgen_screen=cfg["pacgen_screen"],
             entropy_gamma=cfg["entropy_gamma"], entropy_noise=cfg["entropy_noise"],

@@ -36,6 +36,7 @@ class EstimatorOptions:
     k: int = 1
     tol: float = 1e-4
     max_iter: int = 100
+    cache_chunks: int = 1
     kind: str = "empirical"
     gamma: float = 0.1
     eps: float = 0.1
@@ -98,7 +99,8 @@ def run_estimator(
     shared = {} if shared is None else shared
     if name == "hessian_top_eig":
         res = hessian_eigenvalues(
-            model, batches, opts.loss_fn, k=opts.k, tol=opts.tol, max_iter=opts.max_iter, init=init, generator=seed
+            model, batches, opts.loss_fn, k=opts.k, tol=opts.tol, max_iter=opts.max_iter, init=init, generator=seed,
+            cache_chunks=opts.cache_chunks,
         )
         values = res.values.tolist()
         if res.converged:

@@ -163,6 +163,7 @@ def test_max_overhead_budget_skips_measurements(tmp_path):
         (dict(max_overhead=1.5), "max_overhead"),
         (dict(on_error="ignore"), "on_error"),
         (dict(pacgen_screen=1), "pacgen_screen"),
+        (dict(cache_chunks=-1), "cache_chunks"),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs, name):
@@ -357,3 +358,12 @@ def test_pacgen_gets_twice_the_top_eigenvalue_as_its_diagonal_bound(tmp_path, mo
     expected = pacgen(model, batches, eps=3.0, hessian_max=seen[0], generator=measurement_seed(0, x, "pacgen"))
     assert expected.n_hvp == 16 + 6
     assert close(last["flatness/pacgen"], expected.value, 1e-6)
+
+
+def test_kept_graphs_leave_the_eigenvalue_unchanged(tmp_path):
+    values = []
+    for cache_chunks in (0, 4):  # SMALL: 64 samples in 4 mini-batches of 16
+        cb = FlatnessCallback(metrics=("hessian_top_eig",), cache_chunks=cache_chunks, **SMALL)
+        fit(tmp_path, cb, max_epochs=1)
+        values.append(cb.history[-1][1]["flatness/hessian_top_eig"])
+    assert values[0] == values[1]

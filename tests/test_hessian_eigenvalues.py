@@ -119,3 +119,48 @@ def test_attention_models_get_hessian_vector_products():
     with sdpa_kernel([SDPBackend.MATH]):
         exact = torch.linalg.eigvalsh(dense_hessian(model, batches).double())[-1].item()
     assert hessian_eigenvalues(model, batches).values[0].item() == pytest.approx(exact, rel=1e-3)
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("sizes, cache_chunks", [((20,), 1), ((5, 7, 8), 3)])
+def test_kept_graphs_give_the_same_products_with_one_forward_per_chunk(sizes, cache_chunks):
+    from lightning_flatness.functional import measurement_mode
+    from lightning_flatness.functional._objective import Objective
+
+    model, batches = tiny_mlp(), mlp_batches(sizes)
+    h = dense_hessian(model, batches)
+    with measurement_mode(model):
+        objective = Objective(model, batches)
+        calls, handle = _count_forwards(model)
+        operator = objective.hessian_operator(cache_chunks)
+        vectors = torch.randn(4, objective.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        products = [operator(v) for v in vectors]  # the kept graphs serve every product
+        assert len(calls) == len(sizes)
+        handle.remove()
+        for v, hv in zip(vectors, products):
+            assert torch.equal(hv, objective.hvp(v))
+            assert torch.allclose(hv, h @ v, rtol=1e-10, atol=1e-12)
+        # More chunks than cache_chunks: plain products, one forward per chunk and product.
+        calls, handle = _count_forwards(model)
+        operator = objective.hessian_operator(len(sizes) - 1)
+        assert torch.equal(operator(vectors[0]), products[0]) and len(calls) == len(sizes)
+        handle.remove()
+
+
+def test_lanczos_with_kept_graphs_equals_without():
+    model, batches = tiny_mlp(), mlp_batches((20,))
+    calls, handle = _count_forwards(model)
+    cached = hessian_eigenvalues(model, batches, k=2, tol=1e-8)
+    forwards_cached = len(calls)
+    calls.clear()
+    plain = hessian_eigenvalues(model, batches, k=2, tol=1e-8, cache_chunks=0)
+    handle.remove()
+    assert torch.equal(cached.values, plain.values) and cached.n_hvp == plain.n_hvp
+    assert forwards_cached == 1 and len(calls) == plain.n_hvp
+    with pytest.raises(ValueError, match="cache_chunks"):
+        hessian_eigenvalues(model, batches, cache_chunks=-1)

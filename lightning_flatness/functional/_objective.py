@@ -225,10 +225,12 @@ class Objective:
 
     def gradient(self, at: Tensor | None = None) -> Tensor:
         """``∇L(w)`` as a flat vector: one forward and one backward pass per chunk."""
-        total, count = torch.zeros_like(self.w0), 0
+        total: Tensor | None = None
+        count = 0
         for summed, size in self.batch_gradient_sums(at):
-            total += summed
+            total = summed if total is None else total.add_(summed)  # the first chunk's own buffer
             count += size
+        assert total is not None  # iter_batches raises on no batches
         return self._finish(total, count, "gradient")
 
     def batch_gradient_sums(self, at: Tensor | None = None) -> Iterator[tuple[Tensor, int]]:
@@ -248,28 +250,66 @@ class Objective:
         Per chunk: one forward, one backward building the gradient graph, then one backward
         of ``g·v`` per vector, so ``K`` products share the first two passes.
         """
-        if vectors.dim() != 2 or vectors.shape[1] != self.num_params:
-            raise ValueError(f"expected vectors of shape (K, {self.num_params}), got {tuple(vectors.shape)}.")
         leaves = self._leaves(at)
-        vs = [unflatten(v, self.shapes) for v in vectors]
-        total = torch.zeros_like(vectors)
-        # Accumulate straight into views of ``total``: no flattened copy per chunk and product.
-        views = [unflatten(row, self.shapes) for row in total]
-        count = 0
-        for batch in self.iter_batches():
-            losses = self.losses(leaves, batch)
-            g = torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True, materialize_grads=True)
-            for k, v in enumerate(vs):
-                hv = torch.autograd.grad(
-                    g, leaves, grad_outputs=v, retain_graph=k + 1 < len(vs), allow_unused=True, materialize_grads=True
-                )
-                torch._foreach_add_(views[k], hv)
-            count += losses.numel()
-        return self._finish(total, count, "Hessian-vector product")
+        return self._hvps_on(self._gradient_graphs(leaves), leaves, vectors, keep_graphs=False)
 
     def hvp(self, vector: Tensor, at: Tensor | None = None) -> Tensor:
         """``∇²L(w) v`` for one flat vector."""
         return self.hvps(vector.unsqueeze(0), at)[0]
+
+    def hessian_operator(self, cache_chunks: int = 1) -> Callable[[Tensor], Tensor]:
+        """``v ↦ ∇²L(w) v`` at ``w0``, for many products in sequence (Lanczos).
+
+        If ``batches`` has at most ``cache_chunks`` chunks (by ``len(batches)``), each chunk's
+        forward pass and gradient graph are built once, here, and kept: a product is then one
+        second backward pass per chunk (PyHessian's single-batch trick), about 1.5–2× a
+        gradient instead of 3–3.5× (``benchmarks/``). The kept graphs hold as much memory as
+        ``cache_chunks`` chunks' products would at once, and are freed with the operator; a
+        single chunk (the default) costs no memory beyond one uncached product. Otherwise
+        every product is a full :meth:`hvp`.
+        """
+        chunks = len(self.batches) if hasattr(self.batches, "__len__") else None  # type: ignore[arg-type]
+        if chunks is None or chunks > cache_chunks:
+            return self.hvp
+        leaves = self._leaves(None)
+        graphs = list(self._gradient_graphs(leaves))
+
+        def product(vector: Tensor) -> Tensor:
+            return self._hvps_on(graphs, leaves, vector.unsqueeze(0), keep_graphs=True)[0]
+
+        return product
+
+    def _gradient_graphs(self, leaves: list[Tensor]) -> Iterator[tuple[Sequence[Tensor], int]]:
+        """Per chunk, ``(Σ_i ∇ℓ_i, B)`` with the graph that differentiates it again."""
+        for batch in self.iter_batches():
+            losses = self.losses(leaves, batch)
+            g = torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+            yield g, losses.numel()
+
+    def _hvps_on(
+        self, graphs: Iterable[tuple[Sequence[Tensor], int]], leaves: list[Tensor], vectors: Tensor, keep_graphs: bool
+    ) -> Tensor:
+        if vectors.dim() != 2 or vectors.shape[1] != self.num_params:
+            raise ValueError(f"expected vectors of shape (K, {self.num_params}), got {tuple(vectors.shape)}.")
+        vs = [unflatten(v, self.shapes) for v in vectors]
+        total = torch.empty_like(vectors)
+        # Accumulate straight into views of ``total``: no flattened copy per chunk and product.
+        views = [unflatten(row, self.shapes) for row in total]
+        count = 0
+        for g, size in graphs:
+            for k, v in enumerate(vs):
+                hv = torch.autograd.grad(
+                    g, leaves, grad_outputs=v, retain_graph=keep_graphs or k + 1 < len(vs), allow_unused=True,
+                    materialize_grads=True,
+                )  # fmt: skip
+                if count == 0:
+                    torch._foreach_copy_(views[k], hv)  # the first chunk: no zero fill, no add
+                else:
+                    torch._foreach_add_(views[k], hv)
+            count += size
+        if count == 0:
+            total.zero_()  # no samples here (an empty shard): contribute zeros to the reduction
+        return self._finish(total, count, "Hessian-vector product")
 
     # ------------------------------------------------------- per-sample gradients
     def per_sample_sq_norms(self, batch: Any, at: Tensor | None = None) -> Tensor:
