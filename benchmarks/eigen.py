@@ -68,19 +68,24 @@ class _Stop(Exception):
 
 @contextlib.contextmanager
 def _record_hvps(log: list[tuple[float, Tensor, Tensor]]) -> Iterator[None]:
-    """Record ``(time, v, Hv)`` of every ``Objective.hvp`` call made inside."""
-    original = Objective.hvp
+    """Record ``(time, v, Hv)`` of every product of an ``Objective.hessian_operator`` made inside."""
+    original = Objective.hessian_operator
 
-    def hvp(self: Objective, vector: Tensor, at: Tensor | None = None) -> Tensor:
-        out = original(self, vector, at)
-        log.append((time.perf_counter(), vector.detach().clone(), out.detach().clone()))
-        return out
+    def hessian_operator(self: Objective, cache_chunks: int = 1) -> Callable[[Tensor], Tensor]:
+        operator = original(self, cache_chunks)
 
-    Objective.hvp = hvp  # type: ignore[method-assign]
+        def product(vector: Tensor) -> Tensor:
+            out = operator(vector)
+            log.append((time.perf_counter(), vector.detach().clone(), out.detach().clone()))
+            return out
+
+        return product
+
+    Objective.hessian_operator = hessian_operator  # type: ignore[method-assign]
     try:
         yield
     finally:
-        Objective.hvp = original  # type: ignore[method-assign]
+        Objective.hessian_operator = original  # type: ignore[method-assign]
 
 
 def gradient_start(model: nn.Module, batches: list[Any], seed: int) -> Tensor:

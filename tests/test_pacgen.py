@@ -102,3 +102,23 @@ def test_hessian_max_is_validated(model_and_batches, bad, error):
     model, batches = model_and_batches
     with pytest.raises(error, match="hessian_max"):
         pacgen(model, batches, rho=0.0, hessian_max=bad)
+
+
+def test_hessian_max_computes_the_few_coordinates_left_exactly(model_and_batches):
+    model, batches = model_and_batches
+    hessian = dense_hessian(model, batches)
+    diag, lam_max = hessian.diagonal(), torch.linalg.eigvalsh(hessian)[-1].item()
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gamma, eps = 2.0, 0.1
+    floor = (gamma * w.abs() + eps).pow(-2)  # rho = 0: coordinate i needs H_ii iff hessian_max > 1/N_i²
+    floors = floor.sort().values
+    # the first gap between floors above λ_max (a valid bound on every H_ii), leaving >= 2 coordinates
+    left = next(j for j in range(2, len(floors)) if (floors[j - 1] + floors[j]) / 2 > lam_max)
+    bound = ((floors[left - 1] + floors[left]) / 2).item()
+    assert 2 <= left <= 8
+    result = pacgen(model, batches, gamma=gamma, eps=eps, rho=0.0, hessian_max=bound, num_probes=8, generator=0)
+    assert result.n_hvp == left
+    assert result.value == pytest.approx(direct_psi(w, diag, 0.0, gamma, eps), rel=1e-12)
+    sigma = pacgen_perturbation_scale(model, batches, gamma=gamma, eps=eps, rho=0.0, hessian_max=bound)
+    exact = pacgen_perturbation_scale(model, batches, gamma=gamma, eps=eps, rho=0.0, hessian_diag=diag)
+    assert torch.allclose(sigma, exact, rtol=1e-12, atol=0)
