@@ -72,6 +72,22 @@ class ConvNet(nn.Module):
         return self.head(torch.tanh(self.body(x)))
 
 
+class Encoder(nn.Module):
+    """A one-layer ``nn.TransformerEncoder`` on (B, T, d) inputs, optionally sequence-first or causal."""
+
+    def __init__(self, batch_first: bool = True, causal: bool = False, d: int = 8, t: int = 7) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.batch_first, self.causal = batch_first, causal
+        self.head = nn.Linear(d * t, 3)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype) if self.causal else None
+        h = self.encoder(x if self.batch_first else x.transpose(0, 1), mask=mask)
+        return self.head((h if self.batch_first else h.transpose(0, 1)).flatten(1))
+
+
 def _randomize_batch_norm(model):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -88,7 +104,6 @@ def _models():
     frozen_bias[0].bias.requires_grad_(False)
     tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     tied[2].weight = tied[0].weight  # a weight shared by two modules: vmap for both
-    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1)
     return {
         "sequence": (SequenceModel().double(), (2, 5, 3)),
         "reused": (ReusedLinear().double(), (2, 4)),
@@ -98,7 +113,9 @@ def _models():
         "conv_bn": (_randomize_batch_norm(ConvNet()).double(), (2, 2, 8, 8)),
         "tokens": (TokenModel().double(), "tokens"),
         "tokens_seq_first": (TokenModel(seq_first=True).double(), "tokens"),
-        "transformer": (nn.Sequential(encoder, nn.Flatten(), nn.Linear(8 * 7, 3)).double(), (2, 7, 8)),
+        "transformer": (Encoder().double(), (2, 7, 8)),
+        "transformer_seq_first": (Encoder(batch_first=False).double(), (2, 7, 8)),
+        "masked_transformer": (Encoder(causal=True).double(), (2, 7, 8)),
     }
 
 
@@ -111,7 +128,10 @@ def _data(shape, n=7):
     return x, torch.randint(0, 3, (n,), generator=g)
 
 
-NAMES = ["sequence", "reused", "frozen_bias", "tied", "inplace_relu", "conv_bn", "tokens", "tokens_seq_first", "transformer"]
+NAMES = [
+    "sequence", "reused", "frozen_bias", "tied", "inplace_relu", "conv_bn", "tokens", "tokens_seq_first",
+    "transformer", "transformer_seq_first", "masked_transformer",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -128,9 +148,10 @@ VMAP_ONLY = {
     "reused": {"shared.weight", "shared.bias"},  # one Linear called twice
     "tied": {"0.weight", "0.bias", "2.bias"},  # a weight shared by two modules (and the layer it shares)
     "inplace_relu": {"0.weight", "0.bias"},  # its output is overwritten by ReLU(inplace=True)
-    # attention's packed in-projection is used inside multi_head_attention_forward
-    "transformer": {"0.layers.0.self_attn.in_proj_weight", "0.layers.0.self_attn.in_proj_bias",
-                    "0.layers.0.self_attn.out_proj.weight", "0.layers.0.self_attn.out_proj.bias"},
+    "transformer_seq_first": set(),
+    "transformer": set(),  # plain self-attention is rewritten so its projections are recorded
+    # with a mask it runs as one opaque call
+    "masked_transformer": {f"encoder.layers.0.self_attn.{n}" for n in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")},
 }  # fmt: skip
 
 

@@ -12,7 +12,9 @@ A parameter is handled here only when it is provably exact to do so, else it fal
 ``vmap`` (``_per_sample.py``):
 
 * it enters the loss through exactly one recorded call and no other operation (weight tying,
-  a layer applied twice or a parameter used arithmetically fall back);
+  a layer applied twice or a parameter used arithmetically fall back); plain self-attention
+  (``nn.MultiheadAttention`` without masks) is rewritten so its projections are recorded
+  (``_attention.py``);
 * the call's output is not modified in place afterwards (``nn.ReLU(inplace=True)``), which
   would make ``δ`` the gradient of a different tensor;
 * the call's sample axis is known: a second, one-sample pass must change exactly one axis of
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
+
+from ._attention import plain_self_attention, self_attention
 
 # Memory cap for the per-sample intermediates of one call (Gram matrices, materialized gradients).
 GHOST_ELEMENTS = 2**25
@@ -66,6 +70,11 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            attention = plain_self_attention(args, kwargs)
+            if attention is not None:
+                with self:  # record the projections inside
+                    return self_attention(attention)
         out = func(*args, **kwargs)
         found = [i for t in tree_leaves((args, kwargs)) if (i := self._measured(t)) is not None]
         if not found:
