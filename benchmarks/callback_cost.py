@@ -139,6 +139,12 @@ def run(cfg: Config) -> Section:
         "model and data size are used here with synthetic 40-dimensional inputs, at batch 64 (the study runs 16 to "
         "1024: the fraction scales with the number of steps per epoch)."
     )
+    section.notes.append(
+        "As in the callback, `pacgen` runs after `hessian_top_eig` and gets twice the converged top eigenvalue as "
+        "`hessian_max` (`pacgen_screen=True`): the 16 products of the Hessian diagonal are skipped when that bound shows "
+        "no `H_ii` can move Ψ off its `1/N_i` floor (0 coordinates left on the MLP and the transformer, so PACGen costs "
+        "the 6 products of ρ; 69 on the CNN, whose BatchNorm scales are large, so its diagonal is still estimated)."
+    )
     works = workloads("quick" if cfg.quick else "eigen", cfg.device, cfg.models, cfg.seed)
     if not cfg.quick:  # the README's model in place of the benchmark MLP
         works = [readme_workload(cfg.device, cfg.seed) if w.name == "mlp" else w for w in works]
