@@ -68,6 +68,20 @@ class _Recorder(TorchFunctionMode):
     def _measured(self, t: Any) -> int | None:
         return self.index.get(id(t)) if isinstance(t, Tensor) else None
 
+    def _scan(self, args: tuple, kwargs: dict) -> list[int]:
+        """Indices of the measured parameters among the arguments (one level of lists and tuples).
+
+        Called on every operation of the forward pass, so it avoids a full pytree walk.
+        """
+        found = []
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, Tensor):
+                if (i := self.index.get(id(a))) is not None:
+                    found.append(i)
+            elif isinstance(a, (list, tuple)):
+                found.extend(i for t in a if isinstance(t, Tensor) and (i := self.index.get(id(t))) is not None)
+        return found
+
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.multi_head_attention_forward:
@@ -76,7 +90,7 @@ class _Recorder(TorchFunctionMode):
                 with self:  # record the projections inside
                     return self_attention(attention)
         out = func(*args, **kwargs)
-        found = [i for t in tree_leaves((args, kwargs)) if (i := self._measured(t)) is not None]
+        found = self._scan(args, kwargs)
         if not found:
             return out
         use = self._match(func, args, kwargs, out)
@@ -172,28 +186,47 @@ def _record(losses_fn: Callable[[Any], Tensor], batch: Any, index: dict[int, int
     return losses, recorder
 
 
+def _sample_axes(
+    losses_fn: Callable[[Any], Tensor], batch: Any, index: dict[int, int], uses: list[_Use], size: int, cache: dict
+) -> list[int | None] | None:
+    """The sample axis of every recorded call, from a one-sample pass (or ``cache``), or None.
+
+    The axes depend on the model's code and the shapes, not on the values: a pass whose calls
+    and shapes match a previous one (the next chunk of the same size) reuses its axes.
+    """
+    key = (size, tuple((u.kind, tuple(u.params.items()), tuple(u.carrier.shape)) for u in uses))
+    if key not in cache:
+        # With gradients on, as in the full pass: some modules take another path without them.
+        one = tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
+        _, probe = _record(losses_fn, one, index)
+        if [(u.kind, u.params) for u in uses] != [(u.kind, u.params) for u in probe.uses]:
+            cache[key] = None  # the one-sample pass took another path: no reliable sample axes
+        else:
+            cache[key] = [_sample_axis(u.carrier.shape, p.carrier.shape, size) for u, p in zip(uses, probe.uses)]
+    return cache[key]
+
+
 def ghost_sq_norms(
-    losses_fn: Callable[[Any], Tensor], batch: Any, leaves: list[Tensor], size: int, total: Tensor
+    losses_fn: Callable[[Any], Tensor], batch: Any, leaves: list[Tensor], size: int, total: Tensor,
+    axes_cache: dict | None = None,
 ) -> set[int]:
     """Adds ``‖∂ℓ_n/∂θ_i‖²`` over the parameters it can handle to ``total`` (B,); returns their indices.
 
     ``losses_fn(batch)`` evaluates the per-sample losses with the parameters ``leaves``
-    (which require grad); ``size`` is the number of samples, at least 2.
+    (which require grad); ``size`` is the number of samples, at least 2. ``axes_cache`` (a dict
+    kept between calls on chunks of one data set) saves the one-sample pass.
     """
     index = {id(t): i for i, t in enumerate(leaves)}
     losses, recorder = _record(losses_fn, batch, index)
-    # With gradients on, as above: some modules take another path without them.
-    one = tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
-    _, probe = _record(losses_fn, one, index)
-    if [(u.kind, u.params) for u in recorder.uses] != [(u.kind, u.params) for u in probe.uses]:
-        return set()  # the one-sample pass took another path: no reliable sample axes
+    axes = _sample_axes(losses_fn, batch, index, recorder.uses, size, {} if axes_cache is None else axes_cache)
+    if axes is None:
+        return set()
     counts: dict[int, int] = {}
     for use in recorder.uses:
         for i in use.params.values():
             counts[i] = counts.get(i, 0) + 1
     chosen: list[tuple[_Use, int]] = []
-    for use, small in zip(recorder.uses, probe.uses):
-        axis = _sample_axis(use.carrier.shape, small.carrier.shape, size)
+    for use, axis in zip(recorder.uses, axes):
         exclusive = all(counts[i] == 1 and i not in recorder.other for i in use.params.values())
         intact = use.output._version == use.version and use.output.requires_grad  # not overwritten in place
         if axis is not None and exclusive and intact and _axis_fits(use, axis):

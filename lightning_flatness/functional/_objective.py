@@ -123,6 +123,7 @@ class Objective:
         self._num_samples: int | None = None
         self._cross = _CROSS_PROCESS.get()
         self._affine_norm = affine_batch_norm(model)
+        self.ghost_axes: dict = {}  # sample axes of the ghost-norm calls, shared by this data's chunks
 
     # ----------------------------------------------------------------- data pass
     def _cast(self, t: Tensor) -> Tensor:

@@ -54,7 +54,7 @@ def per_sample_sq_norms(objective: Objective, batch: Any, at: Tensor | None = No
     ghost: set[int] = set()
     if size > 1:
         leaves = [t.clone().requires_grad_() for t in tensors]
-        ghost = ghost_sq_norms(lambda b: objective.losses(leaves, b), batch, leaves, size, total)
+        ghost = ghost_sq_norms(lambda b: objective.losses(leaves, b), batch, leaves, size, total, objective.ghost_axes)
     rest = [i for i in range(len(tensors)) if i not in ghost]
     if rest:
         total += _vmap_sq_norms(objective, batch, tensors, rest, size)
