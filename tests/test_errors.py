@@ -36,6 +36,17 @@ def test_non_finite_loss(fn):
         fn(tiny_mlp(), bad)
 
 
+def test_finiteness_check_is_exact_when_the_fast_sum_overflows():
+    from lightning_flatness.functional._objective import Objective
+
+    objective = Objective(tiny_mlp(), mlp_batches(), dtype=torch.float32)
+    huge = torch.full((4,), 3e38)  # finite, but their float32 sum is inf
+    assert torch.equal(objective._finish(huge.clone(), 2, "gradient"), huge / 2)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="non-finite gradient"):
+            objective._finish(torch.tensor([1.0, bad, -3e38, 3e38]), 1, "gradient")
+
+
 @pytest.mark.parametrize("fn", ALL, ids=lambda f: f.__name__)
 def test_one_shot_iterator_is_rejected(fn):
     with pytest.raises(TypeError, match="re-iterable"):
