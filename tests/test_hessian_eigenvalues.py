@@ -164,3 +164,20 @@ def test_lanczos_with_kept_graphs_equals_without():
     assert forwards_cached == 1 and len(calls) == plain.n_hvp
     with pytest.raises(ValueError, match="cache_chunks"):
         hessian_eigenvalues(model, batches, cache_chunks=-1)
+
+
+def test_batches_without_a_length_are_never_cached():
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            x, y = mlp_batches((20,))[0]
+            return iter(zip(x, y))
+
+    model = tiny_mlp()
+    loader = DataLoader(Stream(), batch_size=20)
+    calls, handle = _count_forwards(model)
+    result = hessian_eigenvalues(model, loader, tol=1e-8)
+    handle.remove()
+    assert len(calls) == result.n_hvp  # a forward per product: nothing kept
+    assert torch.allclose(result.values, hessian_eigenvalues(model, mlp_batches((20,)), tol=1e-8).values, rtol=1e-10)

@@ -273,7 +273,10 @@ class Objective:
         single chunk (the default) costs no memory beyond one uncached product. Otherwise
         every product is a full :meth:`hvp`.
         """
-        chunks = len(self.batches) if hasattr(self.batches, "__len__") else None  # type: ignore[arg-type]
+        try:
+            chunks = len(self.batches)  # type: ignore[arg-type]
+        except TypeError:  # no length (a loader over an iterable dataset): never keep graphs
+            chunks = None
         if chunks is None or chunks > cache_chunks:
             return self.hvp
         leaves = self._leaves(None)
