@@ -42,7 +42,7 @@ def test_default_tol_is_within_1e3(model_and_batches):
 
 def test_warm_start_needs_a_quarter_of_the_hvps(model_and_batches):
     model, batches = model_and_batches
-    cold = hessian_eigenvalues(model, batches)
+    cold = hessian_eigenvalues(model, batches, start="random")
     warm = hessian_eigenvalues(model, batches, init=cold.vectors[0])
     assert warm.converged
     assert warm.n_hvp * 4 <= cold.n_hvp, (warm.n_hvp, cold.n_hvp)
@@ -155,10 +155,10 @@ def test_kept_graphs_give_the_same_products_with_one_forward_per_chunk(sizes, ca
 def test_lanczos_with_kept_graphs_equals_without():
     model, batches = tiny_mlp(), mlp_batches((20,))
     calls, handle = _count_forwards(model)
-    cached = hessian_eigenvalues(model, batches, k=2, tol=1e-8)
+    cached = hessian_eigenvalues(model, batches, k=2, tol=1e-8, start="random")  # no gradient pass to count
     forwards_cached = len(calls)
     calls.clear()
-    plain = hessian_eigenvalues(model, batches, k=2, tol=1e-8, cache_chunks=0)
+    plain = hessian_eigenvalues(model, batches, k=2, tol=1e-8, cache_chunks=0, start="random")
     handle.remove()
     assert torch.equal(cached.values, plain.values) and cached.n_hvp == plain.n_hvp
     assert forwards_cached == 1 and len(calls) == plain.n_hvp
@@ -179,5 +179,46 @@ def test_batches_without_a_length_are_never_cached():
     calls, handle = _count_forwards(model)
     result = hessian_eigenvalues(model, loader, tol=1e-8)
     handle.remove()
-    assert len(calls) == result.n_hvp  # a forward per product: nothing kept
+    assert len(calls) == result.n_hvp + result.n_grad  # a forward per product: nothing kept
     assert torch.allclose(result.values, hessian_eigenvalues(model, mlp_batches((20,)), tol=1e-8).values, rtol=1e-10)
+
+
+def test_cold_start_from_the_gradient(monkeypatch):
+    import importlib
+
+    from lightning_flatness.functional._objective import Objective
+
+    module = importlib.import_module("lightning_flatness.functional.hessian_eigenvalues")
+
+    seen = []
+    original = module.lanczos_top
+
+    def spy(matvec, start, *args):
+        seen.append(start.clone())
+        return original(matvec, start, *args)
+
+    monkeypatch.setattr(module, "lanczos_top", spy)
+    model, batches = tiny_mlp(), mlp_batches()
+    h = dense_hessian(model, batches)
+    default = hessian_eigenvalues(model, batches, generator=3)
+    random = hessian_eigenvalues(model, batches, generator=3, start="random")
+    assert (default.n_grad, random.n_grad) == (1, 0)
+    g = Objective(model, batches).gradient()
+    u = torch.randn(g.numel(), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.allclose(seen[0], g / g.norm() + u / u.norm(), rtol=1e-12)
+    assert torch.allclose(seen[1], u / u.norm(), rtol=1e-12)
+    exact = torch.linalg.eigvalsh(h)[-1]
+    assert default.values[0].item() == pytest.approx(exact.item(), rel=1e-4)
+    assert hessian_eigenvalues(model, batches, init=default.vectors).n_grad == 0
+    with pytest.raises(ValueError, match="start"):
+        hessian_eigenvalues(model, batches, start="gaussian")
+
+
+def test_gradient_start_at_a_critical_point_falls_back_to_the_gaussian_half():
+    model = Quadratic(random_symmetric(6, shift=4.0))
+    with torch.no_grad():
+        model.w.zero_()
+    batches = [torch.zeros(3, 6, dtype=torch.float64)]  # every x_i = w: gradient exactly 0
+    result = hessian_eigenvalues(model, batches, model_output_loss, tol=1e-10)
+    assert result.n_grad == 1
+    assert result.values[0].item() == pytest.approx(torch.linalg.eigvalsh(model.a)[-1].item(), rel=1e-8)
