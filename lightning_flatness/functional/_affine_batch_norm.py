@@ -21,7 +21,7 @@ class AffineBatchNorm(TorchFunctionMode):
     function with the same derivatives. Autograd differentiates ``native_batch_norm_backward``
     (which also serves training mode) by a long generic formula over the whole activation
     tensor; the explicit form's double backward is two elementwise products, which took a
-    Hessian-vector product on a BatchNorm CNN from 3.5 to 2.9 gradients (``benchmarks/``).
+    Hessian-vector product on a BatchNorm CNN from 3.5 to about 3 gradients (``benchmarks/``).
     Training-mode calls and calls without running statistics are left alone.
     """
 

@@ -267,8 +267,8 @@ class Objective:
 
         If ``batches`` has at most ``cache_chunks`` chunks (by ``len(batches)``), each chunk's
         forward pass and gradient graph are built once, here, and kept: a product is then one
-        second backward pass per chunk (PyHessian's single-batch trick), about 1.5–2× a
-        gradient instead of 3–3.5× (``benchmarks/``). The kept graphs hold as much memory as
+        second backward pass per chunk (PyHessian's single-batch trick), about 1.7–2× a
+        gradient instead of 2.7–3.1× (``benchmarks/``). The kept graphs hold as much memory as
         ``cache_chunks`` chunks' products would at once, and are freed with the operator; a
         single chunk (the default) costs no memory beyond one uncached product. Otherwise
         every product is a full :meth:`hvp`.

@@ -74,7 +74,7 @@ def hessian_eigenvalues(
 
     Cost: ``n_hvp`` Hessian-vector products. When ``batches`` has at most ``cache_chunks``
     chunks, the forward passes and gradient graphs are built once and kept, so each product is
-    a single second backward pass per chunk (about 1.5–2× a gradient instead of 3–3.5×); the
+    a single second backward pass per chunk (about 1.7–2× a gradient instead of 2.7–3.1×); the
     default, 1, does this for a single batch at no extra memory. Raise it to trade memory
     (that many chunks' graphs held at once) for time on a subsample split into chunks.
 
