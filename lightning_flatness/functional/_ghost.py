@@ -36,8 +36,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ._attention import plain_self_attention, self_attention
 
-# Memory cap for the per-sample intermediates of one call (Gram matrices, materialized gradients).
-GHOST_ELEMENTS = 2**25
+# Per-sample intermediates (per-sample gradients, Gram matrices) are formed for a chunk of
+# samples at a time, at most this many numbers.
+PER_SAMPLE_ELEMENTS = 2**25
 
 _ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
 
@@ -241,6 +242,13 @@ def ghost_sq_norms(
 
 
 # ------------------------------------------------------------------------------ per-call formulas
+def by_sample_chunks(size: int, per_sample: int, fn: Callable[[slice], Tensor]) -> Tensor:
+    """``fn`` on consecutive slices of the ``size`` samples, concatenated; a slice holds at most
+    ``PER_SAMPLE_ELEMENTS // per_sample`` samples (``per_sample``: numbers formed per sample)."""
+    chunk = max(1, PER_SAMPLE_ELEMENTS // max(1, per_sample))
+    return torch.cat([fn(slice(start, start + chunk)) for start in range(0, size, chunk)])
+
+
 def _rows(t: Tensor, axis: int, size: int) -> Tensor:
     """``t`` (features last) with its sample axis first, as ``(B, positions, features)``."""
     return t.movedim(axis, 0).reshape(size, -1, t.shape[-1])
@@ -252,16 +260,18 @@ def _outer_sq_norms(a: Tensor, d: Tensor) -> Tensor:
     n_out = d.shape[2]
     if t == 1:
         return (a[:, 0] ** 2).sum(1) * (d[:, 0] ** 2).sum(1)
-    gram = t * (n_in + n_out) <= n_in * n_out  # the cheaper of the two contractions
-    chunk = max(1, GHOST_ELEMENTS // (t * t if gram else n_in * n_out))
-    parts = []
-    for s in range(0, size, chunk):
-        ac, dc = a[s : s + chunk], d[s : s + chunk]
-        if gram:
-            parts.append((torch.bmm(ac, ac.transpose(1, 2)) * torch.bmm(dc, dc.transpose(1, 2))).sum((1, 2)))
-        else:
-            parts.append((torch.bmm(dc.transpose(1, 2), ac) ** 2).sum((1, 2)))
-    return torch.cat(parts)
+    if t * (n_in + n_out) <= n_in * n_out:  # the cheaper of the two contractions: Gram matrices
+
+        def gram(part: slice) -> Tensor:
+            ac, dc = a[part], d[part]
+            return (torch.bmm(ac, ac.transpose(1, 2)) * torch.bmm(dc, dc.transpose(1, 2))).sum((1, 2))
+
+        return by_sample_chunks(size, t * t, gram)
+
+    def materialized(part: slice) -> Tensor:  # the (n_out, n_in) per-sample gradients themselves
+        return (torch.bmm(d[part].transpose(1, 2), a[part]) ** 2).sum((1, 2))
+
+    return by_sample_chunks(size, n_in * n_out, materialized)
 
 
 def _bias_sq_norms(d: Tensor) -> Tensor:
@@ -312,15 +322,15 @@ def _embedding(use: _Use, axis: int, delta: Tensor, size: int) -> Tensor:
     ids = use.carrier.movedim(axis, 0).reshape(size, -1)
     d = delta.movedim(axis, 0).reshape(size, ids.shape[1], -1)
     pad = use.extra["padding_idx"]
-    chunk = max(1, GHOST_ELEMENTS // max(1, ids.shape[1] ** 2))
-    parts = []
-    for s in range(0, size, chunk):
-        ic, dc = ids[s : s + chunk], d[s : s + chunk]
+
+    def sq_norms(part: slice) -> Tensor:
+        ic, dc = ids[part], d[part]
         same = ic[:, :, None] == ic[:, None, :]
         if pad is not None:  # the padding row gets no gradient
             same &= (ic != pad)[:, :, None]
-        parts.append((torch.bmm(dc, dc.transpose(1, 2)) * same).sum((1, 2)))
-    return torch.cat(parts)
+        return (torch.bmm(dc, dc.transpose(1, 2)) * same).sum((1, 2))
+
+    return by_sample_chunks(size, ids.shape[1] ** 2, sq_norms)
 
 
 def _add(use: _Use, axis: int, delta: Tensor, size: int) -> Tensor:

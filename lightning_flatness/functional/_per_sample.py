@@ -24,14 +24,11 @@ from torch import Tensor
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ._ghost import ghost_sq_norms
+from ._ghost import by_sample_chunks, ghost_sq_norms
 from ._params import unflatten
 
 if TYPE_CHECKING:
     from ._objective import Objective
-
-# Per-sample gradients materialize (chunk x parameters) numbers; cap a chunk at this many.
-PER_SAMPLE_ELEMENTS = 2**25
 
 
 def batch_size(batch: Any, purpose: str = "per-sample gradients") -> int:
@@ -75,11 +72,10 @@ def _vmap_sq_norms(objective: Objective, batch: Any, tensors: list[Tensor], rest
         return sum((g**2).sum() for g in grad(sample_loss)(rest_ts, sample))
 
     rest_ts = [tensors[i] for i in rest]
-    numel = sum(t.numel() for t in rest_ts)
     in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch))
-    chunk = max(1, PER_SAMPLE_ELEMENTS // max(1, numel))
-    parts = []
-    for start in range(0, size, chunk):
-        part = tree_map(lambda t: t[start : start + chunk] if isinstance(t, Tensor) else t, batch)
-        parts.append(vmap(sq_norm, in_dims=in_dims)(rest_ts, part))
-    return torch.cat(parts)
+
+    def sq_norms(part: slice) -> Tensor:  # (chunk x parameters) per-sample gradients at once
+        samples = tree_map(lambda t: t[part] if isinstance(t, Tensor) else t, batch)
+        return vmap(sq_norm, in_dims=in_dims)(rest_ts, samples)
+
+    return by_sample_chunks(size, sum(t.numel() for t in rest_ts), sq_norms)

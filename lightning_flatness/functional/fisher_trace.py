@@ -43,8 +43,10 @@ def fisher_trace(
       the mean over ``D`` output dims, this equals :math:`\frac{4}{D^2}\operatorname{tr}J^\top J`).
       Unbiased; other losses raise ``ValueError``.
 
-    Per-sample gradients come from ``torch.func.vmap`` over ``torch.func.grad`` (no Python
-    loop over samples), in sub-chunks of at most ``2**25`` gradient entries. Cost:
+    Per-sample squared gradient norms come without a Python loop over samples: ghost norms for
+    the parameters of linear, 2-D convolution, normalization, embedding and plain self-attention
+    layers (no per-sample gradient formed), ``torch.func.vmap`` over ``torch.func.grad`` for the
+    rest, in sub-chunks of at most ``2**25`` numbers (``_per_sample.py``, ``_ghost.py``). Cost:
     ``n_grad = 1`` (empirical) or ``num_samples`` (mc) per-sample-gradient passes over ``batches``.
 
     Example:
