@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-_ARGUMENTS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_SIGNATURE = inspect.signature(F.batch_norm)
+
+
+def batch_norm_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of an ``F.batch_norm`` call by name, defaults filled in."""
+    bound = _SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def eval_batch_norm(
+    x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """Batch norm with fixed statistics as the per-channel affine map ``x·scale + shift`` (channels second)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.reshape(shape) + shift.reshape(shape)
 
 
 class AffineBatchNorm(TorchFunctionMode):
@@ -28,17 +50,9 @@ class AffineBatchNorm(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.batch_norm:
-            bound = dict(zip(_ARGUMENTS, args), **kwargs)
-            if not bound.get("training", False) and bound.get("running_mean") is not None:
-                x = bound["input"]
-                scale = torch.rsqrt(bound["running_var"] + bound.get("eps", 1e-5))
-                if bound.get("weight") is not None:
-                    scale = scale * bound["weight"]
-                shift = -bound["running_mean"] * scale
-                if bound.get("bias") is not None:
-                    shift = shift + bound["bias"]
-                shape = (1, -1) + (1,) * (x.dim() - 2)
-                return x * scale.reshape(shape) + shift.reshape(shape)
+            a = batch_norm_arguments(args, kwargs)
+            if not a["training"] and a["running_mean"] is not None:
+                return eval_batch_norm(a["input"], a["running_mean"], a["running_var"], a["eps"], a["weight"], a["bias"])
         return func(*args, **kwargs)
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ._affine_batch_norm import batch_norm_arguments, eval_batch_norm
 from ._attention import plain_self_attention, self_attention
 
 # Per-sample intermediates (per-sample gradients, Gram matrices) are formed for a chunk of
@@ -126,12 +127,12 @@ class _Recorder(TorchFunctionMode):
             eps = _arg(args, kwargs, 4, "eps", 1e-5)
             return self._use("layer_norm", params, x, out, dict(shape=tuple(shape), eps=eps))
         if func is F.batch_norm:
-            x, mean, var = (_arg(args, kwargs, i, n) for i, n in enumerate(("input", "running_mean", "running_var")))
-            if _arg(args, kwargs, 5, "training", False) or mean is None or var is None:
+            a = batch_norm_arguments(args, kwargs)
+            if a["training"] or a["running_mean"] is None or a["running_var"] is None:
                 return None  # batch statistics: samples interact
-            params = {"weight": m(_arg(args, kwargs, 3, "weight")), "bias": m(_arg(args, kwargs, 4, "bias"))}
-            extra = dict(mean=mean.detach(), var=var.detach(), eps=_arg(args, kwargs, 7, "eps", 1e-5))
-            return self._use("batch_norm", params, x, out, extra)
+            params = {"weight": m(a["weight"]), "bias": m(a["bias"])}
+            extra = dict(mean=a["running_mean"].detach(), var=a["running_var"].detach(), eps=a["eps"])
+            return self._use("batch_norm", params, a["input"], out, extra)
         if func is F.embedding:
             ids, weight = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
             if _arg(args, kwargs, 3, "max_norm") is not None or _arg(args, kwargs, 5, "scale_grad_by_freq", False):
@@ -298,8 +299,7 @@ def _normalized(use: _Use, x: Tensor) -> Tensor:
     e = use.extra
     if use.kind == "layer_norm":
         return F.layer_norm(x, e["shape"], None, None, e["eps"])
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (x - e["mean"].reshape(shape)) * torch.rsqrt(e["var"].reshape(shape) + e["eps"])
+    return eval_batch_norm(x, e["mean"], e["var"], e["eps"])
 
 
 def _norm_layer(use: _Use, axis: int, delta: Tensor, size: int) -> Tensor:
