@@ -7,9 +7,10 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -47,6 +48,19 @@ class Section:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def plain_gradient(model: torch.nn.Module, batches: list[Any]) -> Callable[[], None]:
+    """One plain-autograd gradient of the mean cross-entropy over ``batches``, chunk by chunk:
+    the denominator of every "/ gradient" ratio."""
+    n = sum(len(y) for _, y in batches)
+
+    def gradient() -> None:
+        model.zero_grad(set_to_none=True)
+        for x, y in batches:
+            (F.cross_entropy(model(x), y, reduction="sum") / n).backward()
+
+    return gradient
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:

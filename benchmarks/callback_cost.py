@@ -26,23 +26,12 @@ from lightning_flatness.functional import measurement_mode
 
 from ._common import (
     Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio,
+    plain_gradient,
 )  # fmt: skip
 from .eigen import _sgd_step
 from .models import Workload, readme_workload, train_briefly, workloads
 
 TARGET = 40.0
-
-
-def _full_gradient(model: torch.nn.Module, batches: list[Any]) -> Callable[[], None]:
-    """One plain-autograd gradient of the whole subsample, in the same chunks."""
-    n = sum(len(y) for _, y in batches)
-
-    def full_gradient() -> None:
-        model.zero_grad(set_to_none=True)
-        for x, y in batches:
-            (F.cross_entropy(model(x), y, reduction="sum") / n).backward()
-
-    return full_gradient
 
 
 def _fit(work: Workload, cfg: Config, train_size: int, batch_size: int) -> tuple[float, list[float], list[str]]:
@@ -172,7 +161,7 @@ def run(cfg: Config) -> Section:
                 _sgd_step(model, batches[0], lr=0.05)
             except Exception as exc:
                 cells["hessian_top_eig warm"] = f"error: {error_text(exc)}"
-            fns: dict[str, Callable[[], object]] = {"gradient": _full_gradient(model, batches)}
+            fns: dict[str, Callable[[], object]] = {"gradient": plain_gradient(model, batches)}
             for name in FLATNESS_METRICS:
                 try:
                     fns[name] = estimator(name)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lightning_flatness.functional import fisher_trace, measurement_mode
 from lightning_flatness.functional._objective import Objective
 
-from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio
+from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio, plain_gradient
 from .models import workloads
 
 TARGET_LOOP = 10.0
@@ -102,12 +102,8 @@ def run(cfg: Config) -> Section:
                         bp_norms = backpack_impl.sq_norms(x, y)
                     except Exception as exc:
                         backpack_impl, backpack_error = None, error_text(exc)
-                def gradient() -> None:
-                    model.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
-
                 fns = {
-                    "gradient": gradient,
+                    "gradient": plain_gradient(model, [(x, y)]),
                     "ours": lambda: fisher_trace(model, [(x, y)]),
                     "loop": lambda: loop_sq_norms(model, x, y),
                 }

@@ -10,7 +10,7 @@ from lightning_flatness.functional._objective import Objective
 from lightning_flatness.functional._params import unflatten
 
 from . import _proto
-from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio
+from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio, plain_gradient
 from .models import workloads
 
 TARGET = 2.5
@@ -58,10 +58,6 @@ def run(cfg: Config) -> Section:
             v = torch.randn(objective.num_params, generator=gen).to(objective.w0)
             block = torch.randn(BLOCK, objective.num_params, generator=gen).to(objective.w0)
 
-            def plain_grad() -> None:
-                model.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-
             if work.name == "transformer":
                 try:
                     objective.hvp(v)
@@ -74,7 +70,7 @@ def run(cfg: Config) -> Section:
                 kept = objective.hessian_operator(1)
                 v_list = [t.detach() for t in unflatten(v, objective.shapes)]
                 fns = {
-                    "plain": plain_grad,
+                    "plain": plain_gradient(model, [(x, y)]),
                     "grad": objective.gradient,
                     "hvp": lambda: objective.hvp(v),
                     "kept": lambda: kept(v),
