@@ -81,10 +81,11 @@ def _screened_diagonal(
         return diagonal_estimate(objective, num_probes, gen).to(torch.float64), num_probes
     diag = torch.full_like(noise, float(hessian_max))
     if needed.numel():
-        units = torch.zeros(needed.numel(), objective.num_params, dtype=objective.w0.dtype, device=objective.w0.device)
-        units[torch.arange(needed.numel()), needed.to(units.device)] = 1
-        exact = objective.hvps(units)[torch.arange(needed.numel()), needed.to(units.device)]
-        diag[needed] = exact.to(device=diag.device, dtype=torch.float64)
+        w0 = objective.w0
+        rows, cols = torch.arange(needed.numel(), device=w0.device), needed.to(w0.device)
+        units = torch.zeros(needed.numel(), objective.num_params, dtype=w0.dtype, device=w0.device)
+        units[rows, cols] = 1  # e_i for each coordinate left: H_ii = (H e_i)_i
+        diag[needed] = objective.hvps(units)[rows, cols].to(diag)
     return diag, needed.numel()
 
 
