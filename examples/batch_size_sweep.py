@@ -10,10 +10,10 @@ runs are compared at matched training loss; FlatnessCallback logs the flatness m
 train/test gap to TensorBoard (and W&B with --wandb). At the end the report
 (``lightning-flatness report runs/batch_size_sweep``) writes plots and a table with the rank
 correlation of every metric with the generalization gap to runs/batch_size_sweep/report/.
-This script is ``lightning-flatness sweep``; the code lives in ``lightning_flatness.sweep``.
+This script is ``lightning-flatness sweep``; the code lives in ``lightning_flatness.study.sweep``.
 """
 
-from lightning_flatness.sweep import main
+from lightning_flatness.study.sweep import main
 
 if __name__ == "__main__":
     main()

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_flatness._sweep_training import mlp
-from lightning_flatness.data import load_dataset
+from lightning_flatness.study.training import mlp
+from lightning_flatness.study.data import load_dataset
 from lightning_flatness.functional import hessian_eigenvalues, pacgen
 
 TARGET_TRAIN_LOSS = 0.05

@@ -1,6 +1,6 @@
 """``python -m lightning_flatness sweep|report ...``: the ``lightning-flatness`` command."""
 
-from .cli import main
+from .study.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

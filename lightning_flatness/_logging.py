@@ -11,16 +11,16 @@ without user setup; ``gap/train_loss`` can be picked as x-axis as well.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Iterable
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 log = logging.getLogger("lightning_flatness")
 
-STEP_METRIC = "epoch"
+EPOCH_AXIS = "epoch"
 
 
-def _is_wandb(logger: Logger) -> bool:
+def is_wandb(logger: Logger) -> bool:
     try:
         from lightning.pytorch.loggers import WandbLogger
     except ImportError:  # pragma: no cover
@@ -28,38 +28,38 @@ def _is_wandb(logger: Logger) -> bool:
     return isinstance(logger, WandbLogger)
 
 
-def _define_wandb_axes(experiment: Any) -> None:
+def epoch_axis(experiment: Any, keys: Iterable[str], known: set[str]) -> None:
+    """Bind every key not in ``known`` to the ``epoch`` x-axis in a W&B run (and add it to ``known``).
+
+    Exact definitions take precedence over Lightning's ``"*" -> trainer/global_step`` glob. The
+    first call also declares ``epoch`` itself and the ``flatness/*`` and ``gap/*`` globs.
+    """
     define = getattr(experiment, "define_metric", None)
     if define is None:  # a dummy experiment on non-zero ranks
         return
-    define(STEP_METRIC)
-    define("flatness/*", step_metric=STEP_METRIC)
-    define("gap/*", step_metric=STEP_METRIC)
+    if not known:
+        define(EPOCH_AXIS)
+        define("flatness/*", step_metric=EPOCH_AXIS)
+        define("gap/*", step_metric=EPOCH_AXIS)
+    for key in sorted(set(keys) - known):
+        define(key, step_metric=EPOCH_AXIS)
+        known.add(key)
 
 
 class LoggerWriter:
     """Writes one row of measurements per call to every logger of a trainer (rank 0 only)."""
 
     def __init__(self) -> None:
-        self._wandb_ready: set[int] = set()
         self._wandb_keys: dict[int, set[str]] = {}
 
     def write(self, trainer: Any, values: dict[str, float], epoch: int) -> None:
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
-            if _is_wandb(logger):
+            if is_wandb(logger):
                 experiment = logger.experiment
-                if id(experiment) not in self._wandb_ready:
-                    _define_wandb_axes(experiment)
-                    self._wandb_ready.add(id(experiment))
-                # Exact definitions too: they take precedence over Lightning's "*" -> trainer/global_step glob.
-                known = self._wandb_keys.setdefault(id(experiment), set())
-                for key in sorted(set(values) - known):
-                    if hasattr(experiment, "define_metric"):
-                        experiment.define_metric(key, step_metric=STEP_METRIC)
-                    known.add(key)
-                experiment.log({**values, STEP_METRIC: epoch})
+                epoch_axis(experiment, values, self._wandb_keys.setdefault(id(experiment), set()))
+                experiment.log({**values, EPOCH_AXIS: epoch})
             else:
                 logger.log_metrics(values, step=epoch)
             logger.save()

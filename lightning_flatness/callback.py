@@ -14,7 +14,7 @@ from torchmetrics import MetricCollection
 from . import _subsample as sub
 from ._config import validate
 from ._distributed import cross_process, rank_zero_buffers
-from ._landscape import LandscapeOptions, LandscapeRecorder
+from .landscape import LandscapeOptions, LandscapeRecorder
 from ._logging import LoggerWriter, status
 from .metrics import FLATNESS_METRICS, EstimatorOptions, GapMeter, build_collection, finite, measurement_seed, run_estimator
 

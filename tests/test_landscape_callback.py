@@ -12,8 +12,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from test_callback_common import Classifier, DataModule, trainer
 
 from lightning_flatness import FlatnessCallback
-from lightning_flatness import _landscape
-from lightning_flatness._landscape import read_final, views_from_json
+from lightning_flatness.landscape import views as _landscape
+from lightning_flatness.landscape import read_final, views_from_json
 from lightning_flatness.functional import loss_landscape
 from lightning_flatness.metrics import measurement_seed
 

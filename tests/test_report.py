@@ -11,8 +11,8 @@ import torch
 from scipy.stats import kendalltau, spearmanr
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_flatness import cli
-from lightning_flatness.report import ReportError, load_runs, main, make_report
+from lightning_flatness.study import cli
+from lightning_flatness.study.report import ReportError, load_runs, main, make_report
 
 torch.set_num_threads(1)
 
@@ -209,7 +209,7 @@ def test_runs_without_the_metrics_are_a_clear_error(tmp_path):
 
 
 def test_landscape_overlays_from_the_runs_json_files(tmp_path):
-    from lightning_flatness._landscape import LandscapeViews, write_json
+    from lightning_flatness.landscape import LandscapeViews, write_json
 
     root = tmp_path / "runs"
     a = [-1.0, 0.0, 1.0]
@@ -228,7 +228,7 @@ def test_landscape_overlays_from_the_runs_json_files(tmp_path):
     w = SummaryWriter(log_dir=str(third))
     w.add_scalar("flatness/hessian_top_eig", 256.0, 3)
     w.close()
-    from lightning_flatness._landscape import read_final
+    from lightning_flatness.landscape import read_final
 
     assert read_final(root / "bs16_lr0.1").epoch == 3 and read_final(third) is None
     out = tmp_path / "out"

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_flatness import cli
-from lightning_flatness.data import FastTensorDataset, collate, load_dataset
-from lightning_flatness.report import read_scalars
-from lightning_flatness.sweep import SweepConfig, measurement_interval, run_name, run_sweep
+from lightning_flatness.study import cli
+from lightning_flatness.study.data import FastTensorDataset, collate, load_dataset
+from lightning_flatness.study.runs import read_scalars
+from lightning_flatness.study.sweep import SweepConfig, measurement_interval, run_name, run_sweep
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +55,8 @@ def test_sweep_end_to_end_then_report_equals_logged_values(tmp_path, monkeypatch
     # Loss-landscape views of the final weights (on by default): images in TensorBoard and a JSON file ...
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lightning_flatness._landscape_plots import plot_runs
-    from lightning_flatness.report import load_runs
+    from lightning_flatness.landscape.plots import plot_runs
+    from lightning_flatness.study.runs import load_runs
 
     for name in rows:
         assert [p.name for p in (logdir / name / "landscape").iterdir()] == ["epoch_000002.json"]
@@ -113,7 +113,7 @@ def test_wandb_logger_alongside_tensorboard(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)
-    import lightning_flatness.sweep as sweep
+    import lightning_flatness.study.sweep as sweep
 
     built = []
     original = sweep._wandb_logger
@@ -137,7 +137,7 @@ def test_run_plan():
     assert measurement_interval(256, 0.01) == 160 and measurement_interval(256, 0.3) == 5
     import argparse
 
-    from lightning_flatness.sweep import add_arguments, config_from_args
+    from lightning_flatness.study.sweep import add_arguments, config_from_args
 
     def landscape(*argv):
         return config_from_args(add_arguments(argparse.ArgumentParser()).parse_args(list(argv))).landscape_every_n_epochs
@@ -210,7 +210,7 @@ def test_fast_loader_batches_equal_the_standard_ones():
 
 def test_entropy_sgd_and_pacgen_noise_runs_end_to_end(tmp_path):
     """``--optimizer entropy-sgd`` and ``--pacgen-noise`` train, get their own run names, and log."""
-    from lightning_flatness.sweep import main
+    from lightning_flatness.study.sweep import main
 
     common = [*TINY, "--batch-sizes", "16", "--logdir", str(tmp_path), "--no-report", "--metrics", "hessian_top_eig"]
     for flags, name in ((["--optimizer", "entropy-sgd"], "bs16_lr0.1_esgd"), (["--pacgen-noise", "0.5"], "bs16_lr0.1_pac0.5")):

@@ -56,7 +56,7 @@ class Classifier(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.hparams.optimizer == "entropy-sgd":
-            from .optim import EntropySGD
+            from ..optim import EntropySGD
 
             # Inner SGLD at the sweep's lr; 5 gradient evaluations per step (Chaudhari et al. 2017).
             return EntropySGD(self.parameters(), lr=1.0, num_steps=5, sgld_lr=self.hparams.lr, noise=1e-4,

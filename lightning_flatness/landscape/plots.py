@@ -6,31 +6,21 @@ Used by :class:`~lightning_flatness.FlatnessCallback` (images for TensorBoard an
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._landscape import LandscapeViews, read_final
+from .._figures import colors, figure, render, wants_log_scale
+from .views import LandscapeViews, read_final
 
 
 # -------------------------------------------------------------------------- drawing
-def _figure(width: float = 5.6, height: float = 4.0):  # noqa: ANN202
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _log_y(ax: Any, values: Sequence[float]) -> None:  # noqa: ANN401
-    vals = [v for v in values if math.isfinite(v)]
-    if vals and min(vals) > 0 and max(vals) / min(vals) > 30:
+    if wants_log_scale(values):
         ax.set_yscale("log")
 
 
 def figure_1d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
-    fig = _figure()
+    fig = figure(5.6, 4.0)
     ax = fig.add_subplot()
     ax.plot(views.coordinates, views.loss_1d, color="C0", marker="o", markersize=2.5, label="loss")
     _log_y(ax, views.loss_1d)
@@ -52,7 +42,7 @@ def figure_2d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
 
     from matplotlib.colors import LogNorm
 
-    fig = _figure(5.4, 4.4)
+    fig = figure(5.4, 4.4)
     ax = fig.add_subplot()
     a = np.asarray(views.coordinates_2d)
     loss = np.asarray(views.loss_2d, dtype=float).T  # rows of loss_2d = first direction = x axis
@@ -75,7 +65,7 @@ def figure_2d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
 
 
 def figure_eigenvector(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
-    fig = _figure()
+    fig = figure(5.6, 4.0)
     ax = fig.add_subplot()
     ax.plot(views.eig_coordinates, views.eig_train_loss, color="C0", label="train")
     values = list(views.eig_train_loss or [])
@@ -93,14 +83,6 @@ def figure_eigenvector(views: LandscapeViews, title: str = "") -> Any:  # noqa: 
     return fig
 
 
-def render(fig: Any) -> Any:  # noqa: ANN401
-    """The figure as an ``(H, W, 3)`` uint8 array."""
-    import numpy as np
-
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
 def images(views: LandscapeViews) -> dict[str, Any]:
     out = {"landscape/1d": render(figure_1d(views))}
     if views.loss_2d is not None:
@@ -116,26 +98,24 @@ def plot_runs(runs: Sequence[Any], out: Path) -> list[Path]:
 
     ``runs`` have ``.name`` and ``.path`` (the report's runs); runs without landscape files are left out.
     """
-    from ._plots import _colors
-
     found = [(run.name, v) for run in runs if (v := read_final(run.path)) is not None]
     if not found:
         return []
     written = []
-    colors = _colors(len(found))
-    fig = _figure(6.4, 4.4)
+    palette = colors(len(found))
+    fig = figure(6.4, 4.4)
     ax = fig.add_subplot()
     values: list[float] = []
-    for (name, v), color in zip(found, colors):
+    for (name, v), color in zip(found, palette):
         ax.plot(v.coordinates, v.loss_1d, color=color, label=f"{name} (epoch {v.epoch})")
         values += v.loss_1d
     written.append(_finish_overlay(
         fig, ax, values, "α (step along the same filter-normalized random direction)", "loss (measurement subsample)",
         "Final weights: 1-D filter-normalized loss slices", 10, out / "landscape_1d.png",
     ))  # fmt: skip
-    eig = [(n, v, c) for (n, v), c in zip(found, colors) if v.eig_coordinates is not None]
+    eig = [(n, v, c) for (n, v), c in zip(found, palette) if v.eig_coordinates is not None]
     if eig:
-        fig = _figure(6.4, 4.4)
+        fig = figure(6.4, 4.4)
         ax = fig.add_subplot()
         values = []
         for name, v, color in eig:

@@ -26,7 +26,6 @@ import json
 import math
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,12 +33,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .functional import eigenvector_slice, hessian_eigenvalues, loss_landscape
+from ..functional import eigenvector_slice, hessian_eigenvalues, loss_landscape
 
 FORMAT = "lightning-flatness/landscape"
 VERSION = 1
 SUBDIR = "landscape"
-TAGS = ("landscape/1d", "landscape/2d", "landscape/eigenvector")
 _FILE = re.compile(r"epoch_(\d+)\.json")
 
 
@@ -193,108 +191,3 @@ def compute_views(
     views.n_forward += ev.n_forward
     views.seconds = time.perf_counter() - start
     return views
-
-
-# -------------------------------------------------------------------------- logging
-def _is_wandb(logger: Any) -> bool:  # noqa: ANN401
-    from ._logging import _is_wandb as check
-
-    return check(logger)
-
-
-class LandscapeWriter:
-    """Writes one epoch's views to every logger (call on rank 0 only)."""
-
-    def __init__(self) -> None:
-        self._wandb_keys: dict[int, set[str]] = {}
-
-    def write(self, loggers: Sequence[Any], views: LandscapeViews) -> None:
-        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-        from ._landscape_plots import images
-
-        pictures = None
-        for logger in loggers:
-            if isinstance(logger, TensorBoardLogger):
-                pictures = pictures if pictures is not None else images(views)
-                writer = logger.experiment
-                for tag, image in pictures.items():
-                    writer.add_image(tag, image, global_step=views.epoch, dataformats="HWC")
-                writer.flush()
-                write_json(logger.log_dir, views)
-            elif _is_wandb(logger):
-                import wandb
-
-                pictures = pictures if pictures is not None else images(views)
-                experiment = logger.experiment
-                known = self._wandb_keys.setdefault(id(experiment), set())
-                for tag in sorted(set(pictures) - known):  # exact keys beat Lightning's "*" glob
-                    if hasattr(experiment, "define_metric"):
-                        experiment.define_metric(tag, step_metric="epoch")
-                    known.add(tag)
-                experiment.log({**{t: wandb.Image(p, caption=f"epoch {views.epoch}") for t, p in pictures.items()},
-                                "epoch": views.epoch})  # fmt: skip
-            elif isinstance(logger, CSVLogger):
-                write_json(logger.log_dir, views)
-
-
-@dataclass
-class LandscapeOptions:
-    """The callback's ``landscape_*`` arguments (validated in ``_config.py``)."""
-
-    every_n_epochs: int = 0  # 0: off; -1: only the final weights; n: measured epochs divisible by n, and the final
-    steps: int = 21
-    span: float = 1.0
-    two_d: bool = False
-    steps_2d: int = 15
-    eig_span: float = 1.0
-
-    def due(self, x: int, final: bool) -> bool:
-        n = self.every_n_epochs
-        return n != 0 and (final or (n > 0 and x % n == 0))
-
-
-class LandscapeRecorder:
-    """Computes and logs the views for the callback, on rank 0 only, outside any cross-process context.
-
-    Nothing here calls a collective, so the other ranks go on training (and wait for rank 0 at
-    their next gradient all-reduce). Failures follow ``on_error``: warn once and skip, or raise.
-    """
-
-    def __init__(self, options: LandscapeOptions, seed: int, on_error: str) -> None:
-        self.options, self.seed, self.on_error = options, seed, on_error
-        self.views: list[LandscapeViews] = []  # rank 0: every epoch's views, in order
-        self.last_x: int | None = None
-        self._writer = LandscapeWriter()
-        self._warned = False
-
-    def record(
-        self, trainer: Any, model: torch.nn.Module, data: dict, x: int, loss_fn: Any,
-        vector: Tensor | None, eigenvalue: float | None, eigen_kwargs: dict,
-    ) -> LandscapeViews | None:  # fmt: skip
-        self.last_x = x
-        if not trainer.is_global_zero:
-            return None
-        opts = self.options
-        try:
-            views = compute_views(
-                model, data["measure"], data.get("gap_train"), data.get("gap_val"), loss_fn, epoch=x,
-                steps=opts.steps, span=opts.span, two_d=opts.two_d, steps_2d=opts.steps_2d, eig_span=opts.eig_span,
-                seed=self.seed, vector=vector, eigenvalue=eigenvalue, eigen_kwargs=eigen_kwargs,
-            )  # fmt: skip
-            self._writer.write(trainer.loggers, views)
-        except Exception as err:  # noqa: BLE001 - a failing view must not stop training
-            if self.on_error == "raise":
-                raise
-            if not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"FlatnessCallback: the loss-landscape views failed and are skipped ({type(err).__name__}: "
-                    f'{err}). Further failures are not reported; pass on_error="raise" to stop instead.',
-                    stacklevel=2,
-                )
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return None
-        self.views.append(views)
-        return views

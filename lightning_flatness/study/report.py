@@ -27,56 +27,20 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..keys import LOSS_GAP, SECONDS, TRAIN_LOSS
+from .runs import ReportError, Row, comparison_row, load_runs, ordered_keys
+
 DESCRIPTION = (
     "Plots and a table (Markdown + CSV) of every run's flatness metrics and generalization gap, read from "
     "TensorBoard event files, with the Kendall and Spearman rank correlation of each metric with gap/loss."
 )
-PREFIXES = ("flatness/", "gap/")
-KNOWN_KEYS = (
-    "flatness/hessian_top_eig", "flatness/grad_cosine_regret", "flatness/grad_cosine", "flatness/fisher_trace",
-    "flatness/pacgen", "gap/train_loss", "gap/test_loss", "gap/loss", "gap/train_acc", "gap/test_acc", "gap/acc",
-    "flatness/seconds",
-)  # fmt: skip
-TARGET = "gap/loss"
-TRAIN_LOSS = "gap/train_loss"
-NOT_CORRELATED = (TARGET, "flatness/seconds")
-
-
-class ReportError(ValueError):
-    """The log directory holds no run, or no run with the callback's metrics."""
-
-
-@dataclass
-class Run:
-    """One run's ``flatness/*`` and ``gap/*`` scalars: ``{key: {epoch: value}}``."""
-
-    name: str
-    path: Path
-    scalars: dict[str, dict[int, float]]
-
-    def series(self, key: str) -> list[tuple[int, float]]:
-        return sorted(self.scalars.get(key, {}).items())
-
-    def value_at(self, key: str, epoch: int) -> float:
-        """The latest value of ``key`` logged at or before ``epoch`` (NaN if none)."""
-        best = [(s, v) for s, v in self.series(key) if s <= epoch]
-        return best[-1][1] if best else float("nan")
-
-
-@dataclass
-class Row:
-    """A run at its comparison point: ``epoch`` is None when the run never reached it."""
-
-    run: str
-    epoch: int | None
-    values: dict[str, float]
-    note: str = ""
+TARGET = LOSS_GAP
+NOT_CORRELATED = (TARGET, SECONDS)
 
 
 @dataclass
@@ -87,89 +51,6 @@ class Report:
     at_train_loss: float | None
     markdown: str
     files: list[Path] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- reading
-def _natural_key(name: str) -> list:
-    parts = re.split(r"(\d+(?:\.\d+)?(?:e-?\d+)?)", name)
-    return [float(p) if i % 2 else p for i, p in enumerate(parts)]
-
-
-def find_run_dirs(logdir: str | Path) -> list[Path]:
-    """Every directory under ``logdir`` (itself included) that holds TensorBoard event files."""
-    root = Path(logdir)
-    if not root.is_dir():
-        raise ReportError(f"{root} is not a directory.")
-    return sorted({p.parent for p in root.rglob("events.out.tfevents.*") if p.is_file()})
-
-
-def _run_names(root: Path, dirs: Sequence[Path]) -> list[str]:
-    """Paths relative to ``root``; ``name/version_N`` is shortened to ``name`` when it is the only version."""
-    rel = [d.relative_to(root).as_posix() if d != root else root.resolve().name for d in dirs]
-    parents = [r.rsplit("/", 1)[0] if re.search(r"(^|/)version_\d+$", r) and "/" in r else None for r in rel]
-    return [p if p is not None and parents.count(p) == 1 and p not in rel else r for r, p in zip(rel, parents)]
-
-
-def read_scalars(run_dir: str | Path) -> dict[str, dict[int, float]]:
-    """``{tag: {step: value}}`` of the ``flatness/*`` and ``gap/*`` scalars in one directory's event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
-    acc.Reload()
-    out: dict[str, dict[int, float]] = {}
-    for tag in acc.Tags().get("scalars", []):
-        if tag.startswith(PREFIXES):
-            out[tag] = {int(e.step): float(e.value) for e in acc.Scalars(tag)}  # the last write of a step wins
-    return out
-
-
-def load_runs(logdir: str | Path) -> list[Run]:
-    """Every run under ``logdir`` with at least one ``flatness/*`` or ``gap/*`` scalar, naturally sorted.
-
-    Raises :class:`ReportError` when there is no event file or no run has those scalars.
-    """
-    root = Path(logdir)
-    dirs = find_run_dirs(root)
-    if not dirs:
-        raise ReportError(f"no TensorBoard event files (events.out.tfevents.*) under {root}: no runs to report.")
-    runs, empty = [], []
-    for name, d in zip(_run_names(root, dirs), dirs):
-        scalars = read_scalars(d)
-        (runs.append(Run(name, d, scalars)) if scalars else empty.append(name))
-    if not runs:
-        raise ReportError(
-            f"none of the {len(dirs)} run(s) under {root} ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}) "
-            "logged flatness/* or gap/* scalars; train them with lightning_flatness.FlatnessCallback."
-        )
-    if empty:
-        warnings.warn(f"skipped run(s) without flatness/* or gap/* scalars: {', '.join(empty)}", stacklevel=2)
-    return sorted(runs, key=lambda r: _natural_key(r.name))
-
-
-def ordered_keys(runs: Sequence[Run]) -> list[str]:
-    present = {k for r in runs for k in r.scalars}
-    known = [k for k in KNOWN_KEYS if k in present]
-    eigs = sorted((k for k in present if re.fullmatch(r"flatness/hessian_eig_\d+", k)), key=_natural_key)
-    rest = sorted(present - set(known) - set(eigs))
-    if eigs:  # right after the top eigenvalue
-        i = known.index("flatness/hessian_top_eig") + 1 if "flatness/hessian_top_eig" in known else 0
-        known[i:i] = eigs
-    return known + rest
-
-
-# --------------------------------------------------------------------------- selecting
-def comparison_row(run: Run, keys: Sequence[str], at_train_loss: float | None = None) -> Row:
-    """The run at the end of training, or at its first measurement with ``gap/train_loss <= at_train_loss``."""
-    if at_train_loss is None:
-        epoch = max(s for series in run.scalars.values() for s in series)
-        return Row(run.name, epoch, {k: run.value_at(k, epoch) for k in keys})
-    train = run.series(TRAIN_LOSS)
-    reached = [s for s, v in train if v <= at_train_loss]
-    if not reached:
-        low = min((v for _, v in train), default=float("nan"))
-        note = f"never reached train loss <= {at_train_loss:g} (lowest {low:.4g})" if train else f"no {TRAIN_LOSS}"
-        return Row(run.name, None, {k: float("nan") for k in keys}, note)
-    return Row(run.name, reached[0], {k: run.value_at(k, reached[0]) for k in keys})
 
 
 def rank_correlations(
@@ -261,8 +142,8 @@ def make_report(
     if TARGET not in keys:
         warnings.warn(f"no run logged {TARGET} (it needs validation data): no rank correlations.", stacklevel=2)
     if plots:
-        from ._landscape_plots import plot_runs
-        from ._plots import plot_all
+        from ..landscape.plots import plot_runs
+        from .plots import plot_all
 
         files += plot_all(runs, rows, keys, out_dir)
         files += plot_runs(runs, out_dir)  # only when runs logged landscape views

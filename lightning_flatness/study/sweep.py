@@ -10,7 +10,7 @@ training set (eval mode, checked after every epoch) is at most ``--target-train-
 for ``--max-epochs``. Runs are compared there, at matched training loss (Keskar et al. 2017):
 with a fixed epoch budget the large-batch runs would simply be under-trained. Each run logs
 to ``LOGDIR/<run name>`` (TensorBoard, and W&B with ``--wandb``); the report
-(:mod:`lightning_flatness.report`) is written to ``LOGDIR/report`` at the end.
+(:mod:`lightning_flatness.study.report`) is written to ``LOGDIR/report`` at the end.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from lightning.pytorch import Trainer
 
-from ._sweep_training import OPTIMIZERS, Classifier, TargetTrainLoss
+from .training import OPTIMIZERS, Classifier, TargetTrainLoss
 from .data import DATASETS, Data, load_dataset
-from .metrics import FLATNESS_METRICS, KNOWN_METRICS
+from ..metrics import FLATNESS_METRICS, KNOWN_METRICS
 
 DESCRIPTION = (
     "Train one MLP with SGD at several batch sizes (or learning rates), each run until its full-train-set loss "
@@ -163,7 +163,7 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     """Train one run to the target training loss, measuring flatness; returns its summary."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from .callback import FlatnessCallback
+    from ..callback import FlatnessCallback
 
     logdir = cfg.resolved_logdir()
     every = cfg.measure_every if cfg.measure_every else measurement_interval(batch_size, lr)
@@ -211,7 +211,7 @@ def _optimizer_text(cfg: SweepConfig) -> str:
 def _perturbation(cfg: SweepConfig) -> list[Any]:
     if cfg.pacgen_noise <= 0:
         return []
-    from .perturbation import PACGenPerturbation
+    from ..perturbation import PACGenPerturbation
 
     return [PACGenPerturbation(noise_scale=cfg.pacgen_noise, every_n_steps=100, seed=cfg.seed)]
 

@@ -6,48 +6,23 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from .._figures import colors, figure, wants_log_scale
+from ..keys import GAP_PREFIX, OVERVIEW, SECONDS, TRAIN_LOSS
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .report import Row, Run
+    from .runs import Row, Run
 
-OVERVIEW_KEYS = (
-    "flatness/hessian_top_eig", "flatness/grad_cosine_regret", "flatness/fisher_trace", "flatness/pacgen",
-    "gap/loss", "gap/acc",
-)  # fmt: skip
-NOT_PLOTTED = ("flatness/seconds",)
-TRAIN_LOSS = "gap/train_loss"
-
-
-def _figure(width: float = 6.4, height: float = 4.2, layout: str | None = None):  # noqa: ANN202
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise SystemExit("the report's plots need matplotlib: pip install matplotlib (or pass --no-plots)") from err
-    fig = Figure(figsize=(width, height), layout=layout)  # "constrained" costs ~0.5 s a figure: overview only
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["viridis"]
-    return [cmap(0.9 * i / max(n - 1, 1)) for i in range(n)]
+NOT_PLOTTED = (SECONDS,)
 
 
 def file_stem(key: str) -> str:
     return key.replace("/", "_")
 
 
-def _log_scale(values: Sequence[float]) -> bool:
-    vals = [v for v in values if math.isfinite(v)]
-    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) > 100
-
-
 def _draw(ax, runs: Sequence[Run], rows: Sequence[Row], key: str, x_key: str | None) -> bool:  # noqa: ANN001
     """Every run's ``key`` vs epoch (``x_key`` None) or vs ``x_key`` at the same epochs; True if anything was drawn."""
     drawn, ys = False, []
-    for run, row, color in zip(runs, rows, _colors(len(runs))):
+    for run, row, color in zip(runs, rows, colors(len(runs))):
         series = run.series(key)
         if x_key is not None:
             xmap = run.scalars.get(x_key, {})
@@ -77,7 +52,7 @@ def _draw(ax, runs: Sequence[Run], rows: Sequence[Row], key: str, x_key: str | N
         ax.xaxis.set_minor_formatter(NullFormatter())
         if not ax.xaxis_inverted():
             ax.invert_xaxis()
-    if not key.startswith("gap/") and _log_scale(ys):  # gaps can be negative and are read on a linear scale
+    if not key.startswith(GAP_PREFIX) and wants_log_scale(ys):  # gaps can be negative and are read on a linear scale
         ax.set_yscale("log")
     ax.set_ylabel(key)
     ax.grid(True, alpha=0.3)
@@ -93,7 +68,7 @@ def plot_all(runs: Sequence[Run], rows: Sequence[Row], keys: Sequence[str], out:
             continue
         views = [("epoch", None)] + ([("train_loss", TRAIN_LOSS)] if has_train_loss and key != TRAIN_LOSS else [])
         for suffix, x_key in views:
-            fig = _figure()
+            fig = figure()
             fig.subplots_adjust(left=0.14, right=0.97, bottom=0.13, top=0.92)
             ax = fig.add_subplot()
             if not _draw(ax, runs, rows, key, x_key):
@@ -103,11 +78,11 @@ def plot_all(runs: Sequence[Run], rows: Sequence[Row], keys: Sequence[str], out:
             path = out / f"{file_stem(key)}_vs_{suffix}.png"
             fig.savefig(path, dpi=110)
             written.append(path)
-    panels = [k for k in OVERVIEW_KEYS if k in keys]
+    panels = [k for k in OVERVIEW if k in keys]
     if panels:
         cols = min(3, len(panels))
         nrows = math.ceil(len(panels) / cols)
-        fig = _figure(4.3 * cols, 3.3 * nrows + 0.4, layout="constrained")
+        fig = figure(4.3 * cols, 3.3 * nrows + 0.4, layout="constrained")
         x_key = TRAIN_LOSS if has_train_loss else None
         for i, key in enumerate(panels):
             ax = fig.add_subplot(nrows, cols, i + 1)

@@ -1,0 +1,54 @@
+"""Every key the package logs, in one place: the callback writes them, the report and its
+plots read them. Values are logged at ``step = epoch`` (see ``docs/configuration.md``)."""
+
+from __future__ import annotations
+
+FLATNESS_PREFIX = "flatness/"
+GAP_PREFIX = "gap/"
+LANDSCAPE_PREFIX = "landscape/"
+
+# Flatness metrics (one value per measurement).
+HESSIAN_TOP_EIG = "flatness/hessian_top_eig"
+GRAD_COSINE_REGRET = "flatness/grad_cosine_regret"
+GRAD_COSINE = "flatness/grad_cosine"
+FISHER_TRACE = "flatness/fisher_trace"
+PACGEN = "flatness/pacgen"
+LOCAL_ENTROPY = "flatness/local_entropy"
+SECONDS = "flatness/seconds"
+
+
+def hessian_eig(j: int) -> str:
+    """The ``j``-th largest Hessian eigenvalue, ``j = 1..k`` (logged when ``k > 1``)."""
+    return f"flatness/hessian_eig_{j}"
+
+
+# The train/test gap: eval-mode loss and accuracy on fixed subsamples.
+TRAIN_LOSS = "gap/train_loss"
+TEST_LOSS = "gap/test_loss"
+LOSS_GAP = "gap/loss"  # test - train
+TRAIN_ACC = "gap/train_acc"
+TEST_ACC = "gap/test_acc"
+ACC_GAP = "gap/acc"  # train - test
+
+
+def split_loss(split: str) -> str:
+    """``gap/train_loss`` or ``gap/test_loss``."""
+    return f"gap/{split}_loss"
+
+
+def split_acc(split: str) -> str:
+    """``gap/train_acc`` or ``gap/test_acc``."""
+    return f"gap/{split}_acc"
+
+
+# Loss-landscape images.
+LANDSCAPE_1D = "landscape/1d"
+LANDSCAPE_2D = "landscape/2d"
+LANDSCAPE_EIGENVECTOR = "landscape/eigenvector"
+
+# The report's row order, and the panels of its overview figure.
+REPORT_ORDER = (
+    HESSIAN_TOP_EIG, GRAD_COSINE_REGRET, GRAD_COSINE, FISHER_TRACE, PACGEN, TRAIN_LOSS, TEST_LOSS, LOSS_GAP,
+    TRAIN_ACC, TEST_ACC, ACC_GAP, SECONDS,
+)  # fmt: skip
+OVERVIEW = (HESSIAN_TOP_EIG, GRAD_COSINE_REGRET, FISHER_TRACE, PACGEN, LOSS_GAP, ACC_GAP)
