@@ -13,6 +13,8 @@ GRAD_COSINE_REGRET = "flatness/grad_cosine_regret"
 GRAD_COSINE = "flatness/grad_cosine"
 FISHER_TRACE = "flatness/fisher_trace"
 PACGEN = "flatness/pacgen"
+# Fraction of coordinates whose PACGen curvature factor is above its 1/N_i floor (0: Psi measures only |w|).
+PACGEN_CURVED_FRACTION = "flatness/pacgen_curved_fraction"
 LOCAL_ENTROPY = "flatness/local_entropy"
 SECONDS = "flatness/seconds"
 
