@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.functional import hessian_eigenvalues, measurement_mode
-from lightning_flatness.functional._objective import Objective
-from lightning_flatness.functional._params import unflatten
+from lightning_flatness.functional import HessianOperator
+from lightning_flatness.functional import unflatten
 
 from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, math_attention
 from .models import Workload, train_briefly, workloads
@@ -69,24 +69,19 @@ class _Stop(Exception):
 
 @contextlib.contextmanager
 def _record_hvps(log: list[tuple[float, Tensor, Tensor]]) -> Iterator[None]:
-    """Record ``(time, v, Hv)`` of every product of an ``Objective.hessian_operator`` made inside."""
-    original = Objective.hessian_operator
+    """Record ``(time, v, Hv)`` of every product ``H @ v`` of a ``HessianOperator`` made inside."""
+    original = HessianOperator.__matmul__
 
-    def hessian_operator(self: Objective, cache_chunks: int = 1) -> Callable[[Tensor], Tensor]:
-        operator = original(self, cache_chunks)
+    def product(self: HessianOperator, vector: Tensor) -> Tensor:
+        out = original(self, vector)
+        log.append((time.perf_counter(), vector.detach().clone(), out.detach().clone()))
+        return out
 
-        def product(vector: Tensor) -> Tensor:
-            out = operator(vector)
-            log.append((time.perf_counter(), vector.detach().clone(), out.detach().clone()))
-            return out
-
-        return product
-
-    Objective.hessian_operator = hessian_operator  # type: ignore[method-assign]
+    HessianOperator.__matmul__ = product  # type: ignore[method-assign]
     try:
         yield
     finally:
-        Objective.hessian_operator = original  # type: ignore[method-assign]
+        HessianOperator.__matmul__ = original  # type: ignore[method-assign]
 
 
 def ours(model: nn.Module, batches: list[Any], init: Tensor | None, start_from: str = "gradient") -> Trace:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flatness.functional import fisher_trace, measurement_mode
-from lightning_flatness.functional._objective import Objective
+from lightning_flatness.functional import Objective, per_sample_sq_norms
 
 from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio, plain_gradient
 from .models import workloads
@@ -94,7 +94,7 @@ def run(cfg: Config) -> Section:
         with measurement_mode(model):
             with attention:
                 objective = Objective(model, [(x, y)])
-                ours_norms = objective.per_sample_sq_norms((x, y))
+                ours_norms = per_sample_sq_norms(objective, (x, y))
                 loop_norms = loop_sq_norms(model, x, y)
                 bp_norms = None
                 if backpack_impl is not None:

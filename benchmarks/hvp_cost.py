@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_flatness.functional import measurement_mode
-from lightning_flatness.functional._objective import Objective
-from lightning_flatness.functional._params import unflatten
+from lightning_flatness.functional import Objective
+from lightning_flatness.functional import unflatten
 
 from . import _proto
 from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio, plain_gradient
@@ -37,7 +37,7 @@ def run(cfg: Config) -> Section:
     section.notes.append(
         "gradient = `F.cross_entropy(model(x), y).backward()` on the module in eval mode (plain autograd), the "
         "denominator of every ratio; HVP = `Objective.hvp`, one product on its own (a forward, a backward with "
-        "`create_graph=True`, a second backward); kept graph = a product of `Objective.hessian_operator`, which "
+        "`create_graph=True`, a second backward); kept graph = a product of `Objective.hessian_operator(cache_chunks=1)`, which "
         "`hessian_eigenvalues` uses: the forward and first backward are built once and kept, so each Lanczos "
         "product is one second backward (on a single chunk, the default `cache_chunks=1`, at no extra memory); "
         f"block = `Objective.hvps` with {BLOCK} vectors sharing the first two passes (Hutchinson probes, PACGen's "
@@ -73,7 +73,7 @@ def run(cfg: Config) -> Section:
                     "plain": plain_gradient(model, [(x, y)]),
                     "grad": objective.gradient,
                     "hvp": lambda: objective.hvp(v),
-                    "kept": lambda: kept(v),
+                    "kept": lambda: kept @ v,
                     "block": lambda: objective.hvps(block),
                     "raw": lambda: _raw_hvp(model, x, y, v_list),
                 }

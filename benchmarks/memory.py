@@ -37,7 +37,7 @@ SLACK = 2**20  # ... or at most 1 MiB more (allocator granularity on small peaks
 
 def _metric(name: str) -> Callable[[torch.nn.Module, list[Any]], object]:
     from lightning_flatness import functional as fn
-    from lightning_flatness.functional._objective import Objective
+    from lightning_flatness.functional import Objective
 
     def gradient(model: torch.nn.Module, batches: list[Any]) -> object:
         with fn.measurement_mode(model):

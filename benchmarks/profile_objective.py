@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_flatness.functional import measurement_mode
-from lightning_flatness.functional._objective import Objective
+from lightning_flatness.functional import Objective
 
 from ._common import math_attention
 from .models import workloads

@@ -1,9 +1,24 @@
 """lightning-flatness: measure loss-landscape flatness and the generalization gap while training."""
 
-from . import functional
+from . import functional, metrics
 from .callback import FlatnessCallback
+from .landscape import LandscapeOptions
+from .metrics import FisherTrace, FlatnessMetric, GradCosineRegret, HessianEigenvalues, LocalEntropy, PACGen
 from .optim import EntropySGD
 from .perturbation import PACGenPerturbation
 
-__version__ = "0.1.0"
-__all__ = ["EntropySGD", "FlatnessCallback", "PACGenPerturbation", "functional"]
+__version__ = "0.2.0"
+__all__ = [
+    "EntropySGD",
+    "FisherTrace",
+    "FlatnessCallback",
+    "FlatnessMetric",
+    "GradCosineRegret",
+    "HessianEigenvalues",
+    "LandscapeOptions",
+    "LocalEntropy",
+    "PACGen",
+    "PACGenPerturbation",
+    "functional",
+    "metrics",
+]

@@ -4,7 +4,7 @@ Under DDP every rank holds a shard of whole mini-batches of the measurement subs
 functional estimators accumulate sums over their batches (loss, gradient and Hessian-vector
 product totals, the regret's running sums, and the sample counts, in ``Objective.reduce``).
 Inside :func:`cross_process` these are summed over ranks
-(hook ``lightning_flatness.functional._objective.CrossProcess``), so every rank sees the
+(hook ``lightning_flatness.functional.objective.CrossProcess``), so every rank sees the
 objective of the whole subsample and the iterative solvers run identically on every rank.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from .functional._objective import CrossProcess, cross_process_reduction
+from .functional.objective import CrossProcess, cross_process_reduction
 
 
 def _sum(strategy: Any, tensor: Tensor) -> Tensor:

@@ -136,3 +136,32 @@ class BatchRecorder:
 def shard(batches: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     """This rank's share of whole mini-batches: ``batches[rank::world_size]``."""
     return list(batches[rank::world_size])
+
+
+def dataset_size(loader: DataLoader | None) -> int | None:
+    """The number of samples of a loader's dataset, or ``None`` when it has no length."""
+    try:
+        return len(loader.dataset) if loader is not None else None  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def first_batches(loader: DataLoader, num: int) -> list[Any]:
+    """The loader's first batches holding at least ``num`` samples, read without touching any RNG."""
+    with preserved_rng():
+        taken, count = [], 0
+        for batch in loader:
+            taken.append(batch)
+            count += batch_size_of(batch)
+            if count >= num:
+                break
+    return taken
+
+
+def to_device(module: Any, batch: Any) -> Any:
+    """``batch`` on the module's device through its own transfer hooks (a LightningModule's), RNG untouched."""
+    handler = getattr(module, "_apply_batch_transfer_handler", None)
+    with preserved_rng():
+        if handler is not None:
+            return handler(batch, module.device)
+        return move(batch, module.device)

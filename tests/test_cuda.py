@@ -3,27 +3,12 @@
 import pytest
 import torch
 
-from conftest import cnn_batches, tiny_cnn
-from lightning_flatness.functional import (
-    fisher_trace,
-    grad_cosine_regret,
-    hessian_diagonal,
-    hessian_eigenvalues,
-    hessian_trace,
-    pacgen,
-)
+from lightning_flatness.functional import hessian_eigenvalues
+from tests.helpers.estimators import ALL_ESTIMATORS as ESTIMATORS
+from tests.helpers.models import cnn_batches, tiny_cnn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-ESTIMATORS = {
-    "eigen": lambda m, b: hessian_eigenvalues(m, b, k=2, tol=1e-10).values,
-    "trace": lambda m, b: torch.tensor(hessian_trace(m, b, num_probes=5, generator=1).value),
-    "diagonal": lambda m, b: hessian_diagonal(m, b, num_probes=5, generator=1),
-    "regret": lambda m, b: torch.tensor(grad_cosine_regret(m, b).regret),
-    "fisher": lambda m, b: torch.tensor(fisher_trace(m, b).value),
-    "fisher_mc": lambda m, b: torch.tensor(fisher_trace(m, b, kind="mc", num_samples=3, generator=1).value),
-    "pacgen": lambda m, b: torch.tensor(pacgen(m, b, num_probes=5, generator=1).value),
-}
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))

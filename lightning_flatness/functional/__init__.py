@@ -1,31 +1,49 @@
-"""Flatness estimators as plain functions of ``(model, batches, loss_fn)``.
+"""Flatness estimators as plain functions of ``(model, batches, loss_fn)``, and the engine beneath them.
 
-See ``SPEC.md`` §2 and ``docs/metrics.md``. Every function evaluates the model in eval mode,
-computes in at least float32, and leaves the model exactly as it found it.
+Every estimator evaluates the model in eval mode (:func:`measurement_mode`), computes in at
+least float32, and leaves the model exactly as it found it. The math, convergence criteria
+and variance of each one are in ``docs/metrics.md``.
+
+The engine is public: :class:`Objective` (the loss over a data set, evaluated functionally,
+chunk by chunk, reduced over processes), its curvature operator :class:`HessianOperator`, and
+the algorithms that take any :class:`CurvatureOperator` (:func:`lanczos`,
+:func:`hutchinson_trace`, :func:`hutchinson_diagonal`), so a new estimator is built from the
+same parts.
 """
 
 from ._losses import BUILTIN_LOSSES, cross_entropy_loss, mse_loss
 from ._params import flatten, unflatten
+from ._per_sample import per_sample_sq_norms
 from ._restore import measurement_mode
 from .fisher_trace import FisherResult, fisher_trace
 from .grad_cosine_regret import RegretResult, grad_cosine_regret
 from .hessian_eigenvalues import EigenResult, hessian_eigenvalues, hessian_top_eigenvalue
-from .hutchinson import TraceResult, hessian_diagonal, hessian_trace
+from .hutchinson import TraceResult, hessian_diagonal, hessian_trace, hutchinson_diagonal, hutchinson_trace
+from .lanczos import LanczosResult, lanczos
 from .local_entropy import LocalEntropyResult, local_entropy
 from .loss_landscape import EigenvectorSlice, LandscapeResult, eigenvector_slice, loss_landscape, normalize_direction
+from .objective import CrossProcess, HessianOperator, Objective, cross_process_reduction
+from .operator import CurvatureOperator, DenseOperator
 from .pacgen import PACGenResult, estimate_rho, pacgen, pacgen_perturbation_scale
 
 __all__ = [
     "BUILTIN_LOSSES",
+    "CrossProcess",
+    "CurvatureOperator",
+    "DenseOperator",
     "EigenResult",
     "EigenvectorSlice",
+    "FisherResult",
+    "HessianOperator",
+    "LanczosResult",
     "LandscapeResult",
     "LocalEntropyResult",
-    "FisherResult",
+    "Objective",
     "PACGenResult",
     "RegretResult",
     "TraceResult",
     "cross_entropy_loss",
+    "cross_process_reduction",
     "eigenvector_slice",
     "estimate_rho",
     "fisher_trace",
@@ -35,6 +53,9 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_top_eigenvalue",
     "hessian_trace",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "lanczos",
     "local_entropy",
     "loss_landscape",
     "measurement_mode",
@@ -42,5 +63,6 @@ __all__ = [
     "normalize_direction",
     "pacgen",
     "pacgen_perturbation_scale",
+    "per_sample_sq_norms",
     "unflatten",
 ]

@@ -28,7 +28,7 @@ from ._ghost import by_sample_chunks, ghost_sq_norms
 from ._params import unflatten
 
 if TYPE_CHECKING:
-    from ._objective import Objective
+    from .objective import Objective
 
 
 def batch_size(batch: Any, purpose: str = "per-sample gradients") -> int:

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from ._losses import LossArg
-from ._objective import Objective
+from ._per_sample import per_sample_sq_norms
+from .objective import Objective
 from ._restore import measurement_mode
-from ._validate import check_positive_int, make_generator
+from ..validation import check_choice, check_generator, check_int
 
 KINDS = ("empirical", "mc")
 
@@ -58,10 +59,9 @@ def fisher_trace(
         >>> fisher_trace(model, batches).value > 0
         True
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-    num_samples = check_positive_int("num_samples", num_samples)
-    gen = make_generator(generator)
+    kind = check_choice("kind", kind, KINDS)
+    num_samples = check_int("num_samples", num_samples)
+    gen = check_generator(generator)
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
         if kind == "mc" and objective.loss_name not in ("cross_entropy", "mse"):
@@ -69,17 +69,7 @@ def fisher_trace(
                 'kind="mc" samples labels from the model, which needs loss_fn="cross_entropy" or "mse"; '
                 "use kind=\"empirical\" with a custom loss_fn."
             )
-        total = torch.zeros((), dtype=torch.float64, device=objective.device)
-        count = 0
-        for batch in objective.iter_batches():
-            if kind == "empirical":
-                sq = objective.per_sample_sq_norms(batch)
-                count += sq.numel()
-            else:
-                sq = _mc_sq_norms(objective, batch, num_samples, gen)
-                count += sq.numel() // num_samples
-            total += sq.sum(dtype=torch.float64)
-        total, count = objective.reduce(total, count)
+        total, count = _sq_norm_sums(objective, kind, num_samples, gen)
     if count == 0:
         raise ValueError("batches is empty: pass at least one sample.")
     n_grad = 1 if kind == "empirical" else num_samples
@@ -87,6 +77,21 @@ def fisher_trace(
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError("loss_fn produced non-finite per-sample gradients (NaN or inf).")
     return FisherResult(value, n_grad)
+
+
+def _sq_norm_sums(objective: Objective, kind: str, num_samples: int, gen: torch.Generator) -> tuple[Tensor, int]:
+    """``Σ ‖∇ℓ‖²`` over every sample (and label draw), in float64, and the number of inputs, over processes."""
+    total = torch.zeros((), dtype=torch.float64, device=objective.device)
+    count = 0
+    for batch in objective.iter_batches():
+        if kind == "empirical":
+            sq = per_sample_sq_norms(objective, batch)
+            count += sq.numel()
+        else:
+            sq = _mc_sq_norms(objective, batch, num_samples, gen)
+            count += sq.numel() // num_samples
+        total += sq.sum(dtype=torch.float64)
+    return objective.reduce(total, count)
 
 
 def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.Generator) -> Tensor:
@@ -99,9 +104,9 @@ def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.
             raise ValueError('kind="mc" with "cross_entropy" needs logits of shape (B, C).')
         labels = torch.multinomial(probs, num_samples, replacement=True, generator=gen).to(out.device)
         for s in range(num_samples):
-            norms.append(objective.per_sample_sq_norms((x, labels[:, s])))
+            norms.append(per_sample_sq_norms(objective, (x, labels[:, s])))
     else:
         for _ in range(num_samples):
             noise = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-            norms.append(objective.per_sample_sq_norms((x, out + noise)))
+            norms.append(per_sample_sq_norms(objective, (x, out + noise)))
     return torch.cat(norms)

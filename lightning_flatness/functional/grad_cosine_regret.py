@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._losses import LossArg
-from ._objective import Objective
+from .objective import Objective
 from ._restore import measurement_mode
 
 

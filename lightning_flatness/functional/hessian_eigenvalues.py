@@ -8,11 +8,11 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from ._lanczos import lanczos_top
+from ..validation import check_choice, check_float, check_generator, check_int
+from .lanczos import lanczos
 from ._losses import LossArg
-from ._objective import Objective
+from .objective import Objective
 from ._restore import measurement_mode
-from ._validate import check_positive_float, check_positive_int, make_generator
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,10 @@ def hessian_eigenvalues(
         >>> result.values.shape, result.vectors.shape, result.converged
         (torch.Size([2]), torch.Size([2, 67]), True)
     """
-    k = check_positive_int("k", k)
-    max_iter = check_positive_int("max_iter", max_iter)
-    tol = check_positive_float("tol", tol)
-    cache_chunks = check_positive_int("cache_chunks", cache_chunks, allow_zero=True)
-    if start not in STARTS:
-        raise ValueError(f"start must be one of {STARTS}, got {start!r}.")
-    gen = make_generator(generator)
+    k, max_iter, cache_chunks = check_int("k", k), check_int("max_iter", max_iter), check_int("cache_chunks", cache_chunks, 0)
+    tol = check_float("tol", tol, inclusive=False)
+    start = check_choice("start", start, STARTS)
+    gen = check_generator(generator)
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
         dim = objective.num_params
@@ -106,8 +103,8 @@ def hessian_eigenvalues(
             vector, n_grad = _cold_start(objective, start, gen)
         else:
             vector, n_grad = _start_vector(init, dim, objective.w0), 0
-        out = lanczos_top(objective.hessian_operator(cache_chunks), vector, k, tol, max_iter, gen)
-    return EigenResult(out.values, out.vectors, out.num_matvecs, out.converged, n_grad)
+        out = lanczos(objective.hessian_operator(cache_chunks), vector, k=k, tol=tol, max_iter=max_iter, generator=gen)
+    return EigenResult(out.values, out.vectors, out.n_products, out.converged, n_grad)
 
 
 def hessian_top_eigenvalue(

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from ._losses import LossArg
-from ._objective import Objective
+from .objective import Objective
 from ._restore import measurement_mode
-from ._validate import check_positive_float, check_positive_int, make_generator
+from ..validation import check_float, check_generator, check_int
 
 NORMALIZATIONS = ("filter", "layer", "none")
 
@@ -86,7 +86,7 @@ def _directions(
     if isinstance(directions, int) and not isinstance(directions, bool):
         if directions not in (1, 2):
             raise ValueError(f"directions must be 1, 2, or explicit flat vectors; got {directions}.")
-        gen = make_generator(seed)
+        gen = check_generator(seed)
         raw = torch.randn(directions, dim, generator=gen, dtype=torch.float64)
     else:
         raw = torch.stack(list(directions)) if not isinstance(directions, Tensor) else directions
@@ -133,8 +133,8 @@ def loss_landscape(
         >>> result.losses.shape, result.n_forward
         (torch.Size([5, 5]), 25)
     """
-    span = check_positive_float("span", span)
-    steps = check_positive_int("steps", steps)
+    span = check_float("span", span, inclusive=False)
+    steps = check_int("steps", steps)
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
         dirs = _directions(directions, objective, normalization, seed)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._losses import LossArg
-from ._objective import Objective
+from .objective import Objective
 from ._restore import measurement_mode
 from ._validate import check_positive_float, check_positive_int, make_generator
 from .hutchinson import diagonal_estimate

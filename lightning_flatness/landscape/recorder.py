@@ -3,14 +3,15 @@ and writing them to every logger (images) and to ``<log_dir>/landscape/epoch_<x>
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from .._failures import FailurePolicy
 from .._logging import EPOCH_AXIS, epoch_axis, is_wandb
+from ..validation import check_bool, check_float, check_int
 from .views import LandscapeViews, compute_views, write_json
 
 
@@ -48,14 +49,33 @@ class LandscapeWriter:
 
 @dataclass
 class LandscapeOptions:
-    """The callback's ``landscape_*`` arguments."""
+    """Which loss-landscape views the callback logs, and when (``FlatnessCallback(landscape=...)``).
 
-    every_n_epochs: int = 0  # 0: off; -1: only the final weights; n: measured epochs divisible by n, and the final
+    Args:
+        every_n_epochs: ``-1`` (default) only the final weights; ``n`` every measured epoch
+            divisible by ``n`` and the final weights; ``0`` off.
+        steps: grid points of the 1-D slices (the random direction's and the eigenvector's).
+        span: half-width of the filter-normalized slices (1: every filter moved by its own norm).
+        two_d: also the 2-D slice, a contour plot on a ``steps_2d x steps_2d`` grid.
+        steps_2d: grid points per axis of the 2-D slice.
+        eig_span: half-width of the slice along the top Hessian eigenvector (a distance in
+            parameter space).
+    """
+
+    every_n_epochs: int = -1
     steps: int = 21
     span: float = 1.0
     two_d: bool = False
     steps_2d: int = 15
     eig_span: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.every_n_epochs = check_int("every_n_epochs", self.every_n_epochs, -1)
+        self.steps = check_int("steps", self.steps, 2)
+        self.span = check_float("span", self.span, inclusive=False)
+        self.two_d = check_bool("two_d", self.two_d)
+        self.steps_2d = check_int("steps_2d", self.steps_2d, 2)
+        self.eig_span = check_float("eig_span", self.eig_span, inclusive=False)
 
     def due(self, x: int, final: bool) -> bool:
         n = self.every_n_epochs
@@ -66,15 +86,14 @@ class LandscapeRecorder:
     """Computes and logs the views for the callback, on rank 0 only, outside any cross-process context.
 
     Nothing here calls a collective, so the other ranks go on training (and wait for rank 0 at
-    their next gradient all-reduce). Failures follow ``on_error``: warn once and skip, or raise.
+    their next gradient all-reduce). Failures follow the callback's ``on_error`` policy.
     """
 
-    def __init__(self, options: LandscapeOptions, seed: int, on_error: str) -> None:
-        self.options, self.seed, self.on_error = options, seed, on_error
+    def __init__(self, options: LandscapeOptions, seed: int, failures: FailurePolicy) -> None:
+        self.options, self.seed, self.failures = options, seed, failures
         self.views: list[LandscapeViews] = []  # rank 0: every epoch's views, in order
         self.last_x: int | None = None
         self._writer = LandscapeWriter()
-        self._warned = False
 
     def record(
         self, trainer: Any, model: torch.nn.Module, data: dict, x: int, loss_fn: Any,
@@ -92,17 +111,7 @@ class LandscapeRecorder:
             )  # fmt: skip
             self._writer.write(trainer.loggers, views)
         except Exception as err:  # noqa: BLE001 - a failing view must not stop training
-            if self.on_error == "raise":
-                raise
-            if not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"FlatnessCallback: the loss-landscape views failed and are skipped ({type(err).__name__}: "
-                    f'{err}). Further failures are not reported; pass on_error="raise" to stop instead.',
-                    stacklevel=2,
-                )
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            self.failures.handle("the loss-landscape views", err)
             return None
         self.views.append(views)
         return views

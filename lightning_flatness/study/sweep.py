@@ -30,7 +30,8 @@ from lightning.pytorch import Trainer
 
 from .training import OPTIMIZERS, Classifier, TargetTrainLoss
 from .data import DATASETS, Data, load_dataset
-from ..metrics import FLATNESS_METRICS, KNOWN_METRICS
+from ..landscape import LandscapeOptions
+from ..metrics import BUILTIN, DEFAULT_METRICS
 
 DESCRIPTION = (
     "Train one MLP with SGD at several batch sizes (or learning rates), each run until its full-train-set loss "
@@ -57,7 +58,7 @@ class SweepConfig:
     target_train_loss: float = 0.05
     max_epochs: int = 3000
     measure_every: int | None = None  # None: auto, see measurement_interval()
-    metrics: Sequence[str] = FLATNESS_METRICS
+    metrics: Sequence[str] = DEFAULT_METRICS
     num_samples: int = 512
     measure_batch_size: int = 64
     landscape_every_n_epochs: int = -1  # FlatnessCallback's: -1 final weights only, 0 off, N every N-th measured epoch
@@ -176,7 +177,7 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     flatness = FlatnessCallback(
         metrics=tuple(cfg.metrics), every_n_epochs=every, num_samples=cfg.num_samples,
         batch_size=cfg.measure_batch_size, gap_num_samples=max(len(data.y_train), len(data.y_test)),
-        seed=cfg.seed, measure_at_start=True, landscape_every_n_epochs=cfg.landscape_every_n_epochs, landscape_2d=True,
+        seed=cfg.seed, measure_at_start=True, landscape=_landscape(cfg),
     )  # fmt: skip
     target = TargetTrainLoss(data.x_train, data.y_train, cfg.target_train_loss, name,
                              None if cfg.quiet else cfg.progress_seconds)  # fmt: skip
@@ -201,6 +202,12 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     test_loss = trainer.callback_metrics.get("val/loss")
     summary.test_loss = float(test_loss) if test_loss is not None else float("nan")
     return summary
+
+
+def _landscape(cfg: SweepConfig) -> LandscapeOptions | None:
+    if cfg.landscape_every_n_epochs == 0:
+        return None
+    return LandscapeOptions(every_n_epochs=cfg.landscape_every_n_epochs, two_d=True)
 
 
 def _optimizer_text(cfg: SweepConfig) -> str:
@@ -315,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-epochs", type=_positive_int, default=d.max_epochs)
     parser.add_argument("--measure-every", type=_positive_int, default=None, metavar="N",
                         help="epochs between flatness measurements (default: max(1, round(B / (160 lr))))")
-    parser.add_argument("--metrics", nargs="+", choices=KNOWN_METRICS, default=list(d.metrics))
+    parser.add_argument("--metrics", nargs="+", choices=list(BUILTIN), default=list(d.metrics))
     parser.add_argument("--num-samples", type=_positive_int, default=d.num_samples,
                         help="size of the fixed measurement subsample of the training set")
     parser.add_argument("--measure-batch-size", type=_positive_int, default=d.measure_batch_size,

@@ -9,14 +9,34 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_callback_common import Classifier, DataModule, Stream, make_data, trainer
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
-from lightning_flatness import FlatnessCallback
-from lightning_flatness import metrics as metrics_module
-from lightning_flatness.functional import fisher_trace, grad_cosine_regret, hessian_eigenvalues, pacgen
+from lightning_flatness import (
+    FisherTrace,
+    FlatnessCallback,
+    GradCosineRegret,
+    HessianEigenvalues,
+    LandscapeOptions,
+    LocalEntropy,
+    PACGen,
+)
+from lightning_flatness.metrics import hessian as hessian_metric_module
+from lightning_flatness.metrics import pacgen as pacgen_metric_module
+from lightning_flatness.functional import (
+    fisher_trace,
+    grad_cosine_regret,
+    hessian_eigenvalues,
+    pacgen,
+)
 from lightning_flatness.metrics import measurement_seed
+from tests.helpers.lightning_models import (
+    Classifier,
+    DataModule,
+    Stream,
+    make_data,
+    trainer,
+)
 
 SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=96)
 
@@ -43,7 +63,8 @@ def close(a, b, rel):
 
 
 def test_values_equal_functional_api_on_the_same_subsample(tmp_path):
-    cb = FlatnessCallback(tol=1e-7, max_iter=300, measure_at_start=True, **SMALL)
+    metrics = [HessianEigenvalues(tol=1e-7, max_iter=300), "grad_cosine_regret", "fisher_trace", "pacgen"]
+    cb = FlatnessCallback(metrics, measure_at_start=True, **SMALL)
     t, model, dm = fit(tmp_path, cb)
     assert [x for x, _ in cb.history] == [0, 1, 2]
     x, last = cb.history[-1]
@@ -69,16 +90,16 @@ def test_values_equal_functional_api_on_the_same_subsample(tmp_path):
     assert close(last["gap/acc"], last["gap/train_acc"] - last["gap/test_acc"], 1e-6)
     assert last["flatness/seconds"] > 0
     # torchmetrics objects and trainer.callback_metrics hold the same values
-    assert isinstance(cb.metrics, MetricCollection)
-    assert close(float(cb.metrics["flatness/fisher_trace"].compute()), last["flatness/fisher_trace"], 1e-6)
+    assert isinstance(cb.values, MetricCollection)
+    assert close(float(cb.values["flatness/fisher_trace"].compute()), last["flatness/fisher_trace"], 1e-6)
     assert close(float(t.callback_metrics["flatness/hessian_top_eig"]), last["flatness/hessian_top_eig"], 1e-6)
 
 
 def test_final_weights_bit_identical_with_and_without_callback(tmp_path):
     _, plain, _ = fit(tmp_path / "a", None, max_epochs=3)
     # with the loss-landscape views too (1-D, 2-D and eigenvector slices at every measurement)
-    cb = FlatnessCallback(measure_at_start=True, landscape_every_n_epochs=1, landscape_steps=3, landscape_2d=True,
-                          landscape_2d_steps=2, **SMALL)  # fmt: skip
+    views = LandscapeOptions(every_n_epochs=1, steps=3, two_d=True, steps_2d=2)
+    cb = FlatnessCallback(measure_at_start=True, landscape=views, **SMALL)
     _, measured, _ = fit(tmp_path / "b", cb, max_epochs=3)
     assert len(cb.history) == 4 and len(cb._landscape.views) == 4
     a, b = plain.state_dict(), measured.state_dict()
@@ -89,22 +110,22 @@ def test_final_weights_bit_identical_with_and_without_callback(tmp_path):
 
 def test_warm_start_from_previous_eigenvectors(tmp_path, monkeypatch):
     calls = []
-    real = metrics_module.hessian_eigenvalues
+    real = hessian_metric_module.hessian_eigenvalues
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         calls.append((kwargs.get("init"), out.vectors.clone()))
         return out
 
-    monkeypatch.setattr(metrics_module, "hessian_eigenvalues", spy)
-    fit(tmp_path, FlatnessCallback(metrics=["hessian_top_eig"], k=2, **SMALL), max_epochs=3)
+    monkeypatch.setattr(hessian_metric_module, "hessian_eigenvalues", spy)
+    fit(tmp_path, FlatnessCallback(metrics=[HessianEigenvalues(k=2)], **SMALL), max_epochs=3)
     assert calls[0][0] is None
     for (init, _), (_, previous) in zip(calls[1:], calls[:-1]):
         assert init is not None and torch.equal(init, previous)
 
 
 def test_k_greater_than_one_logs_each_eigenvalue(tmp_path):
-    cb = FlatnessCallback(metrics=["hessian_top_eig"], k=2, **SMALL)
+    cb = FlatnessCallback(metrics=[HessianEigenvalues(k=2)], **SMALL)
     fit(tmp_path, cb, max_epochs=1)
     values = cb.history[-1][1]
     assert values["flatness/hessian_eig_1"] == values["flatness/hessian_top_eig"] >= values["flatness/hessian_eig_2"]
@@ -155,20 +176,35 @@ def test_max_overhead_budget_skips_measurements(tmp_path):
         (dict(loss_fn="hinge"), "loss_fn"),
         (dict(loss_fn=3), "loss_fn"),
         (dict(every_n_epochs=-1), "every_n_epochs"),
-        (dict(k=0), "k"),
-        (dict(tol=0.0), "tol"),
-        (dict(kind="true"), "kind"),
-        (dict(eps=0), "eps"),
-        (dict(rho=-1.0), "rho"),
         (dict(max_overhead=1.5), "max_overhead"),
         (dict(on_error="ignore"), "on_error"),
-        (dict(pacgen_screen=1), "pacgen_screen"),
-        (dict(cache_chunks=-1), "cache_chunks"),
+        (dict(measure_at_start=1), "measure_at_start"),
+        (dict(metrics=["fisher_trace", "fisher_trace"]), "twice"),
+        (dict(metrics=[HessianEigenvalues(), "hessian_top_eig"]), "twice"),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs, name):
     with pytest.raises(ValueError, match=name):
         FlatnessCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: HessianEigenvalues(k=0), "k"),
+        (lambda: HessianEigenvalues(tol=0.0), "tol"),
+        (lambda: HessianEigenvalues(k=3, max_iter=2), "max_iter"),
+        (lambda: HessianEigenvalues(cache_chunks=-1), "cache_chunks"),
+        (lambda: FisherTrace(kind="true"), "kind"),
+        (lambda: PACGen(eps=0), "eps"),
+        (lambda: PACGen(rho=-1.0), "rho"),
+        (lambda: PACGen(screen=1), "screen"),
+        (lambda: GradCosineRegret(every_n_epochs=0), "every_n_epochs"),
+    ],
+)
+def test_invalid_metric_options_raise_at_construction(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
 
 
 def test_regret_off_allows_small_num_samples():
@@ -203,7 +239,7 @@ def test_frozen_parameters_are_not_measured(tmp_path):
     cb = FlatnessCallback(metrics=["hessian_top_eig"], **SMALL)
     fit(tmp_path, cb, model=model, max_epochs=1)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert cb._eig_vectors.shape == (1, trainable) and trainable < sum(p.numel() for p in model.parameters())
+    assert cb.metrics[0].vectors.shape == (1, trainable) and trainable < sum(p.numel() for p in model.parameters())
 
 
 def test_no_validation_data_logs_train_side_and_warns(tmp_path):
@@ -235,7 +271,7 @@ def test_iterable_dataset_copies_first_training_batches(tmp_path):
 
 
 def test_bf16_mixed_precision_measures_in_float32(tmp_path):
-    cb = FlatnessCallback(metrics=["hessian_top_eig", "fisher_trace"], tol=1e-7, max_iter=300, **SMALL)
+    cb = FlatnessCallback(metrics=[HessianEigenvalues(tol=1e-7, max_iter=300), "fisher_trace"], **SMALL)
     _, model, dm = fit(tmp_path, cb, max_epochs=1, precision="bf16-mixed")
     batches = subsample(dm.train_set, 0, 64, 16)
     assert close(cb.history[-1][1]["flatness/hessian_top_eig"], hessian_eigenvalues(model, batches, tol=1e-7, max_iter=300).values[0].item(), 1e-5)
@@ -298,7 +334,8 @@ def test_cuda_bf16_mixed_bit_identical_and_float32_values(tmp_path, monkeypatch)
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for deterministic=True
     gpu = dict(max_epochs=2, accelerator="gpu", devices=1, precision="bf16-mixed")
     _, plain, _ = fit(tmp_path / "a", None, **gpu)
-    cb = FlatnessCallback(measure_at_start=True, tol=1e-7, max_iter=300, **SMALL)
+    metrics = [HessianEigenvalues(tol=1e-7, max_iter=300), "grad_cosine_regret", "fisher_trace", "pacgen"]
+    cb = FlatnessCallback(metrics, measure_at_start=True, **SMALL)
     _, measured, dm = fit(tmp_path / "b", cb, **gpu)
     assert [x for x, _ in cb.history] == [0, 1, 2]
     assert cb._data["measure"][0][0].device.type == "cuda"  # the subsample is kept on the device
@@ -313,9 +350,8 @@ def test_cuda_bf16_mixed_bit_identical_and_float32_values(tmp_path, monkeypatch)
 def test_local_entropy_is_opt_in_and_equals_the_functional_api(tmp_path):
     from lightning_flatness.functional import local_entropy
 
-    assert "local_entropy" not in FlatnessCallback().config["metrics"]
-    options = dict(entropy_gamma=50.0, entropy_noise=0.05, entropy_steps=8, entropy_step_size=0.002)
-    cb = FlatnessCallback(metrics=["local_entropy"], **options, **SMALL)
+    assert "local_entropy" not in [m.name for m in FlatnessCallback().metrics]
+    cb = FlatnessCallback(metrics=[LocalEntropy(gamma=50.0, noise=0.05, num_steps=8, step_size=0.002)], **SMALL)
     _, model, dm = fit(tmp_path, cb, max_epochs=1)
     x, last = cb.history[-1]
     batches = subsample(dm.train_set, 0, 64, 16)
@@ -327,12 +363,12 @@ def test_local_entropy_is_opt_in_and_equals_the_functional_api(tmp_path):
     assert close(last["flatness/local_entropy"], ent.value, 1e-6)
 
 
-@pytest.mark.parametrize("name", ["entropy_gamma", "entropy_noise", "entropy_step_size"])
+@pytest.mark.parametrize("name", ["gamma", "noise", "step_size"])
 def test_local_entropy_options_are_validated(name):
     with pytest.raises(ValueError, match=name):
-        FlatnessCallback(metrics=["local_entropy"], **{name: 0.0})
-    with pytest.raises(ValueError, match="entropy_steps"):
-        FlatnessCallback(entropy_steps=2)
+        LocalEntropy(**{name: 0.0})
+    with pytest.raises(ValueError, match="num_steps"):
+        LocalEntropy(num_steps=2)
 
 
 @pytest.mark.parametrize("screen", [True, False])
@@ -343,9 +379,9 @@ def test_pacgen_gets_twice_the_top_eigenvalue_as_its_diagonal_bound(tmp_path, mo
         seen.append(kwargs["hessian_max"])
         return pacgen(*args, **kwargs)
 
-    monkeypatch.setattr(metrics_module, "pacgen", spy)
+    monkeypatch.setattr(pacgen_metric_module, "pacgen", spy)
     # pacgen listed first still runs after the eigenvalue that bounds its diagonal
-    cb = FlatnessCallback(metrics=("pacgen", "hessian_top_eig"), pacgen_screen=screen, eps=3.0, **SMALL)
+    cb = FlatnessCallback(metrics=(PACGen(screen=screen, eps=3.0), "hessian_top_eig"), **SMALL)
     _, model, dm = fit(tmp_path, cb, max_epochs=1)
     x, last = cb.history[-1]
     assert len(seen) == 1
@@ -363,7 +399,7 @@ def test_pacgen_gets_twice_the_top_eigenvalue_as_its_diagonal_bound(tmp_path, mo
 def test_kept_graphs_leave_the_eigenvalue_unchanged(tmp_path):
     values = []
     for cache_chunks in (0, 4):  # SMALL: 64 samples in 4 mini-batches of 16
-        cb = FlatnessCallback(metrics=("hessian_top_eig",), cache_chunks=cache_chunks, **SMALL)
+        cb = FlatnessCallback(metrics=(HessianEigenvalues(cache_chunks=cache_chunks),), **SMALL)
         fit(tmp_path, cb, max_epochs=1)
         values.append(cb.history[-1][1]["flatness/hessian_top_eig"])
     assert values[0] == values[1]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import mlp_batches, model_output_loss, tiny_mlp
 from lightning_flatness.functional import local_entropy
+from tests.helpers.models import mlp_batches, model_output_loss, tiny_mlp
 
 
 class QuadraticLoss(nn.Module):

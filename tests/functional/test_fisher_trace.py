@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import mlp_batches, per_sample_grads_loop, tiny_mlp, trainable
 from lightning_flatness.functional import fisher_trace
+from tests.helpers.models import mlp_batches, tiny_mlp
+from tests.helpers.oracles import per_sample_grads_loop, trainable
 
 
 def test_empirical_equals_per_sample_loop(model_and_batches):

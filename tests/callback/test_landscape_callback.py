@@ -9,17 +9,17 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from test_callback_common import Classifier, DataModule, trainer
 
-from lightning_flatness import FlatnessCallback
-from lightning_flatness.landscape import views as _landscape
-from lightning_flatness.landscape import read_final, views_from_json
+from lightning_flatness import FlatnessCallback, LandscapeOptions
 from lightning_flatness.functional import loss_landscape
+from lightning_flatness.landscape import read_final, views_from_json
+from lightning_flatness.landscape import views as _landscape
 from lightning_flatness.metrics import measurement_seed
+from tests.helpers.lightning_models import Classifier, DataModule, trainer
 
 torch.set_num_threads(1)
 SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=96)
-VIEWS = dict(landscape_steps=5, landscape_2d=True, landscape_2d_steps=3)
+VIEWS = dict(steps=5, two_d=True, steps_2d=3)
 
 
 def fit(tmp_path, cb, logger=False, **kwargs):
@@ -47,7 +47,7 @@ def test_views_logged_to_tensorboard_and_json_at_scheduled_epochs(tmp_path, monk
     real = _landscape.hessian_eigenvalues
     monkeypatch.setattr(_landscape, "hessian_eigenvalues", lambda *a, **k: solves.append(1) or real(*a, **k))
     tb, cv = TensorBoardLogger(str(tmp_path), name="tb"), CSVLogger(str(tmp_path), name="csv")
-    cb = FlatnessCallback(measure_at_start=True, landscape_every_n_epochs=2, **VIEWS, **SMALL)
+    cb = FlatnessCallback(measure_at_start=True, landscape=LandscapeOptions(every_n_epochs=2, **VIEWS), **SMALL)
     _, model = fit(tmp_path, cb, [tb, cv], max_epochs=3)
     expected = [0, 2, 3]  # initialization, epoch 2, the final weights
     assert image_steps(tb.log_dir) == {tag: expected for tag in ("landscape/1d", "landscape/2d", "landscape/eigenvector")}
@@ -78,8 +78,8 @@ def test_views_logged_to_tensorboard_and_json_at_scheduled_epochs(tmp_path, monk
     [(1, -1, 2, [2]), (0, -1, 2, [2]), (1, 0, 2, []), (1, 2, 3, [2, 3]), (2, 3, 4, [4])],
 )
 def test_schedule(tmp_path, every, landscape, epochs, expected):
-    cb = FlatnessCallback(metrics=["hessian_top_eig"], every_n_epochs=every, landscape_every_n_epochs=landscape,
-                          landscape_steps=3, **SMALL)  # fmt: skip
+    views = LandscapeOptions(every_n_epochs=landscape, steps=3)
+    cb = FlatnessCallback(metrics=["hessian_top_eig"], every_n_epochs=every, landscape=views, **SMALL)
     fit(tmp_path, cb, max_epochs=epochs)
     assert [v.epoch for v in cb._landscape.views] == expected
 
@@ -88,7 +88,7 @@ def test_eigenvector_computed_when_the_eigenvalue_is_not_measured(tmp_path, monk
     solves = []
     real = _landscape.hessian_eigenvalues
     monkeypatch.setattr(_landscape, "hessian_eigenvalues", lambda *a, **k: solves.append(1) or real(*a, **k))
-    cb = FlatnessCallback(metrics=["fisher_trace"], landscape_every_n_epochs=-1, landscape_steps=3, **SMALL)
+    cb = FlatnessCallback(metrics=["fisher_trace"], landscape=LandscapeOptions(steps=3), **SMALL)
     fit(tmp_path, cb, max_epochs=1)
     assert len(solves) == 1 and cb._landscape.views[0].eigenvalue > 0
 
@@ -98,12 +98,12 @@ def test_failure_warns_once_and_training_goes_on(tmp_path, monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(_landscape, "loss_landscape", broken)
-    cb = FlatnessCallback(metrics=["fisher_trace"], landscape_every_n_epochs=1, landscape_steps=3, **SMALL)
+    cb = FlatnessCallback(metrics=["fisher_trace"], landscape=LandscapeOptions(every_n_epochs=1, steps=3), **SMALL)
     with pytest.warns(UserWarning, match="loss-landscape views failed") as record:
         fit(tmp_path, cb, max_epochs=2)
     assert sum("loss-landscape" in str(w.message) for w in record) == 1
     assert [x for x, _ in cb.history] == [1, 2] and cb._landscape.views == []
-    cb = FlatnessCallback(metrics=["fisher_trace"], landscape_every_n_epochs=1, on_error="raise", **SMALL)
+    cb = FlatnessCallback(metrics=["fisher_trace"], landscape=LandscapeOptions(every_n_epochs=1), on_error="raise", **SMALL)
     with pytest.raises(RuntimeError, match="boom"):
         fit(tmp_path, cb, max_epochs=1)
 
@@ -111,18 +111,20 @@ def test_failure_warns_once_and_training_goes_on(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(landscape_every_n_epochs=-2), "landscape_every_n_epochs"),
-        (dict(landscape_every_n_epochs=1.5), "landscape_every_n_epochs"),
-        (dict(landscape_steps=1), "landscape_steps"),
-        (dict(landscape_span=0.0), "landscape_span"),
-        (dict(landscape_2d="yes"), "landscape_2d"),
-        (dict(landscape_2d_steps=0), "landscape_2d_steps"),
-        (dict(landscape_eig_span=float("inf")), "landscape_eig_span"),
+        (dict(every_n_epochs=-2), "every_n_epochs"),
+        (dict(every_n_epochs=1.5), "every_n_epochs"),
+        (dict(steps=1), "steps"),
+        (dict(span=0.0), "span"),
+        (dict(two_d="yes"), "two_d"),
+        (dict(steps_2d=0), "steps_2d"),
+        (dict(eig_span=float("inf")), "eig_span"),
     ],
 )
 def test_invalid_landscape_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        FlatnessCallback(**kwargs)
+        LandscapeOptions(**kwargs)
+    with pytest.raises(TypeError, match="landscape"):
+        FlatnessCallback(landscape={"every_n_epochs": 1})
 
 
 def test_wandb_offline_gets_images_at_epochs(tmp_path, monkeypatch):
@@ -137,8 +139,8 @@ def test_wandb_offline_gets_images_at_epochs(tmp_path, monkeypatch):
     real_define, real_log = experiment.define_metric, experiment.log
     monkeypatch.setattr(experiment, "define_metric", lambda *a, **k: defined.append((a, k)) or real_define(*a, **k))
     monkeypatch.setattr(experiment, "log", lambda data, *a, **k: logged.append(dict(data)) or real_log(data, *a, **k))
-    cb = FlatnessCallback(metrics=["hessian_top_eig"], measure_at_start=True, landscape_every_n_epochs=1,
-                          landscape_steps=3, landscape_2d=True, landscape_2d_steps=2, **SMALL)  # fmt: skip
+    views = LandscapeOptions(every_n_epochs=1, steps=3, two_d=True, steps_2d=2)
+    cb = FlatnessCallback(metrics=["hessian_top_eig"], measure_at_start=True, landscape=views, **SMALL)
     try:
         fit(tmp_path, cb, wb, max_epochs=1)
     finally:

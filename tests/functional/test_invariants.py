@@ -4,23 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import cnn_batches, mlp_batches, rebatch, tiny_cnn, tiny_mlp
-from lightning_flatness.functional import (
-    fisher_trace,
-    grad_cosine_regret,
-    hessian_diagonal,
-    hessian_eigenvalues,
-    hessian_trace,
-    pacgen,
-)
-
-ESTIMATORS = {
-    "eigen": lambda m, b: hessian_eigenvalues(m, b, k=2, tol=1e-10).values,
-    "trace": lambda m, b: torch.tensor(hessian_trace(m, b, num_probes=5, generator=1).value),
-    "diagonal": lambda m, b: hessian_diagonal(m, b, num_probes=5, generator=1),
-    "fisher": lambda m, b: torch.tensor(fisher_trace(m, b).value),
-    "pacgen": lambda m, b: torch.tensor(pacgen(m, b, num_probes=5, generator=1).value),
-}
+from lightning_flatness.functional import fisher_trace, hessian_eigenvalues
+from tests.helpers.estimators import ALL_ESTIMATORS, ESTIMATORS
+from tests.helpers.models import cnn_batches, mlp_batches, rebatch, tiny_cnn, tiny_mlp
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
@@ -39,14 +25,8 @@ def _snapshot(model):
     }
 
 
-ALL = dict(
-    ESTIMATORS,
-    regret=lambda m, b: torch.tensor(grad_cosine_regret(m, b).regret),
-    fisher_mc=lambda m, b: torch.tensor(fisher_trace(m, b, kind="mc", num_samples=3, generator=1).value),
-)
 
-
-@pytest.mark.parametrize("name", sorted(ALL))
+@pytest.mark.parametrize("name", sorted(ALL_ESTIMATORS))
 def test_model_and_rng_are_left_untouched(name):
     model, batches = tiny_cnn(), cnn_batches()
     model.train()
@@ -54,7 +34,7 @@ def test_model_and_rng_are_left_untouched(name):
     before = _snapshot(model)
     torch.manual_seed(123)
     rng = torch.get_rng_state()
-    ALL[name](model, batches)
+    ALL_ESTIMATORS[name](model, batches)
     assert torch.equal(torch.get_rng_state(), rng)
     after = _snapshot(model)
     assert after["modes"] == before["modes"] and all(after["modes"])

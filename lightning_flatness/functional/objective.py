@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 from ._affine_batch_norm import affine_batch_norm
 from ._losses import LossArg, resolve_loss_fn
 from ._params import flatten, resolve_params, unflatten
-from ._per_sample import per_sample_sq_norms
+from .operator import CurvatureOperator
 
 @dataclass(frozen=True)
 class CrossProcess:
@@ -185,9 +185,14 @@ class Objective:
                 return F.cross_entropy(logits, pair[1], reduction="none"), logits
             return self.losses(w, batch), logits
 
-    def _leaves(self, at: Tensor | None) -> list[Tensor]:
+    def leaves(self, at: Tensor | None = None) -> list[Tensor]:
+        """The parameters at ``at`` (default ``w0``) as fresh leaf tensors that require gradients."""
         w = self.w0 if at is None else at
         return [t.detach().requires_grad_() for t in unflatten(w, self.shapes)]
+
+    def reduce_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over processes (itself outside :func:`cross_process_reduction`)."""
+        return tensor if self._cross is None else self._cross.sum(tensor)
 
     def reduce(self, total: Tensor, count: int) -> tuple[Tensor, int]:
         """Sum ``total`` and ``count`` over processes (identity outside :func:`cross_process_reduction`)."""
@@ -196,7 +201,12 @@ class Objective:
             count = int(self._cross.sum(torch.tensor([float(count)], dtype=torch.float64, device=total.device)).item())
         return total, count
 
-    def _finish(self, total: Tensor, count: int, what: str) -> Tensor:
+    def average(self, total: Tensor, count: int, what: str) -> Tensor:
+        """``total / count`` after summing both over processes; raises if anything is not finite.
+
+        ``what`` names the quantity in the error (``"loss"``, ``"gradient"``, ...). ``total`` is
+        divided in place.
+        """
         total, count = self.reduce(total, count)
         self._num_samples = count
         if count == 0:
@@ -226,7 +236,7 @@ class Objective:
             losses = self.losses(w, batch)
             total += losses.sum()
             count += losses.numel()
-        return self._finish(total, count, "loss")
+        return self.average(total, count, "loss")
 
     def gradient(self, at: Tensor | None = None) -> Tensor:
         """``∇L(w)`` as a flat vector: one forward and one backward pass per chunk."""
@@ -236,14 +246,14 @@ class Objective:
             total = summed if total is None else total.add_(summed)  # the first chunk's own buffer
             count += size
         assert total is not None  # iter_batches raises on no batches
-        return self._finish(total, count, "gradient")
+        return self.average(total, count, "gradient")
 
     def batch_gradient_sums(self, at: Tensor | None = None) -> Iterator[tuple[Tensor, int]]:
         """For every batch, ``(Σ_i ∇ℓ_i(w), B)``: one forward and one backward pass each.
 
         Not reduced over processes: callers combine and :meth:`reduce` what they accumulate.
         """
-        leaves = self._leaves(at)
+        leaves = self.leaves(at)
         for batch in self.iter_batches():
             losses = self.losses(leaves, batch)
             g = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
@@ -255,37 +265,16 @@ class Objective:
         Per chunk: one forward, one backward building the gradient graph, then one backward
         of ``g·v`` per vector, so ``K`` products share the first two passes.
         """
-        leaves = self._leaves(at)
+        leaves = self.leaves(at)
         return self._hvps_on(self._gradient_graphs(leaves), leaves, vectors, keep_graphs=False)
 
     def hvp(self, vector: Tensor, at: Tensor | None = None) -> Tensor:
         """``∇²L(w) v`` for one flat vector."""
         return self.hvps(vector.unsqueeze(0), at)[0]
 
-    def hessian_operator(self, cache_chunks: int = 1) -> Callable[[Tensor], Tensor]:
-        """``v ↦ ∇²L(w) v`` at ``w0``, for many products in sequence (Lanczos).
-
-        If ``batches`` has at most ``cache_chunks`` chunks (by ``len(batches)``), each chunk's
-        forward pass and gradient graph are built once, here, and kept: a product is then one
-        second backward pass per chunk (PyHessian's single-batch trick), about 1.7–2× a
-        gradient instead of 2.7–3.1× (``benchmarks/``). The kept graphs hold as much memory as
-        ``cache_chunks`` chunks' products would at once, and are freed with the operator; a
-        single chunk (the default) costs no memory beyond one uncached product. Otherwise
-        every product is a full :meth:`hvp`.
-        """
-        try:
-            chunks = len(self.batches)  # type: ignore[arg-type]
-        except TypeError:  # no length (a loader over an iterable dataset): never keep graphs
-            chunks = None
-        if chunks is None or chunks > cache_chunks:
-            return self.hvp
-        leaves = self._leaves(None)
-        graphs = list(self._gradient_graphs(leaves))
-
-        def product(vector: Tensor) -> Tensor:
-            return self._hvps_on(graphs, leaves, vector.unsqueeze(0), keep_graphs=True)[0]
-
-        return product
+    def hessian_operator(self, cache_chunks: int = 0, at: Tensor | None = None) -> HessianOperator:
+        """``∇²L(w)`` at ``at`` (default ``w0``) as a :class:`HessianOperator` (see there for ``cache_chunks``)."""
+        return HessianOperator(self, cache_chunks, at)
 
     def _gradient_graphs(self, leaves: list[Tensor]) -> Iterator[tuple[Sequence[Tensor], int]]:
         """Per chunk, ``(Σ_i ∇ℓ_i, B)`` with the graph that differentiates it again."""
@@ -318,14 +307,7 @@ class Objective:
             count += size
         if count == 0:
             total.zero_()  # no samples here (an empty shard): contribute zeros to the reduction
-        return self._finish(total, count, "Hessian-vector product")
-
-    # ------------------------------------------------------- per-sample gradients
-    def per_sample_sq_norms(self, batch: Any, at: Tensor | None = None) -> Tensor:
-        """``‖∇ℓ_i(w)‖²`` for every sample of one prepared batch: ghost norms for Linear
-        layers, ``vmap(grad(·))`` for the rest (:mod:`._per_sample`)."""
-        return per_sample_sq_norms(self, batch, at)
-
+        return self.average(total, count, "Hessian-vector product")
 
 def _classification_pair(batch: Any) -> tuple[Any, Tensor] | None:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
@@ -333,3 +315,41 @@ def _classification_pair(batch: Any) -> tuple[Any, Tensor] | None:
         if not y.is_floating_point() and not y.is_complex() and y.dim() == 1:
             return batch[0], y
     return None
+
+
+class HessianOperator(CurvatureOperator):
+    """``v ↦ ∇²L(w) v`` of an :class:`Objective`, the curvature operator of every estimator here.
+
+    Each product is a double-backward Hessian-vector product over every chunk of the data (one
+    forward and two backward passes; a block of ``K`` columns shares the first two). If the
+    data has at most ``cache_chunks`` chunks (by ``len(batches)``), each chunk's forward pass
+    and gradient graph are built once, here, and kept: a product is then one second backward
+    pass per chunk (PyHessian's single-batch trick), about 1.7–2× a gradient instead of
+    2.7–3.1× (``benchmarks/``), for that many chunks' graphs held in memory until the operator
+    is freed. Lanczos, which makes its products one after another, uses ``cache_chunks=1`` by
+    default; ``0`` never keeps graphs. Build it inside
+    :func:`~lightning_flatness.functional.measurement_mode` (eval mode, autocast off); with kept
+    graphs the products no longer depend on the model's mode.
+    """
+
+    def __init__(self, objective: Objective, cache_chunks: int = 0, at: Tensor | None = None) -> None:
+        super().__init__(objective.num_params, objective.dtype, objective.device)
+        self.objective, self.at = objective, at
+        try:
+            chunks = len(objective.batches)  # type: ignore[arg-type]
+        except TypeError:  # no length (a loader over an iterable dataset): never keep graphs
+            chunks = None
+        self._leaves: list[Tensor] | None = None
+        self._graphs: list | None = None
+        if chunks is not None and chunks <= cache_chunks:
+            self._leaves = objective.leaves(at)
+            self._graphs = list(objective._gradient_graphs(self._leaves))
+
+    @property
+    def keeps_graphs(self) -> bool:
+        return self._graphs is not None
+
+    def _matmat(self, rows: Tensor) -> Tensor:
+        if self._graphs is None:
+            return self.objective.hvps(rows, self.at)
+        return self.objective._hvps_on(self._graphs, self._leaves, rows, keep_graphs=True)

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import mlp_batches, tiny_mlp, trainable
 from lightning_flatness.functional import grad_cosine_regret
+from tests.helpers.models import mlp_batches, tiny_mlp
+from tests.helpers.oracles import trainable
 
 
 def batch_gradients_loop(model, batches):

@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import Quadratic, dense_hessian, model_output_loss, quadratic_batches, random_symmetric
 from lightning_flatness.functional import pacgen, pacgen_perturbation_scale
+from tests.helpers.models import (
+    Quadratic,
+    model_output_loss,
+    quadratic_batches,
+    random_symmetric,
+)
+from tests.helpers.oracles import dense_hessian
 
 
 def direct_psi(w, h_diag, rho, gamma, eps):

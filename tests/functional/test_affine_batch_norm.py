@@ -2,7 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_flatness.functional._affine_batch_norm import AffineBatchNorm, affine_batch_norm
+from lightning_flatness.functional._affine_batch_norm import (
+    AffineBatchNorm,
+    affine_batch_norm,
+)
 
 
 @pytest.mark.parametrize("layer, shape", [(nn.BatchNorm1d(5), (7, 5)), (nn.BatchNorm1d(5), (7, 5, 3)), (nn.BatchNorm2d(5), (4, 5, 3, 2))])

@@ -3,8 +3,14 @@ import math
 import pytest
 import torch
 
-from conftest import Quadratic, dense_hessian, model_output_loss, quadratic_batches, random_symmetric
 from lightning_flatness.functional import hessian_diagonal, hessian_trace
+from tests.helpers.models import (
+    Quadratic,
+    model_output_loss,
+    quadratic_batches,
+    random_symmetric,
+)
+from tests.helpers.oracles import dense_hessian
 
 RUNS = 200
 PROBES = 4

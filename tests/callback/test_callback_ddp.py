@@ -13,11 +13,16 @@ import torch.distributed
 import torch.nn.functional as F
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger
-from test_callback_common import Classifier, DataModule, trainer
 
-from lightning_flatness import FlatnessCallback
-from lightning_flatness.functional import fisher_trace, grad_cosine_regret, hessian_eigenvalues, pacgen
+from lightning_flatness import FlatnessCallback, HessianEigenvalues, LandscapeOptions
+from lightning_flatness.functional import (
+    fisher_trace,
+    grad_cosine_regret,
+    hessian_eigenvalues,
+    pacgen,
+)
 from lightning_flatness.metrics import measurement_seed
+from tests.helpers.lightning_models import Classifier, DataModule, trainer
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -59,9 +64,10 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     model = Classifier(dropout=0.0)  # BatchNorm statistics differ per rank: rank 0's are measured
     initial = copy.deepcopy(model)
     dm = DataModule(shuffle=False)
+    metrics = [HessianEigenvalues(tol=1e-8, max_iter=400), "grad_cosine_regret", "fisher_trace", "pacgen"]
     cb = FlatnessCallback(
-        num_samples=96, batch_size=16, gap_num_samples=100, tol=1e-8, max_iter=400, measure_at_start=True,
-        every_n_epochs=2, landscape_every_n_epochs=2, landscape_steps=3,
+        metrics, num_samples=96, batch_size=16, gap_num_samples=100, measure_at_start=True, every_n_epochs=2,
+        landscape=LandscapeOptions(every_n_epochs=2, steps=3),
     )  # fmt: skip
     logger = CSVLogger(str(tmp_path), name="csv")
     t = trainer(tmp_path, [cb], logger=logger, max_epochs=2, strategy="ddp_spawn", devices=2)

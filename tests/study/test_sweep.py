@@ -17,10 +17,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_flatness.study import cli
 from lightning_flatness.study.data import FastTensorDataset, collate, load_dataset
 from lightning_flatness.study.runs import read_scalars
-from lightning_flatness.study.sweep import SweepConfig, measurement_interval, run_name, run_sweep
+from lightning_flatness.study.sweep import (
+    SweepConfig,
+    measurement_interval,
+    run_name,
+    run_sweep,
+)
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = [
     "--data", "digits", "--train-samples", "96", "--test-samples", "48", "--batch-sizes", "16", "48",

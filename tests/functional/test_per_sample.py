@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import per_sample_grads_loop
-from lightning_flatness.functional import fisher_trace
-from lightning_flatness.functional import _ghost, _per_sample
+from lightning_flatness.functional import _ghost, _per_sample, fisher_trace
+from tests.helpers.oracles import per_sample_grads_loop
 
 
 class SequenceModel(nn.Module):

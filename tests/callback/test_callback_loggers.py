@@ -10,9 +10,9 @@ import pytest
 import yaml
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from test_callback_common import Classifier, DataModule, trainer
 
 from lightning_flatness import FlatnessCallback
+from tests.helpers.lightning_models import Classifier, DataModule, trainer
 
 SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=96)
 ALL_KEYS = {
@@ -142,9 +142,14 @@ def test_lightning_cli_configures_callback_from_yaml(tmp_path):
             "callbacks": [{
                 "class_path": "lightning_flatness.FlatnessCallback",
                 "init_args": {
-                    "metrics": ["hessian_top_eig", "fisher_trace"], "num_samples": 64, "batch_size": 16,
-                    "gap_num_samples": 96, "every_n_epochs": 1, "max_overhead": 0.5, "rho": 0.0,
-                    "loss_fn": "cross_entropy", "source": "val", "k": 2, "on_error": "raise",
+                    "metrics": [
+                        {"class_path": "lightning_flatness.metrics.HessianEigenvalues", "init_args": {"k": 2}},
+                        "fisher_trace",
+                        {"class_path": "lightning_flatness.metrics.PACGen", "init_args": {"rho": 0.0, "eps": 0.5}},
+                    ],
+                    "num_samples": 64, "batch_size": 16, "gap_num_samples": 96, "every_n_epochs": 1,
+                    "max_overhead": 0.5, "loss_fn": "cross_entropy", "source": "val", "on_error": "raise",
+                    "landscape": {"class_path": "lightning_flatness.LandscapeOptions", "init_args": {"steps": 3}},
                 },
             }],
         },
@@ -153,10 +158,12 @@ def test_lightning_cli_configures_callback_from_yaml(tmp_path):
     path.write_text(yaml.safe_dump(config))
     cli = LightningCLI(Classifier, DataModule, args=["fit", "--config", str(path)], save_config_kwargs={"overwrite": True})
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, FlatnessCallback)]
-    assert cb.config["metrics"] == ("hessian_top_eig", "fisher_trace")
-    assert cb.config["max_overhead"] == 0.5 and cb.config["source"] == "val" and cb.config["k"] == 2
+    assert [type(m).__name__ for m in cb.metrics] == ["HessianEigenvalues", "FisherTrace", "PACGen"]
+    assert cb.metrics[0].k == 2 and (cb.metrics[2].rho, cb.metrics[2].eps) == (0.0, 0.5)
+    assert cb.config["max_overhead"] == 0.5 and cb.config["source"] == "val"
+    assert cb._landscape.options.steps == 3 and cb._landscape.options.every_n_epochs == -1
     assert [x for x, _ in cb.history] == [1]
-    assert "flatness/hessian_eig_2" in cb.history[0][1]
+    assert {"flatness/hessian_eig_2", "flatness/pacgen"} <= set(cb.history[0][1])
 
 
 def test_progress_status_on_rich_progress_bar(tmp_path, monkeypatch):
@@ -167,12 +174,12 @@ def test_progress_status_on_rich_progress_bar(tmp_path, monkeypatch):
     descriptions = []
 
     class Spy(FlatnessCallback):
-        def measure(self, trainer, pl_module, x):
+        def measure(self, trainer, pl_module, x, **kwargs):
             real_update = bar.progress.update
             monkeypatch.setattr(
                 bar.progress, "update", lambda task, **kw: descriptions.append(kw.get("description")) or real_update(task, **kw)
             )
-            return super().measure(trainer, pl_module, x)
+            return super().measure(trainer, pl_module, x, **kwargs)
 
     seed_everything(0)
     t = trainer(tmp_path, [Spy(metrics=["fisher_trace"], **SMALL), bar], max_epochs=1, enable_progress_bar=True)

@@ -2,9 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from lightning_flatness.functional import (
+    eigenvector_slice,
+    loss_landscape,
+    normalize_direction,
+)
+from tests.helpers.models import (
     Quadratic,
-    dense_hessian,
     mlp_batches,
     model_output_loss,
     quadratic_batches,
@@ -12,7 +16,7 @@ from conftest import (
     tiny_cnn,
     tiny_mlp,
 )
-from lightning_flatness.functional import eigenvector_slice, loss_landscape, normalize_direction
+from tests.helpers.oracles import dense_hessian
 
 
 def test_1d_slice_of_a_quadratic_is_the_analytic_parabola():

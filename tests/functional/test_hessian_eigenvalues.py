@@ -1,17 +1,21 @@
 import pytest
 import torch
 
-from conftest import (
+from lightning_flatness.functional import (
+    DenseOperator,
+    hessian_eigenvalues,
+    hessian_top_eigenvalue,
+    lanczos,
+)
+from tests.helpers.models import (
     Quadratic,
-    dense_hessian,
     mlp_batches,
     model_output_loss,
     quadratic_batches,
     random_symmetric,
     tiny_mlp,
 )
-from lightning_flatness.functional import hessian_eigenvalues, hessian_top_eigenvalue
-from lightning_flatness.functional._lanczos import lanczos_top
+from tests.helpers.oracles import dense_hessian
 
 
 def test_top3_match_dense_eigvalsh_at_tight_tol(model_and_batches):
@@ -85,7 +89,7 @@ def test_lanczos_on_dense_matrix_with_degenerate_start():
     a = torch.diag(torch.arange(1.0, 9.0, dtype=torch.float64))
     start = torch.zeros(8, dtype=torch.float64)
     start[0] = 1.0  # eigenvector of the *smallest* eigenvalue
-    out = lanczos_top(lambda v: a @ v, start, 1, 1e-10, 50, torch.Generator().manual_seed(0))
+    out = lanczos(DenseOperator(a), start, k=1, tol=1e-10, max_iter=50, generator=0)
     assert out.values[0].item() == pytest.approx(8.0, rel=1e-10)
 
 
@@ -130,7 +134,7 @@ def _count_forwards(model):
 @pytest.mark.parametrize("sizes, cache_chunks", [((20,), 1), ((5, 7, 8), 3)])
 def test_kept_graphs_give_the_same_products_with_one_forward_per_chunk(sizes, cache_chunks):
     from lightning_flatness.functional import measurement_mode
-    from lightning_flatness.functional._objective import Objective
+    from lightning_flatness.functional.objective import Objective
 
     model, batches = tiny_mlp(), mlp_batches(sizes)
     h = dense_hessian(model, batches)
@@ -139,7 +143,7 @@ def test_kept_graphs_give_the_same_products_with_one_forward_per_chunk(sizes, ca
         calls, handle = _count_forwards(model)
         operator = objective.hessian_operator(cache_chunks)
         vectors = torch.randn(4, objective.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        products = [operator(v) for v in vectors]  # the kept graphs serve every product
+        products = [operator @ v for v in vectors]  # the kept graphs serve every product
         assert len(calls) == len(sizes)
         handle.remove()
         for v, hv in zip(vectors, products):
@@ -148,7 +152,7 @@ def test_kept_graphs_give_the_same_products_with_one_forward_per_chunk(sizes, ca
         # More chunks than cache_chunks: plain products, one forward per chunk and product.
         calls, handle = _count_forwards(model)
         operator = objective.hessian_operator(len(sizes) - 1)
-        assert torch.equal(operator(vectors[0]), products[0]) and len(calls) == len(sizes)
+        assert torch.equal(operator @ vectors[0], products[0]) and len(calls) == len(sizes)
         handle.remove()
 
 
@@ -186,18 +190,18 @@ def test_batches_without_a_length_are_never_cached():
 def test_cold_start_from_the_gradient(monkeypatch):
     import importlib
 
-    from lightning_flatness.functional._objective import Objective
+    from lightning_flatness.functional.objective import Objective
 
     module = importlib.import_module("lightning_flatness.functional.hessian_eigenvalues")
 
     seen = []
-    original = module.lanczos_top
+    original = module.lanczos
 
-    def spy(matvec, start, *args):
+    def spy(operator, start, **kwargs):
         seen.append(start.clone())
-        return original(matvec, start, *args)
+        return original(operator, start, **kwargs)
 
-    monkeypatch.setattr(module, "lanczos_top", spy)
+    monkeypatch.setattr(module, "lanczos", spy)
     model, batches = tiny_mlp(), mlp_batches()
     h = dense_hessian(model, batches)
     default = hessian_eigenvalues(model, batches, generator=3)

@@ -1,0 +1,34 @@
+"""What :class:`~lightning_flatness.FlatnessCallback` measures: one object per measure.
+
+``FlatnessCallback(metrics=[HessianEigenvalues(k=3), GradCosineRegret(), FisherTrace(kind="mc"),
+PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``,
+``"fisher_trace"``, ``"pacgen"`` and ``"local_entropy"`` stand for the default-configured
+objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
+"""
+
+from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement_seed
+from .fisher import FisherTrace
+from .gap import GapMeter
+from .hessian import HessianEigenvalues
+from .local_entropy import LocalEntropy
+from .pacgen import PACGen
+from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, execution_order, resolve_metrics
+from .regret import GradCosineRegret
+
+__all__ = [
+    "BUILTIN",
+    "DEFAULT_METRICS",
+    "FisherTrace",
+    "FlatnessMetric",
+    "GapMeter",
+    "GradCosineRegret",
+    "HessianEigenvalues",
+    "LocalEntropy",
+    "MeasurementContext",
+    "MetricSpec",
+    "PACGen",
+    "SharedResults",
+    "execution_order",
+    "measurement_seed",
+    "resolve_metrics",
+]

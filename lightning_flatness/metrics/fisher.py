@@ -1,0 +1,38 @@
+"""The trace of the (empirical or Monte Carlo) Fisher information."""
+
+from __future__ import annotations
+
+from .. import keys
+from ..functional import fisher_trace
+from ..functional.fisher_trace import KINDS
+from ..validation import check_choice, check_int
+from .base import FlatnessMetric, MeasurementContext
+
+
+class FisherTrace(FlatnessMetric):
+    """``flatness/fisher_trace``: the mean squared per-sample gradient norm (:func:`~lightning_flatness.functional.fisher_trace`).
+
+    Args:
+        kind: ``"empirical"`` (the data's labels) or ``"mc"`` (labels drawn from the model: the
+            true Fisher; cross-entropy and mse only).
+        mc_samples: labels drawn per input with ``kind="mc"``.
+        every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
+
+    Cost: about one gradient pass (``mc_samples`` with ``kind="mc"``).
+    """
+
+    name = "fisher_trace"
+    sample_weighted = True
+
+    def __init__(self, kind: str = "empirical", mc_samples: int = 1, every_n_epochs: int | None = None) -> None:
+        super().__init__(every_n_epochs)
+        self.kind = check_choice("kind", kind, KINDS)
+        self.mc_samples = check_int("mc_samples", mc_samples)
+        self.keys = (keys.FISHER_TRACE,)
+
+    def compute(self, ctx: MeasurementContext) -> dict[str, float]:
+        fis = fisher_trace(
+            ctx.model, ctx.batches, ctx.loss_fn, kind=self.kind, num_samples=self.mc_samples,
+            generator=ctx.seed_for(self.name), dtype=ctx.dtype,
+        )  # fmt: skip
+        return {keys.FISHER_TRACE: fis.value}

@@ -1,0 +1,47 @@
+"""PACGen, the PAC-Bayes flatness measure of Wang et al. (2018)."""
+
+from __future__ import annotations
+
+from .. import keys
+from ..functional import pacgen
+from ..validation import check_bool, check_float, check_int
+from .base import FlatnessMetric, MeasurementContext
+
+
+class PACGen(FlatnessMetric):
+    """``flatness/pacgen``: PACGen Ψ (:func:`~lightning_flatness.functional.pacgen`).
+
+    Args:
+        gamma, eps: the perturbation box ``N_i = gamma·|w_i| + eps``.
+        rho: the Hessian-Lipschitz constant; ``None`` estimates it (``2 * rho_probes`` HVPs).
+        num_probes: Hutchinson probes of the Hessian's diagonal.
+        rho_probes: finite-difference draws of the ``rho`` estimate.
+        screen: use ``hessian_max`` from :class:`~lightning_flatness.metrics.HessianEigenvalues`
+            (when it runs in the same measurement and converged) as a bound on every ``H_ii``:
+            where it shows ``H_ii`` cannot move Ψ off its floor, the diagonal is not needed.
+        every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
+    """
+
+    name = "pacgen"
+    uses = ("hessian_max",)
+
+    def __init__(
+        self, gamma: float = 0.1, eps: float = 0.1, rho: float | None = None, num_probes: int = 16,
+        rho_probes: int = 3, screen: bool = True, every_n_epochs: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(every_n_epochs)
+        self.gamma = check_float("gamma", gamma)
+        self.eps = check_float("eps", eps, inclusive=False)
+        self.rho = None if rho is None else check_float("rho", rho)
+        self.num_probes = check_int("num_probes", num_probes)
+        self.rho_probes = check_int("rho_probes", rho_probes)
+        self.screen = check_bool("screen", screen)
+        self.keys = (keys.PACGEN,)
+
+    def compute(self, ctx: MeasurementContext) -> dict[str, float]:
+        pac = pacgen(
+            ctx.model, ctx.batches, ctx.loss_fn, gamma=self.gamma, eps=self.eps, rho=self.rho,
+            num_probes=self.num_probes, rho_probes=self.rho_probes, generator=ctx.seed_for(self.name),
+            hessian_max=ctx.shared.hessian_max if self.screen else None, dtype=ctx.dtype,
+        )  # fmt: skip
+        return {keys.PACGEN: pac.value}

@@ -1,0 +1,62 @@
+"""The built-in metrics by name, and turning the callback's ``metrics`` argument into objects."""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+from .base import FlatnessMetric
+from .fisher import FisherTrace
+from .hessian import HessianEigenvalues
+from .local_entropy import LocalEntropy
+from .pacgen import PACGen
+from .regret import GradCosineRegret
+
+BUILTIN: dict[str, type[FlatnessMetric]] = {
+    cls.name: cls for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy)
+}
+DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
+# local_entropy is measured only when asked for: far more expensive than the defaults.
+
+MetricSpec = Union[str, FlatnessMetric]
+
+
+def resolve_metrics(spec: MetricSpec | Sequence[MetricSpec]) -> list[FlatnessMetric]:
+    """Metric objects for the callback's ``metrics`` argument: names become default-configured
+    built-ins, objects are kept; each name at most once."""
+    items = [spec] if isinstance(spec, (str, FlatnessMetric)) else spec
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"metrics must be a list of metric names {list(BUILTIN)} or FlatnessMetric objects, got {spec!r}.")
+    out: list[FlatnessMetric] = []
+    for item in items:
+        if isinstance(item, str):
+            if item not in BUILTIN:
+                raise ValueError(f"metrics contains unknown metric {item!r}; accepted names: {list(BUILTIN)}, "
+                                 "or a FlatnessMetric object.")  # fmt: skip
+            item = BUILTIN[item]()
+        elif not isinstance(item, FlatnessMetric):
+            raise TypeError(f"metrics entries must be names {list(BUILTIN)} or FlatnessMetric objects, got {item!r}.")
+        if not item.name or not item.keys:
+            raise ValueError(f"{type(item).__name__} must set a class attribute `name` and `keys` in __init__.")
+        out.append(item)
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"metrics lists a metric twice: {names}.")
+    logged = [key for m in out for key in m.keys]
+    if len(set(logged)) != len(logged):
+        raise ValueError(f"two metrics log the same key: {sorted(k for k in set(logged) if logged.count(k) > 1)}.")
+    return out
+
+
+def execution_order(metrics: Sequence[FlatnessMetric]) -> list[FlatnessMetric]:
+    """``metrics`` with every provider of a shared result before the metrics that use it (stable)."""
+    remaining, ordered, provided = list(metrics), [], set()
+    wanted = {field for m in metrics for field in m.uses}
+    offered = {field for m in metrics for field in m.provides}
+    while remaining:
+        ready = next(
+            (m for m in remaining if all(f in provided or f not in offered for f in m.uses)), remaining[0]
+        )  # a cycle of uses (none among the built-ins) falls back to the given order
+        remaining.remove(ready)
+        ordered.append(ready)
+        provided.update(f for f in ready.provides if f in wanted)
+    return ordered

@@ -1,0 +1,83 @@
+"""Argument checks, in one place for the whole package (estimators, metrics, callbacks, the study).
+
+Every check raises at the call that received the bad value (construction time for classes),
+naming the argument and what it accepts. A value of the wrong type raises
+:class:`ArgumentTypeError`, which is both a ``TypeError`` and a ``ValueError`` (like NumPy's
+``AxisError`` is both a ``ValueError`` and an ``IndexError``), so code that catches either
+keeps working. User-defined metrics can use the same checks::
+
+    from lightning_flatness.validation import check_float
+
+    class PerturbedLoss(FlatnessMetric):
+        def __init__(self, scale: float = 0.01) -> None:
+            super().__init__()
+            self.scale = check_float("scale", scale, minimum=0.0, inclusive=False)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (also a ``ValueError``, which bad values raise)."""
+
+
+def check_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` as an ``int`` in ``[minimum, maximum]``; bools are not integers here."""
+    bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be an integer {bound}, got {value!r}.")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}.")
+    return int(value)
+
+
+def check_float(
+    name: str, value: Any, minimum: float = 0.0, *, inclusive: bool = True, maximum: float | None = None
+) -> float:
+    """``value`` as a finite ``float`` ``>= minimum`` (``> minimum`` unless ``inclusive``), ``<= maximum``."""
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a finite number {bound}, got {value!r}.")
+    low_ok = value >= minimum if inclusive else value > minimum
+    if not (math.isfinite(value) and low_ok and (maximum is None or value <= maximum)):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
+    return float(value)
+
+
+def check_choice(name: str, value: T, accepted: Sequence[T]) -> T:
+    """``value`` if it is one of ``accepted``."""
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not accepted; choose one of {list(accepted)}.")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False`` (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+def check_generator(generator: torch.Generator | int | None) -> torch.Generator:
+    """A CPU generator: the one given, one seeded with an int, or a fixed default seed for ``None``.
+
+    Random draws are made on the CPU and moved to the device, so results are identical on
+    every device for the same seed.
+    """
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if isinstance(generator, torch.Generator):
+        if generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}.")
+        return generator
+    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(int(generator))
+    raise ArgumentTypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}.")

@@ -1,0 +1,35 @@
+"""Every functional estimator as ``fn(model, batches) -> Tensor``, at small fixed settings.
+
+One table for the tests that hold for all of them (split invariance, no side effects, CUDA
+equals CPU, errors on bad input).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_flatness.functional import (
+    fisher_trace,
+    grad_cosine_regret,
+    hessian_diagonal,
+    hessian_eigenvalues,
+    hessian_trace,
+    pacgen,
+)
+
+# Estimators of the objective over the union of the batches (independent of how it is split).
+ESTIMATORS = {
+    "eigen": lambda m, b: hessian_eigenvalues(m, b, k=2, tol=1e-10).values,
+    "trace": lambda m, b: torch.tensor(hessian_trace(m, b, num_probes=5, generator=1).value),
+    "diagonal": lambda m, b: hessian_diagonal(m, b, num_probes=5, generator=1),
+    "fisher": lambda m, b: torch.tensor(fisher_trace(m, b).value),
+    "pacgen": lambda m, b: torch.tensor(pacgen(m, b, num_probes=5, generator=1).value),
+}
+# ... and every estimator, including those that depend on the mini-batches or draw labels.
+ALL_ESTIMATORS = dict(
+    ESTIMATORS,
+    regret=lambda m, b: torch.tensor(grad_cosine_regret(m, b).regret),
+    fisher_mc=lambda m, b: torch.tensor(fisher_trace(m, b, kind="mc", num_samples=3, generator=1).value),
+)
+# The plain functions, for argument checks.
+FUNCTIONS = [hessian_eigenvalues, hessian_trace, hessian_diagonal, grad_cosine_regret, fisher_trace, pacgen]
