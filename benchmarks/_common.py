@@ -7,7 +7,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,11 @@ def median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
+def middle(values: list[float]) -> float:
+    """The middle value (the upper one of an even count): the time reported for interleaved rounds."""
+    return sorted(values)[len(values) // 2]
+
+
 def fmt_time(seconds: float) -> str:
     if seconds != seconds:
         return "n/a"
@@ -116,6 +121,11 @@ def fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
+def model_label(label: str, num_params: int) -> str:
+    """A model's name with its parameter count, as in the tables' model column."""
+    return f"{label} ({fmt_params(num_params)})"
+
+
 def met_str(met: bool | None) -> str:
     return {True: "✅ met", False: "❌ missed", None: "—"}[met]
 
@@ -132,6 +142,11 @@ def math_attention() -> Iterator[None]:
 
     with sdpa_kernel([SDPBackend.MATH]):
         yield
+
+
+def attention_for(model_name: str) -> ContextManager[None]:
+    """:func:`math_attention` for the transformer, nothing for the models without attention."""
+    return math_attention() if model_name == "transformer" else contextlib.nullcontext()
 
 
 def error_text(exc: BaseException) -> str:

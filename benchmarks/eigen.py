@@ -35,7 +35,7 @@ from lightning_flatness.functional import hessian_eigenvalues, measurement_mode
 from lightning_flatness.functional import HessianOperator
 from lightning_flatness.functional import unflatten
 
-from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, math_attention
+from ._common import Config, Row, Section, attention_for, error_text, fmt_ratio, fmt_time, met_str, model_label
 from .models import Workload, train_briefly, workloads
 
 REL_ERR = 1e-3
@@ -196,18 +196,8 @@ def _rel(est: float | None, ref: float) -> str:
     return "n/a" if est is None else f"{abs(est - ref) / abs(ref):.1e}"
 
 
-def run(cfg: Config) -> Section:
-    scale = "quick" if cfg.quick else "eigen"
-    num_samples, batch_size = (128, 128) if cfg.quick else (1024, 256)
-    cap = 60 if cfg.quick else 300
-    train_steps = 20 if cfg.quick else 150
-    section = Section(
-        "eigen",
-        f"2. Top Hessian eigenvalue to {REL_ERR:g} relative error ({num_samples} samples in chunks of {batch_size})",
-        ["model", "method", "HVPs to 1e-3", "time to 1e-3", "own stop: HVPs", "own stop: rel. error",
-         "own stop: time", "HVPs vs PyHessian cold", "target", "met"],
-    )  # fmt: skip
-    section.notes.append(
+def _note(cap: int) -> str:
+    return (
         "HVPs to 1e-3 = Hessian-vector products (full passes over the subsample) until the estimate is within "
         f"{REL_ERR:g} of a float64 Lanczos reference (tol 1e-10); ours = `hessian_eigenvalues` (Lanczos) at its "
         "defaults; own stop = each method's own stopping rule (ours tol=1e-4, PyHessian tol=1e-3, eigsh tol=1e-3). "
@@ -220,80 +210,117 @@ def run(cfg: Config) -> Section:
         "(`start=\"gradient\"`, the default), and its gradient pass is counted as ⅓ HVP in the ratio (an HVP costs about "
         "3 gradients, section 1); the ↳ row is the Gaussian start alone (`start=\"random\"`), for reference."
     )
+
+
+def run(cfg: Config) -> Section:
+    scale = "quick" if cfg.quick else "eigen"
+    num_samples, batch_size = (128, 128) if cfg.quick else (1024, 256)
+    cap = 60 if cfg.quick else 300
+    train_steps = 20 if cfg.quick else 150
+    section = Section(
+        "eigen",
+        f"2. Top Hessian eigenvalue to {REL_ERR:g} relative error ({num_samples} samples in chunks of {batch_size})",
+        ["model", "method", "HVPs to 1e-3", "time to 1e-3", "own stop: HVPs", "own stop: rel. error",
+         "own stop: time", "HVPs vs PyHessian cold", "target", "met"],
+    )  # fmt: skip
+    section.notes.append(_note(cap))
     for work in workloads(scale, cfg.device, cfg.models, cfg.seed):
         _race(work, cfg, section, num_samples, batch_size, cap, train_steps)
     return section
 
 
+def _runs(model: nn.Module, batches: list[Any], cfg: Config, ref: float, cap: int, init: Tensor) -> dict[str, Callable[[], Trace]]:
+    """Every method of the race, cold and warm-started from ``init``."""
+    runs: dict[str, Callable[[], Trace]] = {
+        "ours (Lanczos), cold": lambda: ours(model, batches, None),
+        "ours (Lanczos), warm": lambda: ours(model, batches, init),
+        GAUSSIAN: lambda: ours(model, batches, None, start_from="random"),
+        "PyHessian power iteration, cold": lambda: pyhessian_power(model, batches, cfg.device, ref, cap, None, cfg.seed),
+        "power iteration, warm (PyHessian's)": lambda: pyhessian_power(model, batches, cfg.device, ref, cap, init, cfg.seed),
+        "eigsh on curvlinops, cold": lambda: eigsh_curvlinops(model, batches, None, cfg.seed),
+        "eigsh on curvlinops, warm": lambda: eigsh_curvlinops(model, batches, init, cfg.seed),
+    }
+    if cfg.quick or not cfg.eigsh_warm:  # ARPACK needs ncv + 1 = 21 products whatever v0 is
+        del runs["eigsh on curvlinops, warm"]
+    return runs
+
+
+def _traces(model: nn.Module, runs: dict[str, Callable[[], Trace]]) -> dict[str, Trace]:
+    traces: dict[str, Trace] = {}
+    for name, fn in runs.items():
+        with measurement_mode(model):
+            try:
+                traces[name] = fn()
+            except Exception as exc:  # a peer that does not support the model
+                traces[name] = Trace([], [], error=error_text(exc))
+    return traces
+
+
 def _race(work: Workload, cfg: Config, section: Section, n: int, bs: int, cap: int, train_steps: int) -> None:
     model = work.model
-    label = f"{work.label} ({fmt_params(work.num_params)})"
     train_briefly(work, train_steps, cfg.device, cfg.seed)
     batches = work.batches(n, bs, cfg.seed + 1, cfg.device)
-    attention = math_attention() if work.name == "transformer" else contextlib.nullcontext()
-    with attention:
+    with attention_for(work.name):
         previous = hessian_eigenvalues(model, batches)
         _sgd_step(model, batches[0], lr=0.05)
         reference = hessian_eigenvalues(model, batches, dtype=torch.float64, tol=1e-10, max_iter=min(work.num_params, 2 * cap))
         ref = reference.values[0].item()
-        init = previous.vectors[0]
-        runs: dict[str, Callable[[], Trace]] = {
-            "ours (Lanczos), cold": lambda: ours(model, batches, None),
-            "ours (Lanczos), warm": lambda: ours(model, batches, init),
-            GAUSSIAN: lambda: ours(model, batches, None, start_from="random"),
-            "PyHessian power iteration, cold": lambda: pyhessian_power(model, batches, cfg.device, ref, cap, None, cfg.seed),
-            "power iteration, warm (PyHessian's)": lambda: pyhessian_power(model, batches, cfg.device, ref, cap, init, cfg.seed),
-            "eigsh on curvlinops, cold": lambda: eigsh_curvlinops(model, batches, None, cfg.seed),
-            "eigsh on curvlinops, warm": lambda: eigsh_curvlinops(model, batches, init, cfg.seed),
-        }
-        if cfg.quick or not cfg.eigsh_warm:  # ARPACK needs ncv + 1 = 21 products whatever v0 is
-            del runs["eigsh on curvlinops, warm"]
-        traces: dict[str, Trace] = {}
-        for name, fn in runs.items():
-            with measurement_mode(model):
-                try:
-                    traces[name] = fn()
-                except Exception as exc:  # a peer that does not support the model
-                    traces[name] = Trace([], [], error=error_text(exc))
+        traces = _traces(model, _runs(model, batches, cfg, ref, cap, previous.vectors[0]))
     section.notes.append(
         f"{work.label}: reference λ_max = {ref:.6g} (float64, {reference.n_hvp} HVPs, converged={reference.converged}); "
         f"λ_max one SGD step earlier = {previous.values[0].item():.6g}."
     )
-    py_cold = traces["PyHessian power iteration, cold"]
-    py_n, _ = py_cold.first_within(ref)
-    py_bound = py_n if py_n is not None else (len(py_cold.estimates) if py_cold.estimates else None)
+    baseline = _pyhessian_baseline(traces["PyHessian power iteration, cold"], ref)
     for name, tr in traces.items():
-        cells = {"model": label, "method": name}
-        if tr.error is not None:
-            cells["HVPs to 1e-3"] = f"error: {tr.error}"
-            section.rows.append(Row(cells))
-            continue
-        n_hvp, t_hvp = tr.first_within(ref)
-        if tr.estimates:
-            cells["HVPs to 1e-3"] = str(n_hvp) if n_hvp is not None else f"> {len(tr.estimates)}"
-            cells["time to 1e-3"] = fmt_time(t_hvp) if t_hvp is not None else "n/a"
-        else:
-            cells["HVPs to 1e-3"] = "—"
-        cells["own stop: HVPs"] = str(tr.own_stop_hvp) if tr.own_stop_hvp is not None else "did not stop"
-        cells["own stop: rel. error"] = _rel(tr.own_stop_estimate, ref)
-        cells["own stop: time"] = fmt_time(tr.own_stop_time) if tr.own_stop_time is not None else "n/a"
-        row = Row(cells)
-        if name.startswith("ours") and n_hvp is not None and py_bound:
-            ratio = (n_hvp + tr.n_grad / 3) / py_bound  # the start's gradient pass counts as ⅓ HVP
-            bound = "" if py_n is not None else "≤ "  # PyHessian hit the cap: the true ratio is smaller
-            cells["HVPs vs PyHessian cold"] = bound + fmt_ratio(ratio)
-            target = TARGET_COLD if name.endswith("cold") else TARGET_WARM
-            met = ratio <= target
-            cells["target"] = f"≤ {target:g}"
-            cells["met"] = "✅ met" if met else "❌ missed"
-            row = Row(cells, ratio, f"≤ {target:g}", met)
-            what = f"top eig HVPs, ours {'cold' if name.endswith('cold') else 'warm'} / PyHessian cold"
-            section.targets.append((what, work.label, bound + fmt_ratio(ratio), f"≤ {target:g}", met))
-        elif name == GAUSSIAN and n_hvp is not None and py_bound:
-            cells["HVPs vs PyHessian cold"] = fmt_ratio(n_hvp / py_bound) + " (reference)"
-        elif name.startswith("ours"):
-            cells["target"] = "n/a"
-            section.targets.append((f"top eig HVPs, {name} / PyHessian cold", work.label, "n/a", "", None))
-        section.rows.append(row)
+        section.rows.append(_row(section, work, name, tr, ref, baseline))
     if not math.isfinite(ref):
         section.notes.append(f"{work.label}: the reference is not finite.")
+
+
+def _pyhessian_baseline(py_cold: Trace, ref: float) -> tuple[int | None, str]:
+    """PyHessian cold's HVPs to ``REL_ERR`` (the ratios' denominator), and ``"≤ "`` when that is its cap."""
+    py_n, _ = py_cold.first_within(ref)
+    py_bound = py_n if py_n is not None else (len(py_cold.estimates) if py_cold.estimates else None)
+    return py_bound, "" if py_n is not None else "≤ "  # PyHessian hit the cap: the true ratio is smaller
+
+
+def _trace_cells(tr: Trace, ref: float) -> tuple[dict[str, str], int | None]:
+    """The HVP, time and own-stop columns of one method, and its HVPs to ``REL_ERR`` (``None``: never)."""
+    cells: dict[str, str] = {}
+    n_hvp, t_hvp = tr.first_within(ref)
+    if tr.estimates:
+        cells["HVPs to 1e-3"] = str(n_hvp) if n_hvp is not None else f"> {len(tr.estimates)}"
+        cells["time to 1e-3"] = fmt_time(t_hvp) if t_hvp is not None else "n/a"
+    else:
+        cells["HVPs to 1e-3"] = "—"
+    cells["own stop: HVPs"] = str(tr.own_stop_hvp) if tr.own_stop_hvp is not None else "did not stop"
+    cells["own stop: rel. error"] = _rel(tr.own_stop_estimate, ref)
+    cells["own stop: time"] = fmt_time(tr.own_stop_time) if tr.own_stop_time is not None else "n/a"
+    return cells, n_hvp
+
+
+def _row(section: Section, work: Workload, name: str, tr: Trace, ref: float, baseline: tuple[int | None, str]) -> Row:
+    """One method's row; ours cold and warm also get their target against PyHessian cold."""
+    cells = {"model": model_label(work.label, work.num_params), "method": name}
+    if tr.error is not None:
+        cells["HVPs to 1e-3"] = f"error: {tr.error}"
+        return Row(cells)
+    more, n_hvp = _trace_cells(tr, ref)
+    cells.update(more)
+    py_bound, bound = baseline
+    if name.startswith("ours") and n_hvp is not None and py_bound:
+        ratio = (n_hvp + tr.n_grad / 3) / py_bound  # the start's gradient pass counts as ⅓ HVP
+        cells["HVPs vs PyHessian cold"] = bound + fmt_ratio(ratio)
+        target = TARGET_COLD if name.endswith("cold") else TARGET_WARM
+        met = ratio <= target
+        cells["target"] = f"≤ {target:g}"
+        cells["met"] = met_str(met)
+        what = f"top eig HVPs, ours {'cold' if name.endswith('cold') else 'warm'} / PyHessian cold"
+        section.targets.append((what, work.label, bound + fmt_ratio(ratio), f"≤ {target:g}", met))
+        return Row(cells, ratio, f"≤ {target:g}", met)
+    if name == GAUSSIAN and n_hvp is not None and py_bound:
+        cells["HVPs vs PyHessian cold"] = fmt_ratio(n_hvp / py_bound) + " (reference)"
+    elif name.startswith("ours"):
+        cells["target"] = "n/a"
+        section.targets.append((f"top eig HVPs, {name} / PyHessian cold", work.label, "n/a", "", None))
+    return Row(cells)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +13,11 @@ from torch import Tensor, nn
 from lightning_flatness.functional import fisher_trace, measurement_mode
 from lightning_flatness.functional import Objective, per_sample_sq_norms
 
-from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio, plain_gradient
-from .models import workloads
+from ._common import (
+    Config, Row, Section, attention_for, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, median_ratio, met_str, middle,
+    plain_gradient,
+)  # fmt: skip
+from .models import Workload, workloads
 
 TARGET_LOOP = 10.0
 TARGET_BACKPACK = 1.5
@@ -63,6 +66,94 @@ def _max_rel(a: Tensor, b: Tensor) -> float:
     return ((a - b).abs() / b.abs().clamp_min(1e-30)).max().item()
 
 
+def _note() -> str:
+    return (
+        "ours = `fisher_trace(model, [(x, y)])` (per-sample squared gradient norms: ghost norms for every linear, "
+        "conv2d, layer norm, eval batch norm, embedding and broadcast-add use of a parameter, plain self-attention "
+        "included; `vmap(grad)` for anything else, here nothing); gradient = one plain batched "
+        "`F.cross_entropy(model(x), y).backward()`: no per-sample method can cost less, so loop / gradient bounds "
+        "loop / ours; loop = one forward and backward per sample; BackPACK = `BatchL2Grad` on an `extend`ed copy with `CrossEntropyLoss(reduction='sum')`. "
+        f"Targets: loop / ours ≥ {TARGET_LOOP:g}, ours / BackPACK ≤ {TARGET_BACKPACK:g}. Max rel. diff compares the "
+        "per-sample squared gradient norms with the loop's, sample by sample."
+    )
+
+
+@dataclass
+class _Measured:
+    """One model's timings, and the per-sample squared norms of each implementation that ran."""
+
+    times: dict[str, list[float]]
+    norms: dict[str, Tensor]  # "ours", "loop", and "backpack" when BackPACK ran
+    backpack_error: str | None
+
+
+def _backpack(model: nn.Module) -> tuple[BackPACKFisher | None, str | None]:
+    """BackPACK on a copy of ``model``, or the reason it cannot run."""
+    try:
+        return BackPACKFisher(model), None
+    except Exception as exc:  # pragma: no cover - peer missing or model unsupported
+        return None, error_text(exc)
+
+
+def _measure(work: Workload, cfg: Config, batch_size: int, rounds: int) -> _Measured:
+    """The three implementations' norms once (to compare), then their times with a plain gradient's."""
+    model = work.model
+    (x, y), = work.batches(batch_size, batch_size, cfg.seed, cfg.device)
+    backpack_impl, backpack_error = _backpack(model)
+    with measurement_mode(model), attention_for(work.name):
+        objective = Objective(model, [(x, y)])
+        norms = {"ours": per_sample_sq_norms(objective, (x, y)), "loop": loop_sq_norms(model, x, y)}
+        if backpack_impl is not None:
+            try:
+                norms["backpack"] = backpack_impl.sq_norms(x, y)
+            except Exception as exc:
+                backpack_impl, backpack_error = None, error_text(exc)
+        fns = {
+            "gradient": plain_gradient(model, [(x, y)]),
+            "ours": lambda: fisher_trace(model, [(x, y)]),
+            "loop": lambda: loop_sq_norms(model, x, y),
+        }
+        if backpack_impl is not None:
+            impl = backpack_impl
+            fns["backpack"] = lambda: impl.sq_norms(x, y)
+        return _Measured(interleaved(fns, rounds, cfg.device), norms, backpack_error)
+
+
+def _backpack_cells(section: Section, label: str, m: _Measured) -> tuple[dict[str, str], bool | None]:
+    """BackPACK's columns and whether its target is met (``None``: it did not run, noted)."""
+    if "backpack" not in m.times:
+        section.notes.append(f"{label}: BackPACK does not support this model ({m.backpack_error}).")
+        return {"BackPACK BatchL2Grad": "unsupported", "ours / BackPACK": "n/a"}, None
+    bp_ratio = median_ratio(m.times["ours"], m.times["backpack"])
+    met_bp = bp_ratio <= TARGET_BACKPACK
+    section.targets.append(("Fisher: ours time / BackPACK", label, fmt_ratio(bp_ratio), f"≤ {TARGET_BACKPACK:g}", met_bp))
+    return {"BackPACK BatchL2Grad": fmt_time(middle(m.times["backpack"])), "ours / BackPACK": fmt_ratio(bp_ratio)}, met_bp
+
+
+def _record(section: Section, work: Workload, m: _Measured) -> None:
+    """One model's row, and its targets against the loop and BackPACK."""
+    times = m.times
+    loop_ratio = median_ratio(times["loop"], times["ours"])
+    met_loop = loop_ratio >= TARGET_LOOP
+    section.targets.append(("Fisher: loop time / ours", work.label, fmt_ratio(loop_ratio, 1), f"≥ {TARGET_LOOP:g}", met_loop))
+    cells, met_bp = _backpack_cells(section, work.label, m)
+    mets = [met_loop] if met_bp is None else [met_loop, met_bp]
+    diffs = [f"{_max_rel(m.norms[name], m.norms['loop']):.1e}" for name in ("ours", "backpack") if name in m.norms]
+    cells.update({
+        "model": work.label,
+        "params": fmt_params(work.num_params),
+        "gradient": fmt_time(middle(times["gradient"])),
+        "ours (fisher_trace)": fmt_time(middle(times["ours"])),
+        "per-sample loop": fmt_time(middle(times["loop"])),
+        "loop / ours": fmt_ratio(loop_ratio, 1),
+        "loop / gradient (bound)": fmt_ratio(median_ratio(times["loop"], times["gradient"]), 1),
+        "max rel. diff (ours, BackPACK vs loop)": ", ".join(diffs),
+        "targets": f"≥ {TARGET_LOOP:g}, ≤ {TARGET_BACKPACK:g}",
+        "met": met_str(all(mets)),
+    })  # fmt: skip
+    section.rows.append(Row(cells, loop_ratio, "", all(mets)))
+
+
 def run(cfg: Config) -> Section:
     batch_size = 32 if cfg.quick else 128
     rounds = 2 if cfg.quick else 3
@@ -72,75 +163,7 @@ def run(cfg: Config) -> Section:
         ["model", "params", "gradient", "ours (fisher_trace)", "per-sample loop", "BackPACK BatchL2Grad", "loop / ours",
          "loop / gradient (bound)", "ours / BackPACK", "max rel. diff (ours, BackPACK vs loop)", "targets", "met"],
     )  # fmt: skip
-    section.notes.append(
-        "ours = `fisher_trace(model, [(x, y)])` (per-sample squared gradient norms: ghost norms for every linear, "
-        "conv2d, layer norm, eval batch norm, embedding and broadcast-add use of a parameter, plain self-attention "
-        "included; `vmap(grad)` for anything else, here nothing); gradient = one plain batched "
-        "`F.cross_entropy(model(x), y).backward()`: no per-sample method can cost less, so loop / gradient bounds "
-        "loop / ours; loop = one forward and backward per sample; BackPACK = `BatchL2Grad` on an `extend`ed copy with `CrossEntropyLoss(reduction='sum')`. "
-        f"Targets: loop / ours ≥ {TARGET_LOOP:g}, ours / BackPACK ≤ {TARGET_BACKPACK:g}. Max rel. diff compares the "
-        "per-sample squared gradient norms with the loop's, sample by sample."
-    )
+    section.notes.append(_note())
     for work in workloads("quick" if cfg.quick else "full", cfg.device, cfg.models, cfg.seed):
-        model = work.model
-        (x, y), = work.batches(batch_size, batch_size, cfg.seed, cfg.device)
-        is_transformer = work.name == "transformer"
-        attention = math_attention() if is_transformer else contextlib.nullcontext()
-        try:
-            backpack_impl: BackPACKFisher | None = BackPACKFisher(model)
-            backpack_error = None
-        except Exception as exc:  # pragma: no cover - peer missing or model unsupported
-            backpack_impl, backpack_error = None, error_text(exc)
-        with measurement_mode(model):
-            with attention:
-                objective = Objective(model, [(x, y)])
-                ours_norms = per_sample_sq_norms(objective, (x, y))
-                loop_norms = loop_sq_norms(model, x, y)
-                bp_norms = None
-                if backpack_impl is not None:
-                    try:
-                        bp_norms = backpack_impl.sq_norms(x, y)
-                    except Exception as exc:
-                        backpack_impl, backpack_error = None, error_text(exc)
-                fns = {
-                    "gradient": plain_gradient(model, [(x, y)]),
-                    "ours": lambda: fisher_trace(model, [(x, y)]),
-                    "loop": lambda: loop_sq_norms(model, x, y),
-                }
-                if backpack_impl is not None:
-                    impl = backpack_impl
-                    fns["backpack"] = lambda: impl.sq_norms(x, y)
-                times = interleaved(fns, rounds, cfg.device)
-        med = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
-        loop_ratio = median_ratio(times["loop"], times["ours"])
-        diffs = f"{_max_rel(ours_norms, loop_norms):.1e}"
-        cells = {
-            "model": work.label,
-            "params": fmt_params(work.num_params),
-            "gradient": fmt_time(med["gradient"]),
-            "ours (fisher_trace)": fmt_time(med["ours"]),
-            "per-sample loop": fmt_time(med["loop"]),
-            "loop / ours": fmt_ratio(loop_ratio, 1),
-            "loop / gradient (bound)": fmt_ratio(median_ratio(times["loop"], times["gradient"]), 1),
-        }
-        met_loop = loop_ratio >= TARGET_LOOP
-        section.targets.append(("Fisher: loop time / ours", work.label, fmt_ratio(loop_ratio, 1), f"≥ {TARGET_LOOP:g}", met_loop))
-        mets = [met_loop]
-        if "backpack" in times:
-            bp_ratio = median_ratio(times["ours"], times["backpack"])
-            met_bp = bp_ratio <= TARGET_BACKPACK
-            mets.append(met_bp)
-            assert bp_norms is not None
-            diffs += f", {_max_rel(bp_norms, loop_norms):.1e}"
-            cells["BackPACK BatchL2Grad"] = fmt_time(med["backpack"])
-            cells["ours / BackPACK"] = fmt_ratio(bp_ratio)
-            section.targets.append(("Fisher: ours time / BackPACK", work.label, fmt_ratio(bp_ratio), f"≤ {TARGET_BACKPACK:g}", met_bp))
-        else:
-            cells["BackPACK BatchL2Grad"] = "unsupported"
-            cells["ours / BackPACK"] = "n/a"
-            section.notes.append(f"{work.label}: BackPACK does not support this model ({backpack_error}).")
-        cells["max rel. diff (ours, BackPACK vs loop)"] = diffs
-        cells["targets"] = f"≥ {TARGET_LOOP:g}, ≤ {TARGET_BACKPACK:g}"
-        cells["met"] = "✅ met" if all(mets) else "❌ missed"
-        section.rows.append(Row(cells, loop_ratio, "", all(mets)))
+        _record(section, work, _measure(work, cfg, batch_size, rounds))
     return section

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -10,8 +12,11 @@ from lightning_flatness.functional import Objective
 from lightning_flatness.functional import unflatten
 
 from . import _proto
-from ._common import Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio, plain_gradient
-from .models import workloads
+from ._common import (
+    Config, Row, Section, error_text, fmt_params, fmt_ratio, fmt_time, interleaved, math_attention, median_ratio, met_str, middle,
+    plain_gradient,
+)  # fmt: skip
+from .models import Workload, workloads
 
 TARGET = 2.5
 BLOCK = 8
@@ -24,17 +29,8 @@ def _raw_hvp(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: list[t
     torch.autograd.grad(g, params, grad_outputs=v)
 
 
-def run(cfg: Config) -> Section:
-    batch_size = 64 if cfg.quick else 128
-    section = Section(
-        "hvp",
-        f"1. One Hessian-vector product / one gradient (batch {batch_size}, median over {cfg.repeats} interleaved rounds)",
-        ["model", "params", "gradient", "HVP", "HVP / gradient", "HVP, kept graph / gradient", "target",
-         "met (one product / kept graph)",
-         f"block of {BLOCK} HVPs / gradient, per vector", "raw double backward / gradient", "Objective.gradient / gradient",
-         f"proto batched block of {BLOCK}"],
-    )  # fmt: skip
-    section.notes.append(
+def _note() -> str:
+    return (
         "gradient = `F.cross_entropy(model(x), y).backward()` on the module in eval mode (plain autograd), the "
         "denominator of every ratio; HVP = `Objective.hvp`, one product on its own (a forward, a backward with "
         "`create_graph=True`, a second backward); kept graph = a product of `Objective.hessian_operator(cache_chunks=1)`, which "
@@ -49,76 +45,109 @@ def run(cfg: Config) -> Section:
         "better than the sequential block. Forward-over-reverse (`jvp(grad(L))`, curvlinops' way, "
         "`_proto.hvp_forward_over_reverse`) measured 2.8-3.8× (CPU) and 4.5-5.9× (CUDA): no candidate."
     )
+
+
+def _note_default_attention(objective: Objective, v: torch.Tensor, label: str, notes: list[str]) -> None:
+    """Note when ``Objective.hvp`` fails with the default (fused) attention kernel."""
+    try:
+        objective.hvp(v)
+    except RuntimeError as exc:
+        notes.append(
+            f"{label}: `Objective.hvp` fails with the default attention kernel ({error_text(exc)}); "
+            "every HVP on this model runs under `sdpa_kernel(SDPBackend.MATH)` (see `_common.math_attention`)."
+        )
+
+
+def _timers(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], objective: Objective, v: torch.Tensor,
+    block: torch.Tensor, cfg: Config,
+) -> dict[str, Callable[[], object]]:
+    """Every product strategy on one batch, and the two gradients they are compared with."""
+    x, y = batch
+    kept = objective.hessian_operator(1)
+    v_list = [t.detach() for t in unflatten(v, objective.shapes)]
+    fns: dict[str, Callable[[], object]] = {
+        "plain": plain_gradient(model, [(x, y)]),
+        "grad": objective.gradient,
+        "hvp": lambda: objective.hvp(v),
+        "kept": lambda: kept @ v,
+        "block": lambda: objective.hvps(block),
+        "raw": lambda: _raw_hvp(model, x, y, v_list),
+    }
+    if cfg.device.type == "cuda" or cfg.quick:  # on CPU it was slower than the sequential block
+        fns["batched"] = lambda: _proto.hvps_batched(objective, block)
+    return fns
+
+
+def _drop_failing(fns: dict[str, Callable[[], object]], label: str, notes: list[str]) -> None:
+    """Run each function once; drop (and note) those that fail."""
+    for name, fn in list(fns.items()):
+        try:
+            fn()
+        except Exception as exc:  # a strategy that does not support the model
+            notes.append(f"{label}: {name} failed ({error_text(exc)}).")
+            del fns[name]
+
+
+def _times(work: Workload, cfg: Config, batch_size: int, notes: list[str]) -> dict[str, list[float]]:
+    """Wall times of every strategy on one batch, interleaved over ``cfg.repeats`` rounds."""
+    model = work.model
+    (x, y), = work.batches(batch_size, batch_size, cfg.seed, cfg.device)
+    with measurement_mode(model):
+        objective = Objective(model, [(x, y)])
+        gen = torch.Generator().manual_seed(cfg.seed)
+        v = torch.randn(objective.num_params, generator=gen).to(objective.w0)
+        block = torch.randn(BLOCK, objective.num_params, generator=gen).to(objective.w0)
+        if work.name == "transformer":
+            _note_default_attention(objective, v, work.label, notes)
+        with math_attention():
+            fns = _timers(model, (x, y), objective, v, block, cfg)
+            _drop_failing(fns, work.label, notes)
+            return interleaved(fns, cfg.repeats, cfg.device)
+
+
+def _record(section: Section, work: Workload, times: dict[str, list[float]]) -> None:
+    """One model's row, and its targets for one product and for a Lanczos product (kept graph)."""
+
+    def r(name: str, per: int = 1) -> float | None:
+        return median_ratio(times[name], times["plain"]) / per if name in times else None
+
+    ratio, kept_ratio = r("hvp"), r("kept")
+    assert ratio is not None
+    met = ratio <= TARGET
+    kept_met = kept_ratio is not None and kept_ratio <= TARGET
+    cells = {
+        "model": work.label,
+        "params": fmt_params(work.num_params),
+        "gradient": fmt_time(middle(times["plain"])),
+        "HVP": fmt_time(middle(times["hvp"])),
+        "HVP / gradient": fmt_ratio(ratio),
+        "target": f"≤ {TARGET}",
+        "met (one product / kept graph)": " / ".join(met_str(m) for m in (met, kept_met)),
+        "HVP, kept graph / gradient": fmt_ratio(kept_ratio),
+        f"block of {BLOCK} HVPs / gradient, per vector": fmt_ratio(r("block", BLOCK)),
+        "raw double backward / gradient": fmt_ratio(r("raw")),
+        "Objective.gradient / gradient": fmt_ratio(r("grad")),
+        f"proto batched block of {BLOCK}": fmt_ratio(r("batched", BLOCK)),
+    }
+    section.rows.append(Row(cells, ratio, f"≤ {TARGET}", met))
+    section.targets.append(("HVP / gradient, one product", work.label, fmt_ratio(ratio), f"≤ {TARGET}", met))
+    section.targets.append(
+        ("HVP / gradient, Lanczos product (kept graph)", work.label, fmt_ratio(kept_ratio), f"≤ {TARGET}", kept_met)
+    )
+
+
+def run(cfg: Config) -> Section:
+    batch_size = 64 if cfg.quick else 128
+    section = Section(
+        "hvp",
+        f"1. One Hessian-vector product / one gradient (batch {batch_size}, median over {cfg.repeats} interleaved rounds)",
+        ["model", "params", "gradient", "HVP", "HVP / gradient", "HVP, kept graph / gradient", "target",
+         "met (one product / kept graph)",
+         f"block of {BLOCK} HVPs / gradient, per vector", "raw double backward / gradient", "Objective.gradient / gradient",
+         f"proto batched block of {BLOCK}"],
+    )  # fmt: skip
+    section.notes.append(_note())
     for work in workloads("quick" if cfg.quick else "full", cfg.device, cfg.models, cfg.seed):
-        model = work.model
-        (x, y), = work.batches(batch_size, batch_size, cfg.seed, cfg.device)
-        with measurement_mode(model):
-            objective = Objective(model, [(x, y)])
-            gen = torch.Generator().manual_seed(cfg.seed)
-            v = torch.randn(objective.num_params, generator=gen).to(objective.w0)
-            block = torch.randn(BLOCK, objective.num_params, generator=gen).to(objective.w0)
-
-            if work.name == "transformer":
-                try:
-                    objective.hvp(v)
-                except RuntimeError as exc:
-                    section.notes.append(
-                        f"{work.label}: `Objective.hvp` fails with the default attention kernel ({error_text(exc)}); "
-                        "every HVP on this model runs under `sdpa_kernel(SDPBackend.MATH)` (see `_common.math_attention`)."
-                    )
-            with math_attention():
-                kept = objective.hessian_operator(1)
-                v_list = [t.detach() for t in unflatten(v, objective.shapes)]
-                fns = {
-                    "plain": plain_gradient(model, [(x, y)]),
-                    "grad": objective.gradient,
-                    "hvp": lambda: objective.hvp(v),
-                    "kept": lambda: kept @ v,
-                    "block": lambda: objective.hvps(block),
-                    "raw": lambda: _raw_hvp(model, x, y, v_list),
-                }
-                if cfg.device.type == "cuda" or cfg.quick:  # on CPU it was slower than the sequential block
-                    fns["batched"] = lambda: _proto.hvps_batched(objective, block)
-                times: dict[str, list[float]] = {}
-                for name, fn in list(fns.items()):
-                    try:
-                        fn()
-                    except Exception as exc:  # a strategy that does not support the model
-                        section.notes.append(f"{work.label}: {name} failed ({error_text(exc)}).")
-                        del fns[name]
-                times = interleaved(fns, cfg.repeats, cfg.device)
-        med = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
-
-        def r(name: str, per: int = 1) -> float | None:
-            return median_ratio(times[name], times["plain"]) / per if name in times else None
-
-        ratio, kept_ratio = r("hvp"), r("kept")
-        assert ratio is not None
-        met = ratio <= TARGET
-        kept_met = kept_ratio is not None and kept_ratio <= TARGET
-        section.rows.append(
-            Row(
-                {
-                    "model": work.label,
-                    "params": fmt_params(work.num_params),
-                    "gradient": fmt_time(med["plain"]),
-                    "HVP": fmt_time(med["hvp"]),
-                    "HVP / gradient": fmt_ratio(ratio),
-                    "target": f"≤ {TARGET}",
-                    "met (one product / kept graph)": " / ".join("✅ met" if m else "❌ missed" for m in (met, kept_met)),
-                    "HVP, kept graph / gradient": fmt_ratio(kept_ratio),
-                    f"block of {BLOCK} HVPs / gradient, per vector": fmt_ratio(r("block", BLOCK)),
-                    "raw double backward / gradient": fmt_ratio(r("raw")),
-                    "Objective.gradient / gradient": fmt_ratio(r("grad")),
-                    f"proto batched block of {BLOCK}": fmt_ratio(r("batched", BLOCK)),
-                },
-                ratio,
-                f"≤ {TARGET}",
-                met,
-            )
-        )
-        section.targets.append(("HVP / gradient, one product", work.label, fmt_ratio(ratio), f"≤ {TARGET}", met))
-        section.targets.append(
-            ("HVP / gradient, Lanczos product (kept graph)", work.label, fmt_ratio(kept_ratio), f"≤ {TARGET}", kept_met)
-        )
+        _record(section, work, _times(work, cfg, batch_size, section.notes))
     return section

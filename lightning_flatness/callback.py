@@ -159,7 +159,9 @@ class FlatnessCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_step == trainer.global_step and self._last_x is not None:
-            # the final weights were just measured; their landscape views may still be due
+            # the final weights were just measured; metrics on their own schedule and the landscape
+            # views may still be due
+            self._complete_final(trainer, pl_module, self._last_x)
             last = self.history[-1][1] if self.history else {}
             self._draw_landscape(trainer, pl_module, self._last_x, last, final=True)
             return
@@ -275,14 +277,7 @@ class FlatnessCallback(Callback):
         ``final``: the final weights, where every metric is due whatever its own schedule.
         """
         start = time.perf_counter()
-        assert self._data is not None
-        self.values.reset()
-        strategy = trainer.strategy if trainer.world_size > 1 else None
-        with rank_zero_buffers(strategy, pl_module), cross_process(strategy):
-            updated = self._measure_metrics(trainer, self._context(trainer, pl_module, x), final)
-            updated += self._measure_gap(trainer, pl_module, x)
-        values = {key: float(self.values[key].compute()) for key in updated}
-        values.update(self._derived_gap(values))
+        values = self._measure(trainer, pl_module, self._context(trainer, pl_module, x), self._order, final, gap=True)
         seconds = time.perf_counter() - start
         self._spent += seconds
         self.values[keys.SECONDS].update(torch.tensor(seconds, dtype=torch.float64))
@@ -290,8 +285,37 @@ class FlatnessCallback(Callback):
         status(trainer, f"flatness: epoch {x} measured in {seconds:.1f}s")
         return values
 
+    def _complete_final(self, trainer: Trainer, pl_module: LightningModule, x: int) -> None:
+        """The final weights were measured at an epoch end, where metrics on their own schedule may
+        not have been due: measure those now, into the same row (and at the same step)."""
+        skipped = [m for m in self._order if not m.due(x, final=False)]
+        if not skipped or self._data is None:
+            return
+        start = time.perf_counter()
+        ctx = self._context(trainer, pl_module, x)
+        ctx.shared = self._shared  # what that measurement's metrics left, e.g. PACGen's bound
+        values = self._measure(trainer, pl_module, ctx, skipped, final=True, gap=False)
+        self._spent += time.perf_counter() - start
+        self.history[-1][1].update(values)
+        self._writer.write(trainer, values, x)
+
+    def _measure(
+        self, trainer: Trainer, pl_module: LightningModule, ctx: MeasurementContext, metrics: list[FlatnessMetric],
+        final: bool, gap: bool,
+    ) -> dict[str, float]:  # fmt: skip
+        """``metrics`` (those due) and, with ``gap``, the train/test gap, reduced over processes."""
+        self.values.reset()
+        strategy = trainer.strategy if trainer.world_size > 1 else None
+        with rank_zero_buffers(strategy, pl_module), cross_process(strategy):
+            updated = self._measure_metrics(trainer, ctx, metrics, final)
+            if gap:
+                updated += self._measure_gap(trainer, pl_module, ctx.epoch)
+        values = {key: float(self.values[key].compute()) for key in updated}
+        values.update(self._derived_gap(values))
+        return values
+
     def _context(self, trainer: Trainer, pl_module: LightningModule, x: int) -> MeasurementContext:
-        assert self._data is not None
+        assert self._data is not None, "the measurement subsample is drawn in on_train_start"
         rank, world = trainer.global_rank, trainer.world_size
         if len(self._data["measure"]) < world:
             raise ValueError(
@@ -305,9 +329,11 @@ class FlatnessCallback(Callback):
             train_size=self._train_size,
         )  # fmt: skip
 
-    def _measure_metrics(self, trainer: Trainer, ctx: MeasurementContext, final: bool) -> list[str]:
+    def _measure_metrics(
+        self, trainer: Trainer, ctx: MeasurementContext, metrics: list[FlatnessMetric], final: bool
+    ) -> list[str]:
         updated: list[str] = []
-        due = [m for m in self._order if m.due(ctx.epoch, final)]
+        due = [m for m in metrics if m.due(ctx.epoch, final)]
         for i, metric in enumerate(due):
             status(trainer, f"flatness: epoch {ctx.epoch}: {metric.name} ({i + 1}/{len(due)})")
             result = self._guard(trainer, metric.name, lambda: _run_metric(metric, ctx))

@@ -21,7 +21,9 @@ from lightning_flatness.functional import (
     hessian_eigenvalues,
     pacgen,
 )
-from lightning_flatness.metrics import measurement_seed
+from lightning_flatness.functional import measurement_mode
+from lightning_flatness.metrics import MeasurementContext, measurement_seed
+from tests.helpers.custom_metrics import PerturbedLoss, ShardMeanLoss
 from tests.helpers.lightning_models import Classifier, DataModule, trainer
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 KEYS = (
     "flatness/hessian_top_eig", "flatness/grad_cosine_regret", "flatness/grad_cosine", "flatness/fisher_trace",
     "flatness/pacgen", "gap/train_loss", "gap/test_loss", "gap/train_acc", "gap/test_acc",
+    "flatness/perturbed_loss", "flatness/shard_mean_loss",  # user-defined metrics, one of each kind
 )  # fmt: skip
 
 
@@ -48,6 +51,10 @@ def single_process(model, dm, x):
     }
     reg = grad_cosine_regret(model, batches)
     out["flatness/grad_cosine_regret"], out["flatness/grad_cosine"] = reg.regret, reg.cosine
+    with measurement_mode(model):
+        context = MeasurementContext(model, batches, "cross_entropy", x, 0, 96)
+        out.update(PerturbedLoss().compute(context))
+        out.update(ShardMeanLoss().compute(context))
     model.eval()
     with torch.no_grad():
         for split, ds, off in (("train", dm.train_set, 1), ("test", dm.val_set, 2)):
@@ -64,7 +71,8 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     model = Classifier(dropout=0.0)  # BatchNorm statistics differ per rank: rank 0's are measured
     initial = copy.deepcopy(model)
     dm = DataModule(shuffle=False)
-    metrics = [HessianEigenvalues(tol=1e-8, max_iter=400), "grad_cosine_regret", "fisher_trace", "pacgen"]
+    metrics = [HessianEigenvalues(tol=1e-8, max_iter=400), "grad_cosine_regret", "fisher_trace", "pacgen",
+               PerturbedLoss(), ShardMeanLoss()]  # fmt: skip
     cb = FlatnessCallback(
         metrics, num_samples=96, batch_size=16, gap_num_samples=100, measure_at_start=True, every_n_epochs=2,
         landscape=LandscapeOptions(every_n_epochs=2, steps=3),

@@ -1,0 +1,135 @@
+"""Metric objects: options, keys, names, order of execution, schedules and state, and the old flat options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_flatness import FisherTrace, FlatnessCallback, GradCosineRegret, HessianEigenvalues, LocalEntropy, PACGen
+from lightning_flatness.metrics import (
+    BUILTIN,
+    DEFAULT_METRICS,
+    FlatnessMetric,
+    MeasurementContext,
+    SharedResults,
+    execution_order,
+    resolve_metrics,
+)
+from tests.helpers.lightning_models import Classifier, DataModule, trainer
+
+SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=0)
+
+
+def test_names_stand_for_default_configured_objects_with_the_same_keys():
+    metrics = resolve_metrics(list(DEFAULT_METRICS) + ["local_entropy"])
+    assert [type(m) for m in metrics] == [HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy]
+    assert [m.name for m in metrics] == list(BUILTIN)
+    assert [m.keys for m in metrics] == [
+        ("flatness/hessian_top_eig",), ("flatness/grad_cosine_regret", "flatness/grad_cosine"),
+        ("flatness/fisher_trace",), ("flatness/pacgen",), ("flatness/local_entropy",),
+    ]  # fmt: skip
+    assert HessianEigenvalues(k=3).keys == ("flatness/hessian_top_eig", *(f"flatness/hessian_eig_{j}" for j in (1, 2, 3)))
+
+
+def test_options_are_kept_under_their_names_and_shown_in_repr():
+    pac = PACGen(gamma=0.2, rho=0.0)
+    assert pac.hparams() == dict(gamma=0.2, eps=0.1, rho=0.0, num_probes=16, rho_probes=3, screen=True, every_n_epochs=None)
+    assert repr(pac) == "PACGen(gamma=0.2, rho=0.0)" and repr(FisherTrace()) == "FisherTrace()"
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "match"),
+    [
+        (["sharpness"], ValueError, "unknown metric 'sharpness'.*hessian_top_eig"),
+        ([3], TypeError, "FlatnessMetric objects"),
+        (42, TypeError, "list of metric names"),
+        (["pacgen", PACGen()], ValueError, "twice"),
+    ],
+)
+def test_bad_metric_lists_are_refused(spec, error, match):
+    with pytest.raises(error, match=match):
+        resolve_metrics(spec)
+
+
+def test_providers_run_before_the_metrics_that_use_their_results():
+    pac, fisher, eig = PACGen(), FisherTrace(), HessianEigenvalues()
+    assert execution_order([pac, fisher, eig]) == [fisher, eig, pac]
+    assert execution_order([pac, fisher]) == [pac, fisher]  # nothing provides hessian_max: the given order
+
+
+class Counting(FlatnessMetric):
+    """Counts its measurements; logs the epoch and the bound the eigenvalue metric left."""
+
+    name = "counting"
+    uses = ("hessian_max",)
+
+    def __init__(self, every_n_epochs: int | None = None) -> None:
+        super().__init__(every_n_epochs)
+        self.keys = ("flatness/counting", "flatness/counting_bound")
+        self.count = 0
+
+    def compute(self, ctx: MeasurementContext) -> dict[str, float]:
+        self.count += 1
+        return {"flatness/counting": float(ctx.epoch), "flatness/counting_bound": ctx.shared.hessian_max or -1.0}
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def test_each_metric_has_its_own_schedule_and_the_final_weights_get_all(tmp_path):
+    counting, fisher = Counting(every_n_epochs=2), FisherTrace()
+    cb = FlatnessCallback(metrics=[counting, fisher, HessianEigenvalues(every_n_epochs=3)], **SMALL)
+    trainer(tmp_path, [cb], max_epochs=5).fit(Classifier(), DataModule())
+    logged = {x: set(values) - {"flatness/seconds"} for x, values in cb.history}
+    assert logged == {
+        1: {"flatness/fisher_trace"},
+        2: {"flatness/fisher_trace", "flatness/counting", "flatness/counting_bound"},
+        3: {"flatness/fisher_trace", "flatness/hessian_top_eig"},
+        4: {"flatness/fisher_trace", "flatness/counting", "flatness/counting_bound"},
+        5: {"flatness/fisher_trace", "flatness/counting", "flatness/counting_bound", "flatness/hessian_top_eig"},
+    }
+    # the bound reaches the user's metric only when the eigenvalue was measured in the same measurement
+    assert cb.history[1][1]["flatness/counting_bound"] == -1.0
+    assert cb.history[4][1]["flatness/counting_bound"] == 2 * cb.history[4][1]["flatness/hessian_top_eig"]
+    assert cb.state_dict()["metrics"]["counting"] == {"count": 3}
+
+
+def test_metric_state_is_checkpointed_and_restored():
+    cb = FlatnessCallback(metrics=[HessianEigenvalues(), Counting()], **SMALL)
+    cb.metrics[0].vectors, cb.metrics[1].count = torch.ones(1, 5), 7
+    fresh = FlatnessCallback(metrics=[HessianEigenvalues(), Counting()], **SMALL)
+    fresh.load_state_dict(cb.state_dict())
+    assert torch.equal(fresh.metrics[0].vectors, torch.ones(1, 5)) and fresh.metrics[1].count == 7
+    old = {"version": 1, "eig_vectors": torch.zeros(1, 5), "indices": {}}  # a checkpoint of version 0.1
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.metrics[0].vectors, torch.zeros(1, 5))
+
+
+def test_deprecated_flat_options_still_work_and_show_the_new_spelling():
+    with pytest.warns(FutureWarning, match=r"HessianEigenvalues\(k=3\).*PACGen\(eps=0\.5, screen=False\)"):
+        cb = FlatnessCallback(k=3, eps=0.5, pacgen_screen=False, landscape_every_n_epochs=2, **SMALL)
+    assert [repr(m) for m in cb.metrics] == [
+        "HessianEigenvalues(k=3)", "GradCosineRegret()", "FisherTrace()", "PACGen(eps=0.5, screen=False)",
+    ]  # fmt: skip
+    assert cb._landscape.options.every_n_epochs == 2
+    with pytest.raises(ValueError, match="k"):
+        FlatnessCallback(metrics=["fisher_trace"], k=0)  # still validated when the metric is not measured
+    with pytest.raises(ValueError, match="both"):
+        FlatnessCallback(metrics=[HessianEigenvalues(k=2)], tol=1e-6)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*bogus"):
+        FlatnessCallback(bogus=1)
+
+
+def test_two_metrics_may_not_log_the_same_key():
+    class Clash(Counting):
+        name = "clash"
+
+    with pytest.raises(ValueError, match="same key"):
+        resolve_metrics([Counting(), Clash()])
+
+
+def test_shared_results_start_empty():
+    assert SharedResults() == SharedResults(None, None, None)
