@@ -55,7 +55,7 @@ def head(batch: Any, n: int) -> Any:
 def _what_to_do(who: str) -> str:
     return (
         f"Pass {who}(loss_fn=loss_fn) with a function that unpacks the batch as your training_step does and "
-        f"returns one loss per sample, e.g.\n\n{LOSS_FN_EXAMPLE}\n\n(see docs/faq.md, 'Custom batches or losses?')."
+        f"returns one loss per sample, e.g.\n\n{LOSS_FN_EXAMPLE}\n\n(docs/faq.md: \"cannot evaluate the loss\")."
     )
 
 

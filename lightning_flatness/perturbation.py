@@ -67,7 +67,13 @@ class PACGenPerturbation(Callback):
 
     Not compatible with optimizers that evaluate their closure several times per step
     (:class:`~lightning_flatness.optim.EntropySGD`, ``torch.optim.LBFGS``): the weights are restored
-    after the first evaluation; this is rejected at ``on_train_start``.
+    after the first evaluation; this is rejected at ``on_train_start``. Nor with strategies that
+    shard the parameters or split the model (FSDP, DeepSpeed, ``ModelParallelStrategy``): only a
+    single device and DDP are accepted, checked in ``setup`` (``ValueError``, see docs/faq.md).
+    Before the first training step the loss is evaluated on two samples of the estimation batch
+    (``batches`` at ``on_train_start``, else the first training batch's), so that a module
+    without ``forward``, batches that are not ``(inputs, targets)`` for a built-in ``loss_fn``,
+    or a ``loss_fn`` that is not per-sample fail there with one ``TypeError`` that says what to do.
 
     Args:
         noise_scale: multiplies :math:`\sigma` (0 disables the perturbation but keeps the bookkeeping).
