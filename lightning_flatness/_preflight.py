@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .functional._losses import LossArg, resolve_loss_fn
+from .functional._losses import LossArg, LossFn, resolve_loss_fn
 from .functional._objective import Objective
 from .functional._restore import measurement_mode
 
@@ -67,7 +67,7 @@ def _describe(batch: Any) -> str:
     return f"a {type(batch).__name__}"
 
 
-def _checked(fn: Any, name: str | None, who: str) -> Any:
+def _checked(fn: LossFn, name: str | None, who: str) -> LossFn:
     """``fn`` with its two failure kinds (no ``forward``, not per-sample) turned into :class:`LossFnError`."""
 
     def loss(model: nn.Module, batch: Any) -> Tensor:
