@@ -12,6 +12,8 @@ from torch.optim import Optimizer
 
 __all__ = ["EntropySGD"]
 
+PARAMETRIZATIONS = ("authors", "paper")
+
 
 def _number(name: str, value: Any, *, low: float, low_open: bool, high: float = math.inf, high_open: bool = True) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
@@ -28,8 +30,10 @@ class EntropySGD(Optimizer):
 
     Each :meth:`step` minimizes :math:`-T\log Z(w;\gamma)`, :math:`Z(w;\gamma) = \int
     \exp(-(f(w') + \tfrac\gamma2\|w - w'\|^2)/T)\,dw'` (:math:`T = \epsilon^2/2`), whose gradient
-    is :math:`\gamma(w - \langle w'\rangle)`. The Gibbs average is estimated by an inner SGLD
-    loop of :math:`L` = ``num_steps`` steps, each evaluating ``closure`` once:
+    is :math:`\gamma(w - \langle w'\rangle)`; the default outer step follows
+    :math:`w - \langle w'\rangle` (the same direction, without the factor :math:`\gamma`). The
+    Gibbs average is estimated by an inner SGLD loop of :math:`L` = ``num_steps`` steps, each
+    evaluating ``closure`` once:
 
     .. code-block:: text
 
@@ -38,8 +42,9 @@ class EntropySGD(Optimizer):
             g  <- grad f(w')                          # closure(), + weight_decay * w'
             w' <- w' - eta' (g + gamma_t (w' - w)) + sqrt(eta') * eps * N(0, I)
             mu <- (1 - alpha) mu + alpha w'
-        d  <- gamma_t (w - mu)                        # the local-entropy gradient (left in p.grad)
-        v  <- momentum v + (1 - dampening) d          # if momentum > 0
+        d  <- w - mu                                  # parametrization="authors" (default)
+        d  <- gamma_t (w - mu)                        # parametrization="paper": the local-entropy gradient
+        v  <- momentum v + (1 - dampening) d          # if momentum > 0 (d is left in p.grad)
         d  <- d + momentum v  (nesterov)  or  v
         w  <- w - lr d
 
@@ -47,13 +52,26 @@ class EntropySGD(Optimizer):
     number of steps taken. Per step: ``num_steps`` closure evaluations (forward + backward),
     no extra memory beyond three copies of the parameters (``w``, :math:`\mu`, momentum).
 
+    The two parametrizations differ only in the outer step: ``"paper"`` with ``lr`` steps exactly
+    like ``"authors"`` with ``lr * gamma_t``; for a constant scope (``gamma_growth=0``),
+    ``lr_paper = lr_authors / gamma``. The default, ``"authors"``, is the authors' code's outer
+    step (their code, ucla-vision/entropy-sgd, is what implementations copy): ``lr`` is the
+    fraction of the way from :math:`w` to the anchor :math:`\mu`. The default ``lr=1`` sets
+    :math:`w \leftarrow \mu`, about ``num_steps - 3`` SGD steps' worth at ``sgld_lr`` where the
+    curvature is small compared with ``1 / (num_steps * sgld_lr)`` (with ``alpha=0.25``);
+    SGD-like values 0.01–0.1 move that fraction of the way and are that much slower. In the
+    ``"paper"`` form the default scope :math:`\gamma_0 = 0.03` makes such values move only
+    ``0.03 * lr`` of the way. With momentum :math:`m` the steady step is ``lr / (1 - m)`` of the
+    way: use ``lr`` near ``1 - m`` (the authors' script: ``lr=0.1``, Nesterov momentum 0.9).
+    Coming from ``SGD(lr=eta)``: ``EntropySGD(params, sgld_lr=eta)``.
+
     Args:
         params: parameters or parameter groups.
-        lr: the outer step :math:`\eta` on :math:`\gamma(w - \mu)` (the paper's Algorithm 1;
-            the authors' code drops the factor :math:`\gamma`, i.e. uses ``lr * gamma`` here).
-            ``lr * gamma_t = 1`` sets :math:`w \leftarrow \mu`; larger values overshoot the anchor.
+        lr: the outer step size :math:`\eta` (see ``parametrization``); larger than 1 (``"paper"``:
+            ``lr * gamma_t`` larger than 1) overshoots the anchor.
         num_steps: inner SGLD steps :math:`L` (the paper uses 5–20).
-        sgld_lr: the inner step :math:`\eta'` (paper and code: 0.1).
+        sgld_lr: the inner step :math:`\eta'` (paper and code: 0.1); the inner loop is SGD at
+            this rate, so it plays the part of SGD's learning rate.
         noise: the thermal noise :math:`\epsilon` (paper and code: 1e-4); ``0`` turns the inner
             loop into plain gradient descent on :math:`f + \tfrac\gamma2\|w - \cdot\|^2`.
         gamma: :math:`\gamma_0`, the initial scope (coupling).
@@ -66,6 +84,8 @@ class EntropySGD(Optimizer):
         momentum, dampening, nesterov: as in :class:`torch.optim.SGD`, on the outer step.
         weight_decay: L2 penalty added to the inner gradients (it is part of :math:`f`, so it
             reaches the outer step through :math:`\mu`).
+        parametrization: ``"authors"`` (default; outer step ``lr * (w - mu)``, as in the authors'
+            code) or ``"paper"`` (``lr * gamma_t * (w - mu)``, Algorithm 1 exactly).
         seed: seeds the optimizer's own generator (one per device, drawing on that device) for
             the Langevin noise; the global RNG is never used. Their states are part of
             :meth:`state_dict`, so a resumed run draws the same noise.
@@ -85,7 +105,7 @@ class EntropySGD(Optimizer):
         >>> from lightning_flatness.optim import EntropySGD
         >>> model = torch.nn.Linear(3, 1)
         >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
-        >>> opt = EntropySGD(model.parameters(), lr=1.0, num_steps=5, gamma=0.03, seed=0)
+        >>> opt = EntropySGD(model.parameters(), lr=1.0, num_steps=5, seed=0)
         >>> def closure():
         ...     loss = torch.nn.functional.mse_loss(model(x), y)
         ...     loss.backward()
@@ -101,7 +121,7 @@ class EntropySGD(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 0.1,
+        lr: float = 1.0,
         num_steps: int = 20,
         sgld_lr: float = 0.1,
         noise: float = 1e-4,
@@ -113,13 +133,14 @@ class EntropySGD(Optimizer):
         dampening: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        parametrization: str = "authors",
         seed: int = 0,
     ) -> None:
         defaults = self._check(
             dict(
                 lr=lr, num_steps=num_steps, sgld_lr=sgld_lr, noise=noise, gamma=gamma, gamma_growth=gamma_growth,
                 gamma_max=gamma_max, alpha=alpha, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                weight_decay=weight_decay,
+                weight_decay=weight_decay, parametrization=parametrization,
             )
         )  # fmt: skip
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
@@ -158,6 +179,10 @@ class EntropySGD(Optimizer):
         if group["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0.")
         out["weight_decay"] = _number("weight_decay", group["weight_decay"], low=0, low_open=False)
+        if group["parametrization"] not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"parametrization must be one of {list(PARAMETRIZATIONS)}, got {group['parametrization']!r}."
+            )
         return out
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -234,22 +259,29 @@ class EntropySGD(Optimizer):
                         mu.mul_(1 - alpha).add_(p, alpha=alpha)
         with torch.no_grad():
             for g, gamma, plist, ws, mus in zip(groups, gammas, active, anchors, means):
-                mom, damp = g["momentum"], g["dampening"]
-                for p, w, mu in zip(plist, ws, mus):
-                    p.copy_(w)
-                    d = (w - mu).mul_(gamma)
-                    p.grad = d.clone()
-                    state = self.state[p]
-                    if mom > 0:
-                        buf = state.get("momentum_buffer")
-                        if buf is None:
-                            buf = state["momentum_buffer"] = d.clone()
-                        else:
-                            buf.mul_(mom).add_(d, alpha=1 - damp)
-                        d = d.add(buf, alpha=mom) if g["nesterov"] else buf
-                    p.add_(d, alpha=-g["lr"])
-                    state["step"] = t + 1
+                self._outer_step(g, gamma, plist, ws, mus, t)
         return first
+
+    def _outer_step(self, group: dict[str, Any], gamma: float, params: list[Tensor], anchors: list[Tensor],
+                    means: list[Tensor], t: int) -> None:  # fmt: skip
+        """``w <- w - lr d`` from the anchors ``w`` and means ``mu``, with SGD's momentum on ``d``."""
+        mom, damp = group["momentum"], group["dampening"]
+        for p, w, mu in zip(params, anchors, means):
+            p.copy_(w)
+            d = w - mu
+            if group["parametrization"] == "paper":
+                d.mul_(gamma)
+            p.grad = d.clone()
+            state = self.state[p]
+            if mom > 0:
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(mom).add_(d, alpha=1 - damp)
+                d = d.add(buf, alpha=mom) if group["nesterov"] else buf
+            p.add_(d, alpha=-group["lr"])
+            state["step"] = t + 1
 
     # The generators' states travel with the optimizer's state, so a resumed run draws the same noise.
     def state_dict(self) -> dict[str, Any]:
@@ -261,5 +293,7 @@ class EntropySGD(Optimizer):
         state_dict = dict(state_dict)
         generators = state_dict.pop("generators", {})
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # saved before the option existed, when the outer step was Algorithm 1's
+            group.setdefault("parametrization", "paper")
         for key, value in generators.items():
             self._generator(torch.device(key)).set_state(value)

@@ -8,8 +8,8 @@ from typing import Any, Callable, Sequence, Union
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
+from ._preflight import check_strategy, head, probe_loss
 from .functional import pacgen_perturbation_scale
 from .functional._losses import resolve_loss_fn
 
@@ -29,11 +29,6 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
-
-
-def _head(batch: Any, n: int) -> Any:
-    """The first ``n`` samples of a batch (every tensor sliced along dim 0), detached copies."""
-    return tree_map(lambda t: t[:n].detach().clone() if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
 
 
 class PACGenPerturbation(Callback):
@@ -72,7 +67,13 @@ class PACGenPerturbation(Callback):
 
     Not compatible with optimizers that evaluate their closure several times per step
     (:class:`~lightning_flatness.optim.EntropySGD`, ``torch.optim.LBFGS``): the weights are restored
-    after the first evaluation; this is rejected at ``on_train_start``.
+    after the first evaluation; this is rejected at ``on_train_start``. Nor with strategies that
+    shard the parameters or split the model (FSDP, DeepSpeed, ``ModelParallelStrategy``): only a
+    single device and DDP are accepted, checked in ``setup`` (``ValueError``, see docs/faq.md).
+    Before the first training step the loss is evaluated on two samples of the estimation batch
+    (``batches`` at ``on_train_start``, else the first training batch's), so that a module
+    without ``forward``, batches that are not ``(inputs, targets)`` for a built-in ``loss_fn``,
+    or a ``loss_fn`` that is not per-sample fail there with one ``TypeError`` that says what to do.
 
     Args:
         noise_scale: multiplies :math:`\sigma` (0 disables the perturbation but keeps the bookkeeping).
@@ -141,7 +142,8 @@ class PACGenPerturbation(Callback):
 
     def _estimate(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         if self.batches is None:
-            self.batches = [_head(batch, self.num_samples)]
+            self.batches = [head(batch, self.num_samples)]
+            probe_loss(pl_module, self.batches[0], self.loss_fn, type(self).__name__)
         params = self._trainable(pl_module)
         self.sigma = pacgen_perturbation_scale(
             pl_module, self.batches, self.loss_fn, gamma=self.gamma, eps=self.eps, rho=self.rho,
@@ -192,6 +194,10 @@ class PACGenPerturbation(Callback):
         return self._clean is not None
 
     # ------------------------------------------------------------------- hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_strategy(trainer, type(self).__name__)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from .optim import EntropySGD
 
@@ -202,6 +208,8 @@ class PACGenPerturbation(Callback):
                     f"PACGenPerturbation cannot be combined with {type(inner).__name__}, which evaluates its closure "
                     "several times per step: the weights are restored after the first evaluation."
                 )
+        if self.batches is not None:  # else the first training batch's head, probed in _estimate
+            probe_loss(pl_module, self.batches[0], self.loss_fn, type(self).__name__)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.restore()  # gradient accumulation: the previous micro-batch's perturbation

@@ -338,8 +338,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not run the report at the end")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="the report writes tables only")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                        help="entropy-sgd: EntropySGD(lr=1, num_steps=5, sgld_lr=--lr, gamma=0.5, gamma_max=1), "
-                             "5 gradient evaluations per step")
+                        help="entropy-sgd: EntropySGD(parametrization='paper', lr=1, num_steps=5, sgld_lr=--lr, "
+                             "gamma=0.5, gamma_growth=1e-3, gamma_max=1): Algorithm 1, outer step lr*gamma_t*(w-mu) "
+                             "with gamma_t growing from 0.5 to 1; 5 gradient evaluations per step")
     parser.add_argument("--pacgen-noise", type=_nonnegative_float, default=d.pacgen_noise, metavar="S",
                         help="train with PACGenPerturbation(noise_scale=S) (Wang et al. 2018); 0 = off")
     parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (one run per batch size)")

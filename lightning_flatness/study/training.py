@@ -58,9 +58,11 @@ class Classifier(LightningModule):
         if self.hparams.optimizer == "entropy-sgd":
             from ..optim import EntropySGD
 
-            # Inner SGLD at the sweep's lr; 5 gradient evaluations per step (Chaudhari et al. 2017).
+            # Inner SGLD at the sweep's lr; 5 gradient evaluations per step (Chaudhari et al. 2017). Algorithm 1's
+            # outer step lr * gamma_t * (w - mu), as the sweep always ran: lr * gamma_t grows from 0.5 to 1 with
+            # the scope, which no constant lr of the authors' form (lr * (w - mu)) reproduces.
             return EntropySGD(self.parameters(), lr=1.0, num_steps=5, sgld_lr=self.hparams.lr, noise=1e-4,
-                              gamma=0.5, gamma_growth=1e-3, gamma_max=1.0)  # fmt: skip
+                              gamma=0.5, gamma_growth=1e-3, gamma_max=1.0, parametrization="paper")  # fmt: skip
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 

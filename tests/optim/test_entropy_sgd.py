@@ -1,4 +1,4 @@
-"""EntropySGD: a double well (wide vs sharp), Algorithm 1 reference, state, errors, Lightning."""
+"""EntropySGD: a double well (wide vs sharp), Algorithm 1 reference, convex progress, state, errors, Lightning."""
 
 import copy
 import math
@@ -56,7 +56,8 @@ def train(optimizer: str, steps: int, seed: int = 0) -> torch.Tensor:
             opt.step()
     else:
         opt = EntropySGD(
-            [x], lr=1.0, num_steps=10, sgld_lr=0.1, noise=0.4, gamma=0.1, gamma_growth=0.03, gamma_max=1.0, seed=seed
+            [x], lr=1.0, num_steps=10, sgld_lr=0.1, noise=0.4, gamma=0.1, gamma_growth=0.03, gamma_max=1.0, seed=seed,
+            parametrization="paper",
         )
         for _ in range(steps):
             opt.step(closure)
@@ -88,12 +89,13 @@ def test_entropy_sgd_ends_in_the_wide_well_where_sgd_does_not():
 
 # ----------------------------------------------------------------------------- Algorithm 1
 def reference_steps(params, closure, steps, *, lr, num_steps, sgld_lr, noise, gamma, gamma_growth, alpha,
-                    momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, seed=0):  # fmt: skip
-    """Algorithm 1 of Chaudhari et al. (2017), written out with plain tensors."""
+                    momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, seed=0,
+                    parametrization="paper", gamma_max=None):  # fmt: skip
+    """Algorithm 1 of Chaudhari et al. (2017) written out with plain tensors; the authors' outer step drops γ_t."""
     gen = torch.Generator().manual_seed(seed)
     bufs = [None] * len(params)
     for t in range(steps):
-        g_t = min(gamma * (1 + gamma_growth) ** t, 1 / sgld_lr)
+        g_t = min(gamma * (1 + gamma_growth) ** t, 1 / sgld_lr if gamma_max is None else gamma_max)
         w = [p.detach().clone() for p in params]
         mu = [p.detach().clone() for p in params]
         for _ in range(num_steps):
@@ -108,7 +110,7 @@ def reference_steps(params, closure, steps, *, lr, num_steps, sgld_lr, noise, ga
                     mi.mul_(1 - alpha).add_(alpha * p)
         with torch.no_grad():
             for i, (p, wi, mi) in enumerate(zip(params, w, mu)):
-                d = g_t * (wi - mi)
+                d = g_t * (wi - mi) if parametrization == "paper" else wi - mi
                 if momentum:
                     bufs[i] = d.clone() if bufs[i] is None else momentum * bufs[i] + (1 - dampening) * d
                     d = d + momentum * bufs[i] if nesterov else bufs[i]
@@ -140,8 +142,10 @@ def quadratic_problem(seed=0):
     ],
     ids=["plain", "momentum", "nesterov_wd", "dampening"],
 )
-def test_matches_algorithm_1_reference(extra):
-    hyper = dict(lr=0.5, num_steps=5, sgld_lr=0.05, noise=0.1, gamma=0.5, gamma_growth=0.2, alpha=0.25) | extra
+@pytest.mark.parametrize("parametrization", ["paper", "authors"])
+def test_matches_algorithm_1_reference(extra, parametrization):
+    hyper = dict(lr=0.5, num_steps=5, sgld_lr=0.05, noise=0.1, gamma=0.5, gamma_growth=0.2, alpha=0.25,
+                 parametrization=parametrization) | extra  # fmt: skip
     params, closure = quadratic_problem()
     opt = EntropySGD(params, seed=3, **hyper)
     losses = [opt.step(closure) for _ in range(6)]
@@ -149,9 +153,100 @@ def test_matches_algorithm_1_reference(extra):
     reference_steps(ref_params, ref_closure, 6, seed=3, **hyper)
     for p, q in zip(params, ref_params):
         assert torch.allclose(p, q, rtol=0, atol=1e-12)
-    # The returned loss is the one at w (first closure evaluation); p.grad is γ_t (w − μ).
+    # The returned loss is the one at w (first closure evaluation).
     assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in losses)
     assert opt.state[params[0]]["step"] == 6
+
+
+def test_paper_form_is_the_authors_form_with_lr_times_gamma():
+    """With a constant scope, lr_paper = lr_authors / γ gives the same steps (momentum included)."""
+    gamma, hyper = 0.4, dict(num_steps=3, sgld_lr=0.05, noise=0.1, gamma_growth=0.0, momentum=0.9, seed=1)
+    params, closure = quadratic_problem()
+    authors = EntropySGD(params, lr=0.2, gamma=gamma, parametrization="authors", **hyper)
+    for _ in range(4):
+        authors.step(closure)
+    paper_params, paper_closure = quadratic_problem()
+    paper = EntropySGD(paper_params, lr=0.2 / gamma, gamma=gamma, parametrization="paper", **hyper)
+    for _ in range(4):
+        paper.step(paper_closure)
+    for p, q in zip(params, paper_params):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)
+    # p.grad is the direction before momentum: (w − μ), and γ (w − μ) in the paper's form.
+    for p, q in zip(params, paper_params):
+        assert torch.allclose(gamma * p.grad, q.grad, rtol=0, atol=1e-12) and p.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- convex progress
+def least_squares(seed=0):
+    """A linear model on 256 x 8 least squares, y = X w* + noise: the issue's example (loss ~14 at the start)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 8, generator=g)
+    y = x @ (1.2 * torch.randn(8, 1, generator=g)) + 0.1 * torch.randn(256, 1, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Linear(8, 1)
+
+    def loss():
+        return nn.functional.mse_loss(model(x), y)
+
+    def closure():
+        value = loss()
+        value.backward()
+        return value
+
+    return model, closure, loss
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(lr=0.01), dict(lr=0.03), dict(lr=0.1)], ids=["defaults", "lr0.01", "lr0.03", "lr0.1"]
+)
+def test_defaults_and_sgd_like_learning_rates_halve_a_convex_loss_in_50_steps(kwargs):
+    model, closure, loss = least_squares()
+    opt = EntropySGD(model.parameters(), **kwargs)
+    start = opt.step(closure).item()
+    for _ in range(49):
+        opt.step(closure)
+    end = loss().item()
+    assert end <= start / 2
+    if not kwargs:  # lr=1 moves w onto the anchor: the defaults solve it (the noise floor is 0.01)
+        assert end < 0.02
+
+
+def test_the_paper_form_with_an_sgd_like_lr_barely_moves():
+    """Why the default is the authors' form: Algorithm 1's step lr·γ_t·(w − μ) is 0.03·lr of the way."""
+    model, closure, loss = least_squares()
+    opt = EntropySGD(model.parameters(), lr=0.05, parametrization="paper")
+    start = opt.step(closure).item()
+    for _ in range(49):
+        opt.step(closure)
+    assert loss().item() > 0.8 * start
+
+
+def test_the_sweep_keeps_its_algorithm_1_trajectory():
+    from lightning_flatness.study.training import Classifier
+
+    module = Classifier(4, [6], 3, lr=0.1, batch_size=8, optimizer="entropy-sgd")
+    reference = copy.deepcopy(module)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+    def closure_of(model):
+        def closure():
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        return closure
+
+    opt = module.configure_optimizers()
+    assert opt.param_groups[0]["gamma_max"] == 1.0
+    for _ in range(3):
+        opt.step(closure_of(module))
+    ref_params = list(reference.parameters())
+    reference_steps(ref_params, closure_of(reference), 3, lr=1.0, num_steps=5, sgld_lr=0.1, noise=1e-4, gamma=0.5,
+                    gamma_growth=1e-3, alpha=0.25, gamma_max=1.0)  # fmt: skip
+    for p, q in zip(module.parameters(), ref_params):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6)
+    assert not torch.equal(next(module.parameters()), next(Classifier(4, [6], 3, 0.1, 8).parameters()))
 
 
 def test_scoping_is_capped_and_closure_count():
@@ -222,11 +317,22 @@ def test_global_rng_untouched_and_unused_params_left_alone():
         (dict(weight_decay=-1.0), "weight_decay"),
         (dict(lr=float("nan")), "lr"),
         (dict(seed=-1), "seed"),
+        (dict(parametrization="local_entropy"), r"parametrization must be one of \['authors', 'paper'\]"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EntropySGD([nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_a_state_dict_saved_before_the_parametrization_option_resumes_in_the_paper_form():
+    params, closure = quadratic_problem()
+    saved = EntropySGD(params).state_dict()
+    del saved["param_groups"][0]["parametrization"]
+    opt = EntropySGD(params)
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["parametrization"] == "paper"
+    opt.step(closure)
 
 
 def test_closure_is_required():

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lightning_flatness import EntropySGD, PACGenPerturbation
+from lightning_flatness._preflight import LossFnError, UnsupportedStrategyError
 from lightning_flatness.functional import pacgen_perturbation_scale
 
 SEED, SCALE, EVERY, NUM_SAMPLES, STEPS = 7, 0.5, 3, 6, 6
@@ -171,6 +172,68 @@ class EntropyModule(Module):
 def test_rejects_optimizers_that_re_evaluate_the_closure():
     with pytest.raises(ValueError, match="EntropySGD"):
         fit([callback()], steps=1, module=EntropyModule())
+
+
+class NoForwardModule(Module):
+    """Common practice: training_step calls self.net, and the module defines no forward."""
+
+    forward = L.LightningModule.forward
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch_idx)
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+
+class TensorBatchModule(Module):
+    """Lightning's BoringModel: every batch is one plain tensor, the loss is computed from the output."""
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch_idx)
+        return self(batch).square().mean()
+
+
+def tensor_loader():
+    return torch.utils.data.DataLoader(torch.randn(32, 4, generator=torch.Generator().manual_seed(1)), batch_size=8)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["first_batch", "batches"])
+def test_a_module_without_forward_fails_before_the_first_training_step(explicit):
+    module = NoForwardModule()
+    batches = [next(iter(loader()))] if explicit else None
+    with pytest.raises(LossFnError, match=r"PACGenPerturbation: .*NoForwardModule.* \"forward\".*define forward"):
+        fit([PACGenPerturbation(batches=batches)], steps=2, module=module)
+    assert module.seen == []
+
+
+def test_batches_that_are_not_pairs_fail_before_the_first_training_step():
+    module = TensorBatchModule()
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[PACGenPerturbation()],
+    )  # fmt: skip
+    with pytest.raises(LossFnError, match=r"pairs \(inputs, targets\).*Tensor of shape \(8, 4\).*loss_fn=loss_fn"):
+        trainer.fit(module, tensor_loader())
+    assert module.seen == []
+
+
+def test_a_custom_loss_fn_trains_a_module_without_forward():
+    def loss_fn(model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model.net(x), y, reduction="none")
+
+    module = NoForwardModule()
+    _, trainer = fit([PACGenPerturbation(loss_fn=loss_fn, num_probes=2, rho=0.0)], steps=2, module=module)
+    assert trainer.global_step == 2 and module.seen == [0, 1]
+
+
+def test_sharded_strategies_are_refused_in_setup():
+    class FakeTrainer:
+        strategy = L.pytorch.strategies.FSDPStrategy()
+
+    with pytest.raises(UnsupportedStrategyError, match="PACGenPerturbation does not support FSDPStrategy"):
+        callback().setup(FakeTrainer(), Module(), "fit")
+    callback().setup(FakeTrainer(), Module(), "validate")  # PACGen does nothing outside fit
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,156 @@
+"""probe_loss and check_strategy: one clear error, before training, for setups the callbacks cannot measure."""
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
+from torch import nn
+
+from lightning_flatness._preflight import LossFnError, UnsupportedStrategyError, check_strategy, probe_loss
+
+
+class NoForward(L.LightningModule):
+    """Common practice: training_step calls a submodule, and there is no forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+def pair(n=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def net_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model.net(x), y, reduction="none")
+
+
+# ----------------------------------------------------------------------------- probe_loss
+@pytest.mark.parametrize("who", ["FlatnessCallback", "PACGenPerturbation"])
+def test_a_module_without_forward_gets_one_message_with_what_to_do(who):
+    with pytest.raises(LossFnError) as info:
+        probe_loss(NoForward(), pair(), "cross_entropy", who)
+    message = str(info.value)
+    assert message.startswith(f"{who}: ")
+    assert "Module [NoForward] is missing the required \"forward\" function" in message
+    assert "define forward" in message and f"{who}(loss_fn=loss_fn)" in message
+    assert 'F.cross_entropy(model.net(x), y, reduction="none")' in message
+    assert isinstance(info.value, TypeError)
+    assert isinstance(info.value.__cause__, NotImplementedError)
+
+
+def test_a_batch_that_is_not_a_pair_gets_one_message_naming_it():
+    batch = torch.randn(8, 32)  # Lightning's BoringModel: the batch is a plain tensor
+    model = nn.Linear(32, 2)
+    with pytest.raises(LossFnError, match=r"pairs \(inputs, targets\).*a Tensor of shape \(8, 32\)") as info:
+        probe_loss(model, batch, "mse", "FlatnessCallback")
+    assert 'loss_fn="mse"' in str(info.value) and "FlatnessCallback(loss_fn=loss_fn)" in str(info.value)
+    with pytest.raises(LossFnError, match=r"a list of 1 element\(s\)"):
+        probe_loss(model, [batch], "cross_entropy", "FlatnessCallback")
+
+
+@pytest.mark.parametrize(
+    "loss_fn, got",
+    [
+        (lambda m, b: F.cross_entropy(m.net(b[0]), b[1]), r"got shape \(\)"),  # reduced to a scalar
+        (lambda m, b: F.cross_entropy(m.net(b[0]), b[1], reduction="none")[:, None], r"got shape \(2, 1\)"),
+        (lambda m, b: 1.0, "got float"),
+    ],
+    ids=["mean", "column", "float"],
+)
+def test_a_loss_that_is_not_per_sample_is_reported(loss_fn, got):
+    with pytest.raises(LossFnError, match=rf"PACGenPerturbation: loss_fn must return per-sample losses.*{got}"):
+        probe_loss(NoForward(), pair(), loss_fn, "PACGenPerturbation")
+
+
+def test_other_errors_propagate_unchanged():
+    def broken(model, batch):
+        raise RuntimeError("boom")
+
+    def unimplemented(model, batch):
+        raise NotImplementedError("a custom layer without a double backward")
+
+    with pytest.raises(RuntimeError, match="^boom$"):
+        probe_loss(NoForward(), pair(), broken, "FlatnessCallback")
+    with pytest.raises(NotImplementedError, match="^a custom layer") as info:
+        probe_loss(NoForward(), pair(), unimplemented, "FlatnessCallback")
+    assert not isinstance(info.value, LossFnError)
+
+
+def test_a_working_loss_is_evaluated_on_two_samples_in_eval_mode_and_leaves_no_trace():
+    model = NoForward().train()
+    model.net[1].eval()  # a mixed mode, restored as it was
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append((len(batch[0]), model.training, torch.is_grad_enabled()))
+        torch.randn(3)  # consumes the global RNG, which must be restored
+        return net_loss(model, batch)
+
+    weights = [p.detach().clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    probe_loss(model, pair(), loss_fn, "FlatnessCallback")
+    assert seen == [(2, False, False)]
+    assert model.training and model.net[0].training and not model.net[1].training
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def test_evaluates_like_the_estimators_a_bfloat16_model_on_float_batches():
+    model = nn.Sequential(nn.Linear(4, 3)).to(torch.bfloat16)
+    probe_loss(model, pair(), "cross_entropy", "FlatnessCallback")  # measured in float32, no dtype error
+
+
+# ----------------------------------------------------------------------------- check_strategy
+def trainer_with(strategy):
+    return SimpleNamespace(strategy=strategy)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [SingleDeviceStrategy(device=torch.device("cpu")), DDPStrategy(), DDPStrategy(start_method="spawn")],
+    ids=["single_device", "ddp", "ddp_spawn"],
+)
+def test_single_device_and_ddp_are_supported(strategy):
+    check_strategy(trainer_with(strategy), "FlatnessCallback")
+
+
+def test_a_real_trainer_on_one_cpu_is_supported():
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    check_strategy(trainer, "FlatnessCallback")
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        FSDPStrategy(),
+        ModelParallelStrategy(),
+        DeepSpeedStrategy.__new__(DeepSpeedStrategy),  # a DDPStrategy subclass; constructing it needs deepspeed
+        SimpleNamespace(),  # any other strategy
+    ],
+    ids=["fsdp", "model_parallel", "deepspeed", "other"],
+)
+def test_sharded_model_parallel_and_unknown_strategies_are_refused(strategy):
+    with pytest.raises(UnsupportedStrategyError) as info:
+        check_strategy(trainer_with(strategy), "PACGenPerturbation")
+    message = str(info.value)
+    assert message.startswith(f"PACGenPerturbation does not support {type(strategy).__name__}:")
+    assert "Supported: a single device" in message and '"ddp_spawn"' in message and "docs/faq.md" in message
+    assert isinstance(info.value, ValueError)
