@@ -1,6 +1,7 @@
 """lightning-flatness: measure loss-landscape flatness and the generalization gap while training."""
 
 from . import functional, metrics
+from ._preflight import LossFnError, UnsupportedStrategyError
 from .callback import FlatnessCallback
 from .landscape import LandscapeOptions
 from .metrics import FisherTrace, FlatnessMetric, GradCosineRegret, HessianEigenvalues, LocalEntropy, PACGen
@@ -17,8 +18,10 @@ __all__ = [
     "HessianEigenvalues",
     "LandscapeOptions",
     "LocalEntropy",
+    "LossFnError",
     "PACGen",
     "PACGenPerturbation",
+    "UnsupportedStrategyError",
     "functional",
     "metrics",
 ]

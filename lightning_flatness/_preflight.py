@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from .functional._losses import LossArg, LossFn, resolve_loss_fn
-from .functional._objective import Objective
+from .functional.objective import Objective
 from .functional._restore import measurement_mode
 
 __all__ = ["LossFnError", "UnsupportedStrategyError", "check_strategy", "head", "probe_loss"]

@@ -16,6 +16,7 @@ from . import _subsample as sub
 from ._distributed import cross_process, rank_zero_buffers
 from ._failures import ON_ERROR, FailurePolicy
 from ._logging import LoggerWriter, status
+from ._preflight import check_strategy, probe_loss
 from .functional import measurement_mode
 from .functional._losses import BUILTIN_LOSSES, LossArg, resolve_loss_fn
 from .landscape import LandscapeOptions, LandscapeRecorder
@@ -117,6 +118,7 @@ class FlatnessCallback(Callback):
         self._spent = 0.0
         self._fit_start = 0.0
         self._train_size: int | None = None
+        self._probe_pending = False
         self._landscape = LandscapeRecorder(
             landscape or LandscapeOptions(every_n_epochs=0), seed=measurement_seed(self.config["seed"], 0, "landscape"),
             failures=self._failures,
@@ -128,6 +130,8 @@ class FlatnessCallback(Callback):
         return self._generate_state_key(seed=self.config["seed"], source=self.config["source"])
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_strategy(trainer, "FlatnessCallback")
         self.values.to(pl_module.device)
         if stage == "fit" and self.config["log_hyperparams"]:  # before Lightning writes hparams.yaml
             self._writer.write_hyperparams(trainer, self.hparams())
@@ -136,6 +140,9 @@ class FlatnessCallback(Callback):
         self._fit_start = time.perf_counter()
         self.values.to(pl_module.device)
         self._prepare_data(trainer, pl_module)
+        self._probe_pending = True
+        if self._data is not None:  # else the first training batch is probed (an iterable dataset)
+            self._probe(pl_module, self._data["measure"][0])
         if self.config["measure_at_start"] and self._last_step != trainer.global_step:
             if self._data is None:
                 rank_zero_warn("FlatnessCallback: measure_at_start skipped: the subsample of an iterable dataset "
@@ -144,6 +151,7 @@ class FlatnessCallback(Callback):
                 self._measure_and_log(trainer, pl_module, trainer.current_epoch, use_module_log=False)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._probe(pl_module, batch)
         if self._recorder is not None and not self._recorder.full:
             self._recorder.add(batch)
 
@@ -179,6 +187,13 @@ class FlatnessCallback(Callback):
         if self._landscape.options.every_n_epochs != 0:
             out.update({f"landscape.{k}": v for k, v in vars(self._landscape.options).items()})
         return out
+
+    def _probe(self, pl_module: LightningModule, batch: Any) -> None:
+        """Once per fit: a module the loss cannot call, or batches it cannot read, fail here with one clear
+        message (and what to do) instead of once per metric."""
+        if self._probe_pending:
+            self._probe_pending = False
+            probe_loss(pl_module, batch, self.loss_fn, "FlatnessCallback")
 
     # ------------------------------------------------------------ scheduling
     def _within_budget(self, trainer: Trainer) -> bool:

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .validation import check_bool, check_choice, check_float, check_int
+
 __all__ = ["EntropySGD"]
 
 PARAMETRIZATIONS = ("authors", "paper")
-
-
-def _number(name: str, value: Any, *, low: float, low_open: bool, high: float = math.inf, high_open: bool = True) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lo = f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high == math.inf else f" and {'<' if high_open else '<='} {high:g}"
-        raise ValueError(f"{name} must be a finite number {lo}{hi}, got {value!r}.")
-    return float(value)
 
 
 class EntropySGD(Optimizer):
@@ -143,26 +134,21 @@ class EntropySGD(Optimizer):
                 weight_decay=weight_decay, parametrization=parametrization,
             )
         )  # fmt: skip
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
-        self._seed = int(seed)
+        self._seed = check_int("seed", seed, 0)
         self._generators: dict[str, torch.Generator] = {}
         super().__init__(params, defaults)
 
     @staticmethod
     def _check(group: dict[str, Any]) -> dict[str, Any]:
         out = dict(group)
-        out["lr"] = _number("lr", group["lr"], low=0, low_open=False)
-        steps = group["num_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ValueError(f"num_steps must be a positive integer (the inner SGLD steps L), got {steps!r}.")
-        out["num_steps"] = int(steps)
-        out["sgld_lr"] = _number("sgld_lr", group["sgld_lr"], low=0, low_open=True)
-        out["noise"] = _number("noise", group["noise"], low=0, low_open=False)
-        out["gamma"] = _number("gamma", group["gamma"], low=0, low_open=True)
-        out["gamma_growth"] = _number("gamma_growth", group["gamma_growth"], low=0, low_open=False)
+        out["lr"] = check_float("lr", group["lr"])
+        out["num_steps"] = check_int("num_steps", group["num_steps"])  # the inner SGLD steps L
+        out["sgld_lr"] = check_float("sgld_lr", group["sgld_lr"], inclusive=False)
+        out["noise"] = check_float("noise", group["noise"])
+        out["gamma"] = check_float("gamma", group["gamma"], inclusive=False)
+        out["gamma_growth"] = check_float("gamma_growth", group["gamma_growth"])
         gmax = group["gamma_max"]
-        gmax = 1.0 / out["sgld_lr"] if gmax is None else _number("gamma_max", gmax, low=0, low_open=True)
+        gmax = 1.0 / out["sgld_lr"] if gmax is None else check_float("gamma_max", gmax, inclusive=False)
         if gmax * out["sgld_lr"] >= 2:
             raise ValueError(
                 f"gamma_max * sgld_lr must be < 2 or the inner SGLD loop diverges, got gamma_max={gmax!r} and "
@@ -171,18 +157,13 @@ class EntropySGD(Optimizer):
         if out["gamma"] > gmax:
             raise ValueError(f"gamma must be <= gamma_max, got gamma={out['gamma']!r} and gamma_max={gmax!r}.")
         out["gamma_max"] = group["gamma_max"]
-        out["alpha"] = _number("alpha", group["alpha"], low=0, low_open=True, high=1, high_open=False)
-        out["momentum"] = _number("momentum", group["momentum"], low=0, low_open=False, high=1)
-        out["dampening"] = _number("dampening", group["dampening"], low=0, low_open=False, high=1, high_open=False)
-        if not isinstance(group["nesterov"], bool):
-            raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}.")
-        if group["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
+        out["alpha"] = check_float("alpha", group["alpha"], inclusive=False, maximum=1.0)
+        out["momentum"] = check_float("momentum", group["momentum"], maximum=1.0, inclusive_maximum=False)
+        out["dampening"] = check_float("dampening", group["dampening"], maximum=1.0)
+        if check_bool("nesterov", group["nesterov"]) and (out["momentum"] <= 0 or out["dampening"] != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0.")
-        out["weight_decay"] = _number("weight_decay", group["weight_decay"], low=0, low_open=False)
-        if group["parametrization"] not in PARAMETRIZATIONS:
-            raise ValueError(
-                f"parametrization must be one of {list(PARAMETRIZATIONS)}, got {group['parametrization']!r}."
-            )
+        out["weight_decay"] = check_float("weight_decay", group["weight_decay"])
+        out["parametrization"] = check_choice("parametrization", group["parametrization"], PARAMETRIZATIONS)
         return out
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

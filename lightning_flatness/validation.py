@@ -40,14 +40,24 @@ def check_int(name: str, value: Any, minimum: int = 1, maximum: int | None = Non
 
 
 def check_float(
-    name: str, value: Any, minimum: float = 0.0, *, inclusive: bool = True, maximum: float | None = None
+    name: str,
+    value: Any,
+    minimum: float = 0.0,
+    *,
+    inclusive: bool = True,
+    maximum: float | None = None,
+    inclusive_maximum: bool = True,
 ) -> float:
-    """``value`` as a finite ``float`` ``>= minimum`` (``> minimum`` unless ``inclusive``), ``<= maximum``."""
-    bound = f"{'>=' if inclusive else '>'} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
+    """``value`` as a finite ``float`` ``>= minimum`` (``> minimum`` unless ``inclusive``) and
+    ``<= maximum`` (``< maximum`` unless ``inclusive_maximum``)."""
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+    if maximum is not None:
+        bound += f" and {'<=' if inclusive_maximum else '<'} {maximum:g}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{name} must be a finite number {bound}, got {value!r}.")
     low_ok = value >= minimum if inclusive else value > minimum
-    if not (math.isfinite(value) and low_ok and (maximum is None or value <= maximum)):
+    high_ok = maximum is None or (value <= maximum if inclusive_maximum else value < maximum)
+    if not (math.isfinite(value) and low_ok and high_ok):
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
     return float(value)
 

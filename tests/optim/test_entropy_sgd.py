@@ -317,7 +317,7 @@ def test_global_rng_untouched_and_unused_params_left_alone():
         (dict(weight_decay=-1.0), "weight_decay"),
         (dict(lr=float("nan")), "lr"),
         (dict(seed=-1), "seed"),
-        (dict(parametrization="local_entropy"), r"parametrization must be one of \['authors', 'paper'\]"),
+        (dict(parametrization="local_entropy"), r"parametrization.*\['authors', 'paper'\]"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):

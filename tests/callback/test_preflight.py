@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import (
 from torch import nn
 
 from lightning_flatness._preflight import LossFnError, UnsupportedStrategyError, check_strategy, probe_loss
+from tests.helpers.lightning_models import Classifier, DataModule, trainer
 
 
 class NoForward(L.LightningModule):
@@ -154,3 +155,48 @@ def test_sharded_model_parallel_and_unknown_strategies_are_refused(strategy):
     assert message.startswith(f"PACGenPerturbation does not support {type(strategy).__name__}:")
     assert "Supported: a single device" in message and '"ddp_spawn"' in message and "docs/faq.md" in message
     assert isinstance(info.value, ValueError)
+
+
+# ------------------------------------------------------------------- FlatnessCallback wiring
+class _NoForwardClassifier(Classifier):
+    """The common way without ``forward``: training_step calls the submodule."""
+
+    forward = nn.Module.forward
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_flatness_callback_reports_a_module_without_forward_once_before_training(tmp_path):
+    from lightning_flatness import FlatnessCallback
+
+    module = _NoForwardClassifier()
+    cb = FlatnessCallback(num_samples=64, batch_size=16, gap_num_samples=0)
+    with pytest.raises(LossFnError, match=r"FlatnessCallback: .*\"forward\".*define forward") as info:
+        trainer(tmp_path, [cb], max_epochs=1).fit(module, DataModule())
+    assert module.steps == 0 and "loss_fn" in str(info.value)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return F.cross_entropy(model.net(x), y, reduction="none")
+
+    cb = FlatnessCallback(metrics=["fisher_trace"], loss_fn=loss_fn, num_samples=64, batch_size=16, gap_num_samples=0)
+    trainer(tmp_path, [cb], max_epochs=1).fit(_NoForwardClassifier(), DataModule())
+    assert cb.history and "flatness/fisher_trace" in cb.history[-1][1]
+
+
+def test_flatness_callback_refuses_sharded_strategies_in_setup():
+    from lightning_flatness import FlatnessCallback
+
+    fake = SimpleNamespace(strategy=FSDPStrategy(), is_global_zero=True, loggers=[])
+    with pytest.raises(UnsupportedStrategyError, match="FlatnessCallback does not support FSDPStrategy.*DDP"):
+        FlatnessCallback().setup(fake, Classifier(), "fit")
