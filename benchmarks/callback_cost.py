@@ -26,7 +26,7 @@ from lightning_flatness.functional import measurement_mode
 
 from ._common import (
     Config, Row, Section, attention_for, error_text, fmt_ratio, fmt_time, interleaved, median_ratio, met_str, middle,
-    model_label, plain_gradient,
+    model_label, plain_gradient, timed,
 )  # fmt: skip
 from .eigen import _sgd_step
 from .models import Workload, readme_workload, train_briefly, workloads
@@ -76,11 +76,45 @@ def _epoch_timer() -> Any:
 
 
 def _skipped(flatness: Any, caught: list[warnings.WarningMessage]) -> list[str]:
-    """The metrics never logged, followed by the callback's warnings."""
+    """The metrics never logged, followed by the callback's warnings of a failed (skipped) part."""
     logged = {key for _, values in flatness.history for key in values}
     missing = [m.name for m in flatness.metrics if not any(k in logged for k in m.keys)]
-    failures = [str(w.message) for w in caught if str(w.message).startswith("FlatnessCallback:")]
+    # only failures: the callback also warns about, e.g., a large standard error of a value it logged
+    failures = [str(w.message) for w in caught
+                if str(w.message).startswith("FlatnessCallback:") and " failed and is skipped" in str(w.message)]  # fmt: skip
     return missing + failures
+
+
+def loaders(work: Workload, cfg: Config, train_size: int, batch_size: int) -> tuple[Any, Any]:
+    """Shuffled training and validation ``DataLoader`` s of ``work``'s synthetic data, a quarter as many to validate."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    x, y = work.sample(train_size, gen)
+    xv, yv = work.sample(max(train_size // 4, 64), gen)
+    train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+    return train, DataLoader(TensorDataset(xv, yv), batch_size=256)
+
+
+def fit_module(
+    net: torch.nn.Module, cfg: Config, data: tuple[Any, Any], callbacks: list[Any], epochs: int, **trainer_kwargs: Any
+) -> tuple[float, list[warnings.WarningMessage]]:
+    """A quiet ``Trainer.fit`` of :func:`_module` around ``net``: (its wall seconds, the warnings it raised).
+
+    The global RNG is seeded first, so fits of copies of one network shuffle and drop out alike.
+    """
+    import lightning as L
+
+    trainer = L.Trainer(
+        max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, accelerator="gpu" if cfg.device.type == "cuda" else "cpu",
+        devices=1, **trainer_kwargs,
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seconds, _ = timed(lambda: trainer.fit(_module(net), *data), cfg.device)
+    return seconds, caught
 
 
 def _fit(work: Workload, cfg: Config, train_size: int, batch_size: int) -> tuple[float, list[float], list[str]]:
@@ -88,27 +122,10 @@ def _fit(work: Workload, cfg: Config, train_size: int, batch_size: int) -> tuple
 
     Returns (epoch s, measurement s, the metrics never logged followed by the callback's warnings).
     """
-    import lightning as L
-    from torch.utils.data import DataLoader, TensorDataset
-
     from lightning_flatness import FlatnessCallback
 
-    gen = torch.Generator().manual_seed(cfg.seed + 7)
-    x, y = work.sample(train_size, gen)
-    xv, yv = work.sample(max(train_size // 4, 64), gen)
     timer, flatness = _epoch_timer(), FlatnessCallback()
-    trainer = L.Trainer(
-        max_epochs=2, callbacks=[timer, flatness], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, accelerator="gpu" if cfg.device.type == "cuda" else "cpu",
-        devices=1,
-    )  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(
-            _module(work.model),
-            DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True),
-            DataLoader(TensorDataset(xv, yv), batch_size=256),
-        )
+    _, caught = fit_module(work.model, cfg, loaders(work, cfg, train_size, batch_size), [timer, flatness], epochs=2)
     seconds = [values["flatness/seconds"] for _, values in flatness.history]
     return middle(timer.seconds), seconds, _skipped(flatness, caught)
 

@@ -46,14 +46,19 @@ def mlp(widths: tuple[int, ...]) -> nn.Module:
 
 
 def cnn(channels: tuple[int, ...], image: int, hidden: int) -> nn.Module:
-    """Conv(3x3, no bias) -> BatchNorm -> ReLU -> MaxPool(2) blocks, then a two-layer head."""
+    """Conv(3x3, no bias) -> BatchNorm -> ReLU -> MaxPool(2) blocks, then a two-layer head (one linear
+    layer if ``hidden`` is 0)."""
     layers: list[nn.Module] = []
     c_in = 3
     for c in channels:
         layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
         c_in = c
     side = image // 2 ** len(channels)
-    layers += [nn.Flatten(), nn.Linear(c_in * side * side, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES)]
+    features = c_in * side * side
+    if hidden:
+        layers += [nn.Flatten(), nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES)]
+    else:
+        layers += [nn.Flatten(), nn.Linear(features, NUM_CLASSES)]
     return nn.Sequential(*layers)
 
 
@@ -140,12 +145,26 @@ def workloads(scale: str, device: torch.device, names: tuple[str, ...] | None = 
     return out
 
 
-def readme_workload(device: torch.device, seed: int = 0) -> Workload:
-    """The README's batch-size study model, a 40-256-256-10 MLP, on mnist1d-shaped synthetic data."""
+def _single(
+    name: str, label: str, build: Callable[[], nn.Module], sample: Callable, device: torch.device, seed: int
+) -> Workload:
+    """One workload, its network initialized under ``seed`` and moved to ``device``."""
     torch.manual_seed(seed)
-    work = Workload("mlp", "README MLP 40-256-256-10", mlp((40, 256, 256)), _image_sampler((40,), seed + 3))
+    work = Workload(name, label, build(), sample)
     work.model.to(device)
     return work
+
+
+def readme_workload(device: torch.device, seed: int = 0) -> Workload:
+    """The README's batch-size study model, a 40-256-256-10 MLP, on mnist1d-shaped synthetic data."""
+    sample = _image_sampler((40,), seed + 3)
+    return _single("mlp", "README MLP 40-256-256-10", lambda: mlp((40, 256, 256)), sample, device, seed)
+
+
+def issue_cnn_workload(device: torch.device, seed: int = 0) -> Workload:
+    """The CNN of the issue's ``Trainer.fit`` measurement: conv32-BN-conv64-BN-linear on 3x32x32 images."""
+    return _single("cnn_bn", "CNN conv32-BN-conv64-BN-linear 3x32x32", lambda: cnn((32, 64), 32, 0),
+                   _image_sampler((3, 32, 32), seed + 4), device, seed)  # fmt: skip
 
 
 def train_briefly(work: Workload, steps: int, device: torch.device, seed: int = 0, lr: float = 0.05) -> None:

@@ -3,8 +3,10 @@
 Sections (``--sections`` picks some): ``hvp`` (HVP / gradient), ``eigen`` (top eigenvalue vs
 PyHessian and eigsh on curvlinops), ``fisher`` (Fisher trace vs a loop and BackPACK), ``memory``
 (peak memory vs subsample size), ``callback`` (the whole ``FlatnessCallback`` measurement in
-gradient-equivalents). Peers (``pyhessian``, ``curvlinops-for-pytorch``, ``backpack-for-pytorch``)
-are optional: a missing one shows as an error cell, the rest still runs.
+gradient-equivalents), ``fit`` (the callback at its defaults in ``Trainer.fit``: one measurement in
+gradients, fit time with / without, the projected factor on a 50k-sample epoch). Peers
+(``pyhessian``, ``curvlinops-for-pytorch``, ``backpack-for-pytorch``) are optional: a missing one
+shows as an error cell, the rest still runs.
 
 Examples::
 
@@ -28,7 +30,7 @@ import torch
 
 from ._common import Config, Section, error_text, met_str
 
-SECTION_NAMES = ("hvp", "eigen", "fisher", "memory", "callback")
+SECTION_NAMES = ("hvp", "eigen", "fisher", "memory", "callback", "fit")
 MODEL_NAMES = ("mlp", "cnn_bn", "transformer")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -42,6 +44,8 @@ def _section_fn(name: str) -> Callable[[Config], Section]:
         from .fisher import run
     elif name == "memory":
         from .memory import run
+    elif name == "fit":
+        from .fit_cost import run
     else:
         from .callback_cost import run
     return run

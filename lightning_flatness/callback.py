@@ -31,6 +31,7 @@ from .metrics import (
     execution_order,
     measurement_seed,
     resolve_metrics,
+    samples_needed,
 )
 from .validation import check_bool, check_choice, check_float, check_int
 
@@ -119,6 +120,7 @@ class FlatnessCallback(Callback):
         self._fit_start = 0.0
         self._train_size: int | None = None
         self._probe_pending = False
+        self._noisy: set[str] = set()  # keys already warned about
         self._landscape = LandscapeRecorder(
             landscape or LandscapeOptions(every_n_epochs=0), seed=measurement_seed(self.config["seed"], 0, "landscape"),
             failures=self._failures,
@@ -298,7 +300,24 @@ class FlatnessCallback(Callback):
         self.values[keys.SECONDS].update(torch.tensor(seconds, dtype=torch.float64))
         values[keys.SECONDS] = float(self.values[keys.SECONDS].compute())
         status(trainer, f"flatness: epoch {x} measured in {seconds:.1f}s")
+        self._warn_if_noisy(values)
         return values
+
+    def _warn_if_noisy(self, values: dict[str, float]) -> None:
+        """Once per key: its relative standard error is above ``keys.RELATIVE_SE_WARNING``, with the samples it would need."""
+        for key in keys.RELATIVE_SE_KEYS:
+            value, se = values.get(key), values.get(keys.se(key))
+            if key in self._noisy or value is None or se is None or not abs(se) > keys.RELATIVE_SE_WARNING * abs(value):
+                continue
+            self._noisy.add(key)
+            n = self.config["gap_num_samples"] if key.startswith(keys.GAP_PREFIX) else self.config["num_samples"]
+            needed = samples_needed(n, value, se, keys.RELATIVE_SE_TARGET)
+            option = "gap_num_samples" if key.startswith(keys.GAP_PREFIX) else "num_samples"
+            rank_zero_warn(
+                f"FlatnessCallback: {key} = {value:.4g} ± {se:.2g} (standard error over the draw of the subsample): a "
+                f"relative error of {abs(se / value):.0%}, above {keys.RELATIVE_SE_WARNING:.0%}. About {needed} samples "
+                f"would bring it under {keys.RELATIVE_SE_TARGET:.0%} (now {option}={n}); see docs/faq.md."
+            )
 
     def _complete_final(self, trainer: Trainer, pl_module: LightningModule, x: int) -> None:
         """The final weights were measured at an epoch end, where metrics on their own schedule may
@@ -326,7 +345,7 @@ class FlatnessCallback(Callback):
             if gap:
                 updated += self._measure_gap(trainer, pl_module, ctx.epoch)
         values = {key: float(self.values[key].compute()) for key in updated}
-        values.update(self._derived_gap(values))
+        values.update(self._gap.derived(values))
         return values
 
     def _context(self, trainer: Trainer, pl_module: LightningModule, x: int) -> MeasurementContext:
@@ -371,23 +390,10 @@ class FlatnessCallback(Callback):
         for split, data in (("train", self._data.get("gap_train")), ("test", self._data.get("gap_val"))):
             if data is not None:
                 part = sub.shard(data, trainer.global_rank, trainer.world_size)
-                update = lambda: (self._gap.update(split, pl_module, part) if part else None) or {}  # noqa: E731
+                update = lambda: self._gap.update(split, pl_module, part) or {}  # noqa: E731
                 if self._guard(trainer, "gap", update) is not None:
                     updated.append(keys.split_loss(split))
         return updated
-
-    def _derived_gap(self, values: dict[str, float]) -> dict[str, float]:
-        """Accuracies where measured, and the test - train loss gap and the train - test accuracy gap."""
-        out = {}
-        for split in ("train", "test"):
-            acc = keys.split_acc(split)
-            if self._gap.has_accuracy(split) and keys.split_loss(split) in values and self.values[acc].update_called:
-                out[acc] = float(self.values[acc].compute())
-        if keys.TEST_LOSS in values and keys.TRAIN_LOSS in values:
-            out[keys.LOSS_GAP] = values[keys.TEST_LOSS] - values[keys.TRAIN_LOSS]
-        if keys.TEST_ACC in out and keys.TRAIN_ACC in out:
-            out[keys.ACC_GAP] = out[keys.TRAIN_ACC] - out[keys.TEST_ACC]
-        return out
 
     def _guard(self, trainer: Trainer, name: str, fn: Callable[[], dict]) -> dict | None:
         """Run one metric; on failure warn once (or re-raise) and skip it on every rank."""

@@ -19,6 +19,11 @@ LOCAL_ENTROPY = "flatness/local_entropy"
 SECONDS = "flatness/seconds"
 
 
+def se(key: str) -> str:
+    """The standard error logged next to ``key``: ``<key>_se`` (e.g. ``flatness/hessian_top_eig_se``)."""
+    return f"{key}_se"
+
+
 def hessian_eig(j: int) -> str:
     """The ``j``-th largest Hessian eigenvalue, ``j = 1..k`` (logged when ``k > 1``)."""
     return f"flatness/hessian_eig_{j}"
@@ -47,6 +52,12 @@ def split_acc(split: str) -> str:
 LANDSCAPE_1D = "landscape/1d"
 LANDSCAPE_2D = "landscape/2d"
 LANDSCAPE_EIGENVECTOR = "landscape/eigenvector"
+
+# Keys whose relative standard error the callback watches (it warns once above RELATIVE_SE_WARNING):
+# positive by construction, so se / value is meaningful (unlike a cosine or a gap near 0).
+RELATIVE_SE_KEYS = (HESSIAN_TOP_EIG, GRAD_COSINE_REGRET, FISHER_TRACE, TRAIN_LOSS, TEST_LOSS)
+RELATIVE_SE_WARNING = 0.2
+RELATIVE_SE_TARGET = 0.05  # the sample-size guide: samples for a relative standard error under 5%
 
 # The report's row order, and the panels of its overview figure.
 REPORT_ORDER = (

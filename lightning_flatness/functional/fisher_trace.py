@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ._losses import LossArg
 from ._per_sample import per_sample_sq_norms
+from ._stats import MeanAccumulator
 from .objective import Objective
 from ._restore import measurement_mode
 from ..validation import check_choice, check_generator, check_int
@@ -19,8 +20,12 @@ KINDS = ("empirical", "mc")
 
 @dataclass(frozen=True)
 class FisherResult:
+    """``value`` = the trace estimate, ``se`` = its standard error over the draw of the samples
+    (and, with ``kind="mc"``, of the labels): per-sample values, ``s / √N``."""
+
     value: float
     n_grad: int
+    se: float = float("nan")
 
 
 def fisher_trace(
@@ -69,29 +74,37 @@ def fisher_trace(
                 'kind="mc" samples labels from the model, which needs loss_fn="cross_entropy" or "mse"; '
                 "use kind=\"empirical\" with a custom loss_fn."
             )
-        total, count = _sq_norm_sums(objective, kind, num_samples, gen)
+        total, count, spread = _sq_norm_sums(objective, kind, num_samples, gen)
+        se = spread.result(objective.reduce_sum)[1].item()
     if count == 0:
         raise ValueError("batches is empty: pass at least one sample.")
     n_grad = 1 if kind == "empirical" else num_samples
     value = total.item() / (count * (1 if kind == "empirical" else num_samples))
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError("loss_fn produced non-finite per-sample gradients (NaN or inf).")
-    return FisherResult(value, n_grad)
+    return FisherResult(value, n_grad, se)
 
 
-def _sq_norm_sums(objective: Objective, kind: str, num_samples: int, gen: torch.Generator) -> tuple[Tensor, int]:
-    """``Σ ‖∇ℓ‖²`` over every sample (and label draw), in float64, and the number of inputs, over processes."""
+def _sq_norm_sums(
+    objective: Objective, kind: str, num_samples: int, gen: torch.Generator
+) -> tuple[Tensor, int, MeanAccumulator]:
+    """``Σ ‖∇ℓ‖²`` over every sample (and label draw), in float64, and the number of inputs, over
+    processes; and the per-input values' sums for the standard error (not yet reduced)."""
     total = torch.zeros((), dtype=torch.float64, device=objective.device)
+    spread = MeanAccumulator(device=objective.device)
     count = 0
     for batch in objective.iter_batches():
         if kind == "empirical":
             sq = per_sample_sq_norms(objective, batch)
             count += sq.numel()
+            spread.add(sq)
         else:
             sq = _mc_sq_norms(objective, batch, num_samples, gen)
             count += sq.numel() // num_samples
+            spread.add(sq.reshape(num_samples, -1).mean(0))  # per input: the mean over its label draws
         total += sq.sum(dtype=torch.float64)
-    return objective.reduce(total, count)
+    total, count = objective.reduce(total, count)
+    return total, count, spread
 
 
 def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.Generator) -> Tensor:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from ..validation import check_choice, check_float, check_generator, check_int
+from ._stats import MeanAccumulator
 from .lanczos import lanczos
 from ._losses import LossArg
 from .objective import Objective
@@ -20,6 +21,8 @@ class EigenResult:
     """``values`` (k,) descending, ``vectors`` (k, P) unit-norm flat eigenvectors.
 
     ``n_grad``: gradient passes spent on the start vector (1 for the default cold start).
+    ``se`` (k,): standard error of each value with respect to the draw of the mini-batches
+    (batch means of each Ritz vector's per-mini-batch Rayleigh quotient; NaN with one mini-batch).
     """
 
     values: Tensor
@@ -27,6 +30,7 @@ class EigenResult:
     n_hvp: int
     converged: bool
     n_grad: int = 0
+    se: Tensor | None = None
 
 STARTS = ("gradient", "random")
 
@@ -103,8 +107,11 @@ def hessian_eigenvalues(
             vector, n_grad = _cold_start(objective, start, gen)
         else:
             vector, n_grad = _start_vector(init, dim, objective.w0), 0
-        out = lanczos(objective.hessian_operator(cache_chunks), vector, k=k, tol=tol, max_iter=max_iter, generator=gen)
-    return EigenResult(out.values, out.vectors, out.n_products, out.converged, n_grad)
+        operator = objective.hessian_operator(cache_chunks)
+        operator.chunk_observer = quotients = ChunkRayleighQuotients()
+        out = lanczos(operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen)
+        se = quotients.standard_error(out.coefficients, objective.reduce_sum, objective.device).to(out.values)
+    return EigenResult(out.values, out.vectors, out.n_products, out.converged, n_grad, se)
 
 
 def hessian_top_eigenvalue(
@@ -114,6 +121,56 @@ def hessian_top_eigenvalue(
     if "k" in kwargs:
         raise TypeError("hessian_top_eigenvalue computes k=1; use hessian_eigenvalues for k > 1.")
     return float(hessian_eigenvalues(model, batches, loss_fn, k=1, **kwargs).values[0])
+
+
+class ChunkRayleighQuotients:
+    """Per mini-batch, the projections ``T_b = Qᵀ H_b Q`` of its summed Hessian on the Lanczos basis.
+
+    A :attr:`HessianOperator.chunk_observer`: every product ``H q_i`` arrives chunk by chunk, and
+    ``Q_{≤i} · (H_b q_i)`` is column ``i`` of ``T_b``. The Ritz vector ``y = Σ_i s_i q_i`` then has
+    the per-mini-batch Rayleigh quotient ``r_b = sᵀ T_b s / n_b`` without another product:
+    ``λ̂ = Σ_b n_b r_b / N``, and the batch means of ``r_b`` give its sampling error (the delta
+    method: to first order a redrawn subsample moves ``λ`` by ``yᵀ ΔH y``). Memory: ``m²/2``
+    numbers per mini-batch.
+    """
+
+    def __init__(self) -> None:
+        self.basis: list[Tensor] = []  # the vectors multiplied, in order (the Lanczos basis)
+        self._index: dict[int, int] = {}  # id(vector) -> its place in the basis
+        self._seen: list[int] = []  # chunks seen so far of each basis vector's product
+        self.columns: list[list[Tensor]] = []  # per chunk: Q_{≤i} · (H_b q_i) for i = 0, 1, ...
+        self.sizes: list[int] = []
+
+    def __call__(self, vector: Tensor, chunk_product: Tensor, size: int) -> None:
+        i = self._index.setdefault(id(vector), len(self.basis))
+        if i == len(self.basis):
+            self.basis.append(vector)  # kept alive, so its id is not reused
+            self._seen.append(0)
+        chunk = self._seen[i]
+        self._seen[i] += 1
+        if chunk == len(self.columns):
+            self.columns.append([])
+            self.sizes.append(size)
+        self.columns[chunk].append((torch.stack(self.basis[: i + 1]) @ chunk_product).to(torch.float64).cpu())
+
+    def quotients(self, coefficients: Tensor) -> Tensor:
+        """``(M, k)``: this process's per-mini-batch Rayleigh quotients ``sᵀ T_b s / n_b`` of the Ritz vectors."""
+        m = coefficients.shape[0]
+        rows = []
+        for columns in self.columns:
+            t = torch.zeros(m, m, dtype=torch.float64)
+            for i, column in enumerate(columns[:m]):
+                t[: i + 1, i] = column
+            t = torch.triu(t) + torch.triu(t, 1).T  # symmetric: only the upper triangle was projected
+            rows.append(torch.einsum("ik,ij,jk->k", coefficients, t, coefficients))
+        sizes = torch.tensor(self.sizes, dtype=torch.float64).reshape(-1, 1)
+        return torch.stack(rows) / sizes if rows else torch.empty(0, coefficients.shape[1], dtype=torch.float64)
+
+    def standard_error(self, coefficients: Tensor, reduce: Callable[[Tensor], Tensor], device: torch.device) -> Tensor:
+        """The standard error ``(k,)`` of each Ritz value, by weighted batch means over every process's mini-batches."""
+        acc = MeanAccumulator(coefficients.shape[1])
+        acc.add(self.quotients(coefficients), torch.tensor(self.sizes, dtype=torch.float64))
+        return acc.result(lambda sums: reduce(sums.to(device)).cpu())[1]
 
 
 def _cold_start(objective: Objective, start: str, gen: torch.Generator) -> tuple[Tensor, int]:

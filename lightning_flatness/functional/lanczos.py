@@ -14,12 +14,17 @@ from .operator import CurvatureOperator
 
 @dataclass(frozen=True)
 class LanczosResult:
-    """``values`` (k,) descending, ``vectors`` (k, P) unit-norm Ritz vectors, ``n_products`` made."""
+    """``values`` (k,) descending, ``vectors`` (k, P) unit-norm Ritz vectors, ``n_products`` made.
+
+    ``coefficients`` ``(m, k)`` (float64): the Ritz vectors in the Lanczos basis, i.e. in the
+    ``m`` vectors the operator was applied to, in order: ``vectors[j] ∝ Σ_i coefficients[i, j] q_i``.
+    """
 
     values: Tensor
     vectors: Tensor
     n_products: int
     converged: bool
+    coefficients: Tensor
 
 
 def lanczos(
@@ -72,7 +77,8 @@ def lanczos(
         previous = theta[:k] if m >= k else None
         q, beta = _next_vector(w, beta, scale, basis, gen)
         betas.append(beta)
-    return LanczosResult(theta[:k].to(device=start.device, dtype=start.dtype), _ritz_vectors(s, k, basis), len(basis), converged)
+    values = theta[:k].to(device=start.device, dtype=start.dtype)
+    return LanczosResult(values, _ritz_vectors(s, k, basis), len(basis), converged, s[:, :k].clone())
 
 
 def _orthogonalize(w: Tensor, basis: list[Tensor]) -> Tensor:

@@ -39,6 +39,9 @@ class CrossProcess:
     sum: Callable[[Tensor], Tensor]
 
 
+ChunkObserver = Callable[[Tensor, Tensor, int], None]
+"""``observer(v, chunk_product, chunk_size)``: one chunk's summed Hessian-vector product."""
+
 _CROSS_PROCESS: contextvars.ContextVar[CrossProcess | None] = contextvars.ContextVar(
     "lightning_flatness_cross_process", default=None
 )
@@ -259,14 +262,14 @@ class Objective:
             g = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
             yield flatten(g), losses.numel()
 
-    def hvps(self, vectors: Tensor, at: Tensor | None = None) -> Tensor:
+    def hvps(self, vectors: Tensor, at: Tensor | None = None, observer: ChunkObserver | None = None) -> Tensor:
         """``∇²L(w) v`` for each row ``v`` of ``vectors`` (shape ``(K, P)``).
 
         Per chunk: one forward, one backward building the gradient graph, then one backward
         of ``g·v`` per vector, so ``K`` products share the first two passes.
         """
         leaves = self.leaves(at)
-        return self._hvps_on(self._gradient_graphs(leaves), leaves, vectors, keep_graphs=False)
+        return self._hvps_on(self._gradient_graphs(leaves), leaves, vectors, keep_graphs=False, observer=observer)
 
     def hvp(self, vector: Tensor, at: Tensor | None = None) -> Tensor:
         """``∇²L(w) v`` for one flat vector."""
@@ -285,11 +288,13 @@ class Objective:
             yield g, losses.numel()
 
     def _hvps_on(
-        self, graphs: Iterable[tuple[Sequence[Tensor], int]], leaves: list[Tensor], vectors: Tensor, keep_graphs: bool
-    ) -> Tensor:
+        self, graphs: Iterable[tuple[Sequence[Tensor], int]], leaves: list[Tensor], vectors: Tensor, keep_graphs: bool,
+        observer: ChunkObserver | None = None,
+    ) -> Tensor:  # fmt: skip
         if vectors.dim() != 2 or vectors.shape[1] != self.num_params:
             raise ValueError(f"expected vectors of shape (K, {self.num_params}), got {tuple(vectors.shape)}.")
-        vs = [unflatten(v, self.shapes) for v in vectors]
+        columns = list(vectors)  # one tensor object per vector, the same for every chunk (observers key on it)
+        vs = [unflatten(v, self.shapes) for v in columns]
         total = torch.empty_like(vectors)
         # Accumulate straight into views of ``total``: no flattened copy per chunk and product.
         views = [unflatten(row, self.shapes) for row in total]
@@ -300,6 +305,8 @@ class Objective:
                     g, leaves, grad_outputs=v, retain_graph=keep_graphs or k + 1 < len(vs), allow_unused=True,
                     materialize_grads=True,
                 )  # fmt: skip
+                if observer is not None:
+                    observer(columns[k], flatten(hv), size)
                 if count == 0:
                     torch._foreach_copy_(views[k], hv)  # the first chunk: no zero fill, no add
                 else:
@@ -327,7 +334,10 @@ class HessianOperator(CurvatureOperator):
     pass per chunk (PyHessian's single-batch trick), about 1.7–2× a gradient instead of
     2.7–3.1× (``benchmarks/``), for that many chunks' graphs held in memory until the operator
     is freed. Lanczos, which makes its products one after another, uses ``cache_chunks=1`` by
-    default; ``0`` never keeps graphs. Build it inside
+    default; ``0`` never keeps graphs. ``chunk_observer``, when set, is called for every chunk of
+    every product as ``chunk_observer(v, Σ_{i∈chunk} ∇²ℓ_i v, chunk size)`` (flat tensors; the
+    chunk's own, not reduced over processes): per-mini-batch parts of a product, e.g. for the
+    sampling error of a Rayleigh quotient. Build it inside
     :func:`~lightning_flatness.functional.measurement_mode` (eval mode, autocast off); with kept
     graphs the products no longer depend on the model's mode.
     """
@@ -341,6 +351,7 @@ class HessianOperator(CurvatureOperator):
             chunks = None
         self._leaves: list[Tensor] | None = None
         self._graphs: list | None = None
+        self.chunk_observer: ChunkObserver | None = None
         if chunks is not None and chunks <= cache_chunks:
             self._leaves = objective.leaves(at)
             self._graphs = list(objective._gradient_graphs(self._leaves))
@@ -351,5 +362,5 @@ class HessianOperator(CurvatureOperator):
 
     def _matmat(self, rows: Tensor) -> Tensor:
         if self._graphs is None:
-            return self.objective.hvps(rows, self.at)
-        return self.objective._hvps_on(self._graphs, self._leaves, rows, keep_graphs=True)
+            return self.objective.hvps(rows, self.at, self.chunk_observer)
+        return self.objective._hvps_on(self._graphs, self._leaves, rows, keep_graphs=True, observer=self.chunk_observer)

@@ -6,7 +6,7 @@ PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
-from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement_seed
+from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement_seed, samples_needed
 from .fisher import FisherTrace
 from .gap import GapMeter
 from .hessian import HessianEigenvalues
@@ -31,4 +31,5 @@ __all__ = [
     "execution_order",
     "measurement_seed",
     "resolve_metrics",
+    "samples_needed",
 ]

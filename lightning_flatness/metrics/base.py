@@ -39,6 +39,7 @@ passes are summed across processes. A metric that instead averages over its own 
 from __future__ import annotations
 
 import inspect
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
@@ -49,6 +50,17 @@ from torch import Tensor, nn
 from ..functional import Objective
 from ..functional._losses import LossArg
 from ..validation import check_int
+
+
+def samples_needed(num_samples: int, value: float, se: float, target: float = 0.05) -> int | None:
+    """Samples for a relative standard error of ``target``, from one measured on ``num_samples``.
+
+    A mean over ``n`` samples has a standard error ``∝ 1/√n``, so ``n_needed = n · (se / (target
+    · |value|))²``. ``None`` when the value is 0 or either number is not finite.
+    """
+    if not (math.isfinite(value) and math.isfinite(se)) or value == 0:
+        return None
+    return max(1, math.ceil(num_samples * (se / (target * abs(value))) ** 2))
 
 
 def measurement_seed(seed: int, epoch: int, name: str) -> int:

@@ -18,7 +18,8 @@ class FisherTrace(FlatnessMetric):
         mc_samples: labels drawn per input with ``kind="mc"``.
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
 
-    Cost: about one gradient pass (``mc_samples`` with ``kind="mc"``).
+    With ``flatness/fisher_trace_se``, the standard error over the draw of the samples (per-sample
+    values). Cost: about one gradient pass (``mc_samples`` with ``kind="mc"``).
     """
 
     name = "fisher_trace"
@@ -28,11 +29,11 @@ class FisherTrace(FlatnessMetric):
         super().__init__(every_n_epochs)
         self.kind = check_choice("kind", kind, KINDS)
         self.mc_samples = check_int("mc_samples", mc_samples)
-        self.keys = (keys.FISHER_TRACE,)
+        self.keys = (keys.FISHER_TRACE, keys.se(keys.FISHER_TRACE))
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         fis = fisher_trace(
             ctx.model, ctx.batches, ctx.loss_fn, kind=self.kind, num_samples=self.mc_samples,
             generator=ctx.seed_for(self.name), dtype=ctx.dtype,
         )  # fmt: skip
-        return {keys.FISHER_TRACE: fis.value}
+        return {keys.FISHER_TRACE: fis.value, keys.se(keys.FISHER_TRACE): fis.se}

@@ -21,7 +21,8 @@ class HessianEigenvalues(FlatnessMetric):
     """The ``k`` largest eigenvalues of the loss Hessian on the measurement subsample (Lanczos).
 
     Logs ``flatness/hessian_top_eig`` and, when ``k > 1``, ``flatness/hessian_eig_{j}`` for
-    ``j = 1..k``. Each measurement starts from the eigenvectors of the previous one
+    ``j = 1..k``, each with its standard error ``<key>_se`` over the draw of the mini-batches
+    (the per-mini-batch Rayleigh quotients of its Ritz vector; no extra products). Each measurement starts from the eigenvectors of the previous one
     (``warm_start``; saved in checkpoints), which after an epoch of training typically
     converges in a few products. It provides the eigenpairs and ``hessian_max = 2·λ_max`` (a
     bound on every ``H_ii`` when Lanczos converged) to later metrics through
@@ -56,7 +57,8 @@ class HessianEigenvalues(FlatnessMetric):
         self.cache_chunks = check_int("cache_chunks", cache_chunks, 0)
         self.warm_start = check_bool("warm_start", warm_start)
         eigs = tuple(keys.hessian_eig(j) for j in range(1, self.k + 1)) if self.k > 1 else ()
-        self.keys = (keys.HESSIAN_TOP_EIG, *eigs)
+        values = (keys.HESSIAN_TOP_EIG, *eigs)
+        self.keys = values + tuple(keys.se(key) for key in values)
         self.vectors: Tensor | None = None  # the last measurement's eigenvectors (k, P)
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
@@ -67,14 +69,15 @@ class HessianEigenvalues(FlatnessMetric):
             ctx.model, ctx.batches, ctx.loss_fn, k=self.k, tol=self.tol, max_iter=self.max_iter, init=init,
             generator=ctx.seed_for(self.name), cache_chunks=self.cache_chunks, dtype=ctx.dtype,
         )  # fmt: skip
-        values = res.values.tolist()
+        values, errors = res.values.tolist(), res.se.tolist()
         self.vectors = res.vectors.detach()
         ctx.shared.eigenvalues, ctx.shared.eigenvectors = res.values, self.vectors
         if res.converged:
             ctx.shared.hessian_max = SCREEN_MARGIN * max(values[0], 0.0)
-        out = {keys.HESSIAN_TOP_EIG: values[0]}
+        out = {keys.HESSIAN_TOP_EIG: values[0], keys.se(keys.HESSIAN_TOP_EIG): errors[0]}
         if self.k > 1:
             out.update({keys.hessian_eig(j + 1): v for j, v in enumerate(values)})
+            out.update({keys.se(keys.hessian_eig(j + 1)): e for j, e in enumerate(errors)})
         return out
 
     def state_dict(self) -> dict[str, Any]:

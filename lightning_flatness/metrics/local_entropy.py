@@ -27,7 +27,9 @@ class LocalEntropy(FlatnessMetric):
         step_size: the SGLD step.
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
 
-    Cost: ``9 * num_steps`` gradient passes over the subsample.
+    ``flatness/local_entropy_se`` is the chain's Monte-Carlo error (the estimator's own
+    randomness), not the spread over redrawn subsamples. Cost: ``9 * num_steps`` gradient passes
+    over the subsample.
     """
 
     name = "local_entropy"
@@ -41,14 +43,14 @@ class LocalEntropy(FlatnessMetric):
         self.noise = check_float("noise", noise, inclusive=False)
         self.num_steps = check_int("num_steps", num_steps, 4)
         self.step_size = check_float("step_size", step_size, inclusive=False)
-        self.keys = (keys.LOCAL_ENTROPY,)
+        self.keys = (keys.LOCAL_ENTROPY, keys.se(keys.LOCAL_ENTROPY))
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         ent = local_entropy(
             ctx.model, [concatenate(ctx.batches)], ctx.loss_fn, gamma=self.gamma, num_steps=self.num_steps,
             step_size=self.step_size, noise=self.noise, generator=ctx.seed_for(self.name), dtype=ctx.dtype,
         )  # fmt: skip
-        return {keys.LOCAL_ENTROPY: ent.value}
+        return {keys.LOCAL_ENTROPY: ent.value, keys.se(keys.LOCAL_ENTROPY): ent.stderr}
 
 
 def concatenate(batches: Any) -> Any:

@@ -13,7 +13,8 @@ class GradCosineRegret(FlatnessMetric):
     Logs ``flatness/grad_cosine_regret``, the mean ``‖g_j‖(1 − cos(g_i, g_j))`` over ordered
     pairs of mini-batch gradients (the callback's ``batch_size`` sets the mini-batches), and
     ``flatness/grad_cosine``, the mean cosine (:func:`~lightning_flatness.functional.grad_cosine_regret`).
-    Needs at least 2 mini-batches. Cost: one gradient pass.
+    Needs at least 2 mini-batches. Each with its standard error ``<key>_se`` over the draw of the
+    mini-batches (Hoeffding's first-order U-statistic variance). Cost: two gradient passes.
     """
 
     name = "grad_cosine_regret"
@@ -21,8 +22,11 @@ class GradCosineRegret(FlatnessMetric):
 
     def __init__(self, every_n_epochs: int | None = None) -> None:
         super().__init__(every_n_epochs)
-        self.keys = (keys.GRAD_COSINE_REGRET, keys.GRAD_COSINE)
+        self.keys = (keys.GRAD_COSINE_REGRET, keys.GRAD_COSINE, keys.se(keys.GRAD_COSINE_REGRET), keys.se(keys.GRAD_COSINE))
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         reg = grad_cosine_regret(ctx.model, ctx.batches, ctx.loss_fn, dtype=ctx.dtype)
-        return {keys.GRAD_COSINE_REGRET: reg.regret, keys.GRAD_COSINE: reg.cosine}
+        return {
+            keys.GRAD_COSINE_REGRET: reg.regret, keys.GRAD_COSINE: reg.cosine,
+            keys.se(keys.GRAD_COSINE_REGRET): reg.regret_se, keys.se(keys.GRAD_COSINE): reg.cosine_se,
+        }  # fmt: skip
