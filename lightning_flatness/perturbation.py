@@ -10,8 +10,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from . import _subsample as sub
 from .functional import pacgen_perturbation_scale
 from .functional._losses import resolve_loss_fn
+from .functional.pacgen import NORMALIZATIONS
 
 __all__ = ["PACGenPerturbation"]
 
@@ -34,6 +36,16 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 def _head(batch: Any, n: int) -> Any:
     """The first ``n`` samples of a batch (every tensor sliced along dim 0), detached copies."""
     return tree_map(lambda t: t[:n].detach().clone() if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
+
+
+def _train_set_size(trainer: Trainer) -> int:
+    """``n`` for ``normalization="sum"``: the size of the training DataLoader's dataset (all ranks)."""
+    loader = sub.first_loader(trainer.train_dataloader)
+    try:
+        return len(loader.dataset)  # type: ignore[union-attr, arg-type]
+    except (AttributeError, TypeError) as err:
+        raise ValueError("PACGenPerturbation(normalization='sum') cannot size the training set (no sized dataset); "
+                         "pass num_train=<number of training samples>.") from err  # fmt: skip
 
 
 class PACGenPerturbation(Callback):
@@ -81,6 +93,10 @@ class PACGenPerturbation(Callback):
         batches: explicit estimation batches (a list of batches ``loss_fn`` accepts).
         loss_fn: ``"cross_entropy"``, ``"mse"`` or a callable ``loss_fn(model, batch) -> (B,)``.
         gamma, eps, rho, num_probes, rho_probes: as in :func:`~lightning_flatness.functional.pacgen`.
+        normalization: ``"mean"`` (default): :math:`\sigma` from the mean loss's curvature, as
+            above; ``"sum"``: from the summed training loss's, :math:`n(H_{ii} + \rho N_i)`, the
+            bound's optimal width (``docs/metrics.md``), smaller by up to :math:`\sqrt n`.
+        num_train: ``n`` for ``"sum"``; None: the length of the training DataLoader's dataset.
         distribution: ``"gaussian"`` or ``"uniform"``.
         seed: seeds the callback's generator (noise and the estimator's probes).
 
@@ -103,6 +119,8 @@ class PACGenPerturbation(Callback):
         rho_probes: int = 3,
         distribution: str = "gaussian",
         seed: int = 0,
+        normalization: str = "mean",
+        num_train: Union[int, None] = None,
     ) -> None:
         super().__init__()
         self.noise_scale = _check_float("noise_scale", noise_scale, allow_zero=True)
@@ -125,6 +143,10 @@ class PACGenPerturbation(Callback):
             raise ValueError(f"distribution={distribution!r} is not accepted; choose one of {list(DISTRIBUTIONS)}.")
         self.distribution = distribution
         self.seed = _check_int("seed", seed, 0)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization={normalization!r} is not accepted; choose one of {list(NORMALIZATIONS)}.")
+        self.normalization = normalization
+        self.num_train = None if num_train is None else _check_int("num_train", num_train, 1)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.sigma: Tensor | None = None  # flat (P,), float64, on the parameters' device
         self.estimated_at: int | None = None  # global step of the last estimate
@@ -143,9 +165,13 @@ class PACGenPerturbation(Callback):
         if self.batches is None:
             self.batches = [_head(batch, self.num_samples)]
         params = self._trainable(pl_module)
+        num_train = self.num_train
+        if self.normalization == "sum" and num_train is None:
+            num_train = _train_set_size(trainer)
         self.sigma = pacgen_perturbation_scale(
             pl_module, self.batches, self.loss_fn, gamma=self.gamma, eps=self.eps, rho=self.rho,
             num_probes=self.num_probes, rho_probes=self.rho_probes, generator=self.generator, params=params,
+            normalization=self.normalization, num_train=num_train,
         )  # fmt: skip
         self.estimated_at = trainer.global_step
 
