@@ -25,6 +25,7 @@ keeps the final weights, ``--load DIR`` measures saved weights again without tra
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def measure(model: torch.nn.Module, batches: list, num_train: int, probes: int) 
     lam = hessian_eigenvalues(model, batches, tol=1e-3).values[0].item()
     diag = hessian_diagonal(model, batches, num_probes=probes, generator=0)
     rho = pacgen(model, batches, normalization="mean", hessian_diag=diag, generator=0).rho
-    common = dict(hessian_diag=diag, num_train=num_train)
+    common = {"hessian_diag": diag, "num_train": num_train}
     mean = pacgen(model, batches, normalization="mean", rho=rho, **common)
     summed = pacgen(model, batches, normalization="sum", rho=rho, **common)
     h_only = pacgen(model, batches, normalization="sum", rho=0.0, **common)
@@ -89,13 +90,14 @@ def _number(v: float) -> str:
 
 def _tau(values: list[float], gaps: list[float]) -> str:
     tau = kendalltau(values, gaps).statistic
-    return "n/a" if tau != tau else f"{tau:+.2f}"  # NaN: a constant column
+    return "n/a" if math.isnan(tau) else f"{tau:+.2f}"  # NaN: a constant column
 
 
 def table(rows: dict[int, dict[str, float]]) -> str:
     keys = list(next(iter(rows.values())))
     gaps = [r["gap"] for r in rows.values()]
-    lines = ["| key | " + " | ".join(f"bs {b}" for b in rows) + " | Kendall τ vs gap |", "|---" * (len(rows) + 2) + "|"]
+    header = "| key | " + " | ".join(f"bs {b}" for b in rows) + " | Kendall τ vs gap |"
+    lines = [header, "|---" * (len(rows) + 2) + "|"]
     for key in keys:
         values = [r[key] for r in rows.values()]
         tau = "" if key in ("epochs", "gap") else _tau(values, gaps)

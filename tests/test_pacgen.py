@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import Quadratic, dense_hessian, mlp_batches, model_output_loss, quadratic_batches, random_symmetric, tiny_mlp
+from conftest import (
+    Quadratic, dense_hessian, mlp_batches, model_output_loss, quadratic_batches, random_symmetric, tiny_mlp,
+)  # fmt: skip
 from lightning_flatness.functional import pacgen, pacgen_perturbation_scale
 
 MEAN = {"normalization": "mean"}  # Ψ of the mean loss, as before normalizations existed
@@ -98,7 +100,8 @@ def test_perturbation_scale_formula(model_and_batches):
     n = 0.2 * flat_weights(model).abs() + 0.05
     for scale, kwargs in ((1, MEAN), (250, {"num_train": 250})):
         sigma = pacgen_perturbation_scale(model, batches, gamma=0.2, eps=0.05, rho=0.3, hessian_diag=diag, **kwargs)
-        expected = [min(ni, 1 / math.sqrt(max(scale * (hi + 0.3 * ni), 1e-308))) for ni, hi in zip(n.tolist(), diag.tolist())]
+        expected = [min(ni, 1 / math.sqrt(max(scale * (hi + 0.3 * ni), 1e-308)))
+                    for ni, hi in zip(n.tolist(), diag.tolist())]  # fmt: skip
         assert torch.allclose(sigma, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
 
 
@@ -201,9 +204,9 @@ def test_num_train_defaults_to_the_samples_in_batches(model_and_batches):
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
-    [({"normalization": "median"}, ValueError, "normalization.*'sum', 'mean'"), ({"normalization": None}, ValueError, "normalization"),
-     ({"num_train": 0}, ValueError, "num_train"), ({"num_train": 2.5}, ValueError, "num_train"),
-     ({"num_train": True}, ValueError, "num_train")],
+    [({"normalization": "median"}, ValueError, "normalization.*'sum', 'mean'"),
+     ({"normalization": None}, ValueError, "normalization"), ({"num_train": 0}, ValueError, "num_train"),
+     ({"num_train": 2.5}, ValueError, "num_train"), ({"num_train": True}, ValueError, "num_train")],
 )  # fmt: skip
 def test_normalization_arguments_are_validated(kwargs, error, match):
     model, batches = tiny_mlp(), mlp_batches()

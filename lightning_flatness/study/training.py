@@ -41,7 +41,9 @@ class LeNet(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
         )  # fmt: skip
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(50 * after * after, 500), nn.ReLU(), nn.Linear(500, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(50 * after * after, 500), nn.ReLU(), nn.Linear(500, num_classes),
+        )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x.reshape(-1, 1, self.side, self.side)))
@@ -63,7 +65,7 @@ OPTIMIZERS = ("sgd", "entropy-sgd")
 
 
 class Classifier(LightningModule):
-    """An MLP or LeNet (``model``) trained on cross-entropy with plain SGD (no momentum, no weight decay) or Entropy-SGD."""
+    """An MLP or LeNet (``model``) on cross-entropy, plain SGD (no momentum, no weight decay) or Entropy-SGD."""
 
     def __init__(
         self, in_features: int, hidden: Sequence[int], num_classes: int, lr: float, batch_size: int,
