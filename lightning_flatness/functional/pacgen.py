@@ -170,7 +170,7 @@ def _pacgen_inputs(
             rho = estimate_rho(objective, noise, rho_probes, gen)
             n_hvp += 2 * rho_probes
         # H(nL) = n H(L) and rho(nL) = n rho(L): the sum is the mean's numbers times n, exactly.
-        # n defaults to the samples in `batches` (counted on the first pass, so no extra pass).
+        # n defaults to the samples in `batches` (counted by the products above; one loss pass if none ran).
         scale = 1.0 if normalization == "mean" else float(num_train or objective.num_samples)
         if hessian_diag is None and hessian_max is not None:
             diag, used = _screened_diagonal(objective, noise, rho, hessian_max, scale, num_probes, gen)
