@@ -9,9 +9,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from . import _subsample as sub
 from ._preflight import check_strategy, head, probe_loss
 from .functional import pacgen_perturbation_scale
 from .functional._losses import resolve_loss_fn
+from .functional.pacgen import NORMALIZATIONS
 
 __all__ = ["PACGenPerturbation"]
 
@@ -29,6 +31,15 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
+
+
+def _train_set_size(trainer: Trainer) -> int:
+    """``n`` for ``normalization="sum"``: the size of the training DataLoader's dataset (all ranks)."""
+    size = sub.dataset_size(sub.first_loader(trainer.train_dataloader))
+    if size is None:
+        raise ValueError("PACGenPerturbation(normalization='sum') cannot size the training set (no sized dataset); "
+                         "pass num_train=<number of training samples>.")  # fmt: skip
+    return size
 
 
 class PACGenPerturbation(Callback):
@@ -82,6 +93,10 @@ class PACGenPerturbation(Callback):
         batches: explicit estimation batches (a list of batches ``loss_fn`` accepts).
         loss_fn: ``"cross_entropy"``, ``"mse"`` or a callable ``loss_fn(model, batch) -> (B,)``.
         gamma, eps, rho, num_probes, rho_probes: as in :func:`~lightning_flatness.functional.pacgen`.
+        normalization: ``"mean"`` (default): :math:`\sigma` from the mean loss's curvature, as
+            above; ``"sum"``: from the summed training loss's, :math:`n(H_{ii} + \rho N_i)`, the
+            bound's optimal width (``docs/metrics.md``), smaller by up to :math:`\sqrt n`.
+        num_train: ``n`` for ``"sum"``; None: the length of the training DataLoader's dataset.
         distribution: ``"gaussian"`` or ``"uniform"``.
         seed: seeds the callback's generator (noise and the estimator's probes).
 
@@ -104,6 +119,8 @@ class PACGenPerturbation(Callback):
         rho_probes: int = 3,
         distribution: str = "gaussian",
         seed: int = 0,
+        normalization: str = "mean",
+        num_train: Union[int, None] = None,
     ) -> None:
         super().__init__()
         self.noise_scale = _check_float("noise_scale", noise_scale, allow_zero=True)
@@ -126,6 +143,10 @@ class PACGenPerturbation(Callback):
             raise ValueError(f"distribution={distribution!r} is not accepted; choose one of {list(DISTRIBUTIONS)}.")
         self.distribution = distribution
         self.seed = _check_int("seed", seed, 0)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization={normalization!r} is not accepted; choose one of {list(NORMALIZATIONS)}.")
+        self.normalization = normalization
+        self.num_train = None if num_train is None else _check_int("num_train", num_train, 1)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.sigma: Tensor | None = None  # flat (P,), float64, on the parameters' device
         self.estimated_at: int | None = None  # global step of the last estimate
@@ -145,9 +166,13 @@ class PACGenPerturbation(Callback):
             self.batches = [head(batch, self.num_samples)]
             probe_loss(pl_module, self.batches[0], self.loss_fn, type(self).__name__)
         params = self._trainable(pl_module)
+        num_train = self.num_train
+        if self.normalization == "sum" and num_train is None:
+            num_train = _train_set_size(trainer)
         self.sigma = pacgen_perturbation_scale(
             pl_module, self.batches, self.loss_fn, gamma=self.gamma, eps=self.eps, rho=self.rho,
             num_probes=self.num_probes, rho_probes=self.rho_probes, generator=self.generator, params=params,
+            normalization=self.normalization, num_train=num_train,
         )  # fmt: skip
         self.estimated_at = trainer.global_step
 

@@ -15,22 +15,44 @@ from ._restore import measurement_mode
 from ._validate import check_positive_float, check_positive_int, make_generator
 from .hutchinson import diagonal_estimate
 
+# Which loss Ψ's H_ii and ρ are of (docs/metrics.md derives both from the PAC-Bayes bound):
+# "sum", the summed training loss n·L (the bound's KL/n multiplied through by n), or "mean", L.
+NORMALIZATIONS = ("sum", "mean")
+
 
 @dataclass(frozen=True)
 class PACGenResult:
-    """``value`` = Ψ, ``rho`` = the Hessian Lipschitz constant used (given or estimated)."""
+    """Ψ and how it was obtained.
+
+    ``value``: Ψ. ``rho``: the Hessian Lipschitz constant of the *mean* loss over ``batches``
+    (given or estimated), whatever the normalization. ``n_hvp``: Hessian-vector products spent.
+    ``normalization`` and ``loss_scale``: the loss Ψ's ``H_ii`` and ``ρ`` are of, ``loss_scale``
+    times the mean loss (``n`` for ``"sum"``, 1 for ``"mean"``). ``curved``: how many of the
+    ``num_params`` coordinates have a curvature factor above its floor ``1/N_i``; only those
+    carry the curvature into Ψ, the others add their weights-only term ``log(1 + |w_i|/N_i)``.
+    """
 
     value: float
     rho: float
     n_hvp: int
+    curved: int
+    num_params: int
+    normalization: str
+    loss_scale: float
+
+    @property
+    def curved_fraction(self) -> float:
+        """``curved / num_params``: 0 means Ψ measures only the weights' magnitudes."""
+        return self.curved / self.num_params
 
 
 @dataclass(frozen=True)
 class _PACGenInputs:
     weights: Tensor  # |w|, float64
     noise: Tensor  # N_i = gamma |w_i| + eps, float64
-    diag: Tensor  # H_ii, float64
-    rho: float
+    diag: Tensor  # H_ii of the mean loss, float64
+    rho: float  # of the mean loss
+    scale: float  # the normalization's factor on H_ii and rho: n ("sum") or 1 ("mean")
     n_hvp: int
 
 
@@ -57,26 +79,28 @@ def estimate_rho(objective: Objective, noise: Tensor, num_probes: int, gen: torc
     return max(ratios)
 
 
-def _coordinates_that_need_h(noise: Tensor, rho: float, hessian_max: float) -> Tensor:
-    """Indices ``i`` where ``H_ii <= hessian_max`` does not force ``H_ii + ρ√m N_i <= 1/N_i²``.
+def _coordinates_that_need_h(noise: Tensor, rho: float, hessian_max: float, scale: float) -> Tensor:
+    """Indices ``i`` where ``H_ii <= hessian_max`` does not force ``s(H_ii + ρ√m N_i) <= 1/N_i²``.
 
-    Everywhere else Ψ's curvature factor is its floor ``1/N_i`` whatever ``H_ii`` is, and σ
-    (whose term ``H_ii + ρN_i`` is no larger, as ``m >= 1``) is ``N_i``.
+    ``s`` is the normalization's ``scale``; ``H_ii``, ``hessian_max`` and ``ρ`` are of the mean
+    loss. Everywhere else Ψ's curvature factor is its floor ``1/N_i`` whatever ``H_ii`` is, and
+    σ (whose term ``s(H_ii + ρN_i)`` is no larger, as ``m >= 1``) is ``N_i``.
     """
-    curvature = hessian_max + rho * math.sqrt(noise.numel()) * noise
+    curvature = scale * (hessian_max + rho * math.sqrt(noise.numel()) * noise)
     return torch.nonzero(curvature > noise.pow(-2)).flatten()
 
 
 def _screened_diagonal(
-    objective: Objective, noise: Tensor, rho: float, hessian_max: float, num_probes: int, gen: torch.Generator
-) -> tuple[Tensor, int]:
+    objective: Objective, noise: Tensor, rho: float, hessian_max: float, scale: float, num_probes: int,
+    gen: torch.Generator,
+) -> tuple[Tensor, int]:  # fmt: skip
     """The diagonal PACGen needs, given the bound ``H_ii <= hessian_max``: ``(diag, n_hvp)``.
 
     Coordinates at their floor get the bound itself (any value up to it gives the same Ψ and
     σ). If at most ``num_probes`` coordinates are left, their ``H_ii = e_iᵀ H e_i`` are computed
     exactly, one product each; otherwise the whole diagonal is estimated as without the bound.
     """
-    needed = _coordinates_that_need_h(noise, rho, hessian_max)
+    needed = _coordinates_that_need_h(noise, rho, hessian_max, scale)
     if needed.numel() > num_probes:
         return diagonal_estimate(objective, num_probes, gen).to(torch.float64), num_probes
     diag = torch.full_like(noise, float(hessian_max))
@@ -89,10 +113,27 @@ def _screened_diagonal(
     return diag, needed.numel()
 
 
+def _check_hessian_max(hessian_max: object) -> None:
+    if hessian_max is not None:
+        if isinstance(hessian_max, bool) or not isinstance(hessian_max, (int, float)):
+            raise TypeError(f"hessian_max must be a float (an upper bound on every H_ii) or None, got {hessian_max!r}.")
+        if not math.isfinite(hessian_max):
+            raise ValueError(f"hessian_max must be finite, got {hessian_max!r}.")
+
+
+def _check_normalization(normalization: object, num_train: object) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r} is not accepted; choose one of {list(NORMALIZATIONS)}.")
+    if num_train is not None:
+        check_positive_int("num_train (the number of training samples n, or None)", num_train)
+
+
 def _pacgen_inputs(
     model: nn.Module,
     batches: Iterable[Any],
     loss_fn: LossArg,
+    normalization: str,
+    num_train: int | None,
     gamma: float,
     eps: float,
     rho: float | None,
@@ -104,17 +145,14 @@ def _pacgen_inputs(
     params: Iterable[Tensor] | None,
     dtype: torch.dtype | None,
 ) -> _PACGenInputs:
+    _check_normalization(normalization, num_train)
     gamma = check_positive_float("gamma", gamma, allow_zero=True)
     eps = check_positive_float("eps", eps)
     if rho is not None:
         rho = check_positive_float("rho", rho, allow_zero=True)
     num_probes = check_positive_int("num_probes", num_probes)
     rho_probes = check_positive_int("rho_probes", rho_probes)
-    if hessian_max is not None:
-        if isinstance(hessian_max, bool) or not isinstance(hessian_max, (int, float)):
-            raise TypeError(f"hessian_max must be a float (an upper bound on every H_ii) or None, got {hessian_max!r}.")
-        if not math.isfinite(hessian_max):
-            raise ValueError(f"hessian_max must be finite, got {hessian_max!r}.")
+    _check_hessian_max(hessian_max)
     gen = make_generator(generator)
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
@@ -131,12 +169,15 @@ def _pacgen_inputs(
         if rho is None:
             rho = estimate_rho(objective, noise, rho_probes, gen)
             n_hvp += 2 * rho_probes
+        # H(nL) = n H(L) and rho(nL) = n rho(L): the sum is the mean's numbers times n, exactly.
+        # n defaults to the samples in `batches` (counted by the products above; one loss pass if none ran).
+        scale = 1.0 if normalization == "mean" else float(num_train or objective.num_samples)
         if hessian_diag is None and hessian_max is not None:
-            diag, used = _screened_diagonal(objective, noise, rho, hessian_max, num_probes, gen)
+            diag, used = _screened_diagonal(objective, noise, rho, hessian_max, scale, num_probes, gen)
             n_hvp += used
     if not (torch.isfinite(diag).all() and math.isfinite(rho)):
         raise ValueError("the Hessian diagonal or rho is not finite; PACGen is undefined here.")
-    return _PACGenInputs(weights, noise, diag, float(rho), n_hvp)
+    return _PACGenInputs(weights, noise, diag, float(rho), scale, n_hvp)
 
 
 def pacgen(
@@ -144,6 +185,8 @@ def pacgen(
     batches: Iterable[Any],
     loss_fn: LossArg = "cross_entropy",
     *,
+    normalization: str = "sum",
+    num_train: int | None = None,
     gamma: float = 0.1,
     eps: float = 0.1,
     rho: float | None = None,
@@ -157,31 +200,43 @@ def pacgen(
 ) -> PACGenResult:
     r"""PACGen :math:`\Psi` (Wang, Keskar, Xiong & Socher, arXiv:1809.07402, AISTATS 2020).
 
-    With perturbation box :math:`N_i = \gamma|w_i| + \epsilon` and :math:`m = P`,
+    With perturbation box :math:`N_i = \gamma|w_i| + \epsilon`, :math:`m = P` parameters and
+    the normalization's factor :math:`s`,
 
     .. math::
-        \Psi = \sum_i \log\Big((|w_i| + N_i)\,\max\big(\sqrt{\max(0, H_{ii} + \rho\sqrt m\,N_i)},\ 1/N_i\big)\Big)
+        \Psi = \sum_i \log\Big((|w_i| + N_i)\,\max\big(\sqrt{\max(0, s(H_{ii} + \rho\sqrt m\,N_i))},\ 1/N_i\big)\Big)
 
-    where :math:`H_{ii}` is ``hessian_diag`` if given, else a Hutchinson estimate with
-    ``num_probes`` probes (:func:`hessian_diagonal`), and :math:`\rho` is ``rho`` if given,
-    else the finite-difference estimate of :func:`estimate_rho` with ``rho_probes`` draws.
+    where :math:`H_{ii}` and :math:`\rho` are of the mean loss :math:`L` over ``batches``:
+    :math:`H_{ii}` is ``hessian_diag`` if given, else a Hutchinson estimate with ``num_probes``
+    probes (:func:`hessian_diagonal`), and :math:`\rho` is ``rho`` if given, else the
+    finite-difference estimate of :func:`estimate_rho` with ``rho_probes`` draws.
+
+    ``normalization`` says which loss the bound behind Ψ takes these of (derived in
+    ``docs/metrics.md``): ``"sum"`` (default), the summed training loss :math:`nL`, so
+    :math:`s = n` = ``num_train``, the number of training samples the bound is over (None: the
+    number of samples in ``batches``, right only when ``batches`` is the whole training set;
+    pass the training set's size when it is a subsample); ``"mean"``, :math:`L` itself,
+    :math:`s = 1`, Ψ as the paper prints it (``num_train`` unused). The result's ``curved``
+    counts the coordinates whose curvature factor is above its floor :math:`1/N_i`.
 
     Larger :math:`\Psi` means a sharper minimum relative to the weights' scale. Cost
     (``n_hvp``): ``num_probes`` if the diagonal is estimated (with ``hessian_max``: 0 to
-    ``num_probes``, see below) ``+ 2 * rho_probes`` (if
-    :math:`\rho` is estimated) Hessian-vector products. Note that :math:`\rho\sqrt m N_i`
-    dominates :math:`H_{ii}` on large models unless :math:`\rho` is small.
+    ``num_probes``, see below) ``+ 2 * rho_probes`` (if :math:`\rho` is estimated)
+    Hessian-vector products. Note that :math:`\rho\sqrt m N_i` dominates :math:`H_{ii}` on
+    large models unless :math:`\rho` is small.
 
-    ``hessian_max``, an upper bound on every :math:`H_{ii}` (the top eigenvalue bounds them:
-    :math:`H_{ii} = e_i^\top H e_i \le \lambda_{max}`), lets the diagonal be skipped when it
-    cannot matter: where :math:`\text{hessian\_max} + \rho\sqrt m N_i \le 1/N_i^2`, the
-    curvature factor sits at its floor :math:`1/N_i` whatever :math:`H_{ii}` is (:math:`\rho`
-    is then estimated first). If at most ``num_probes`` coordinates are left, their
-    :math:`H_{ii}` are computed exactly, one product each, and Ψ is exact given :math:`\rho`;
-    otherwise the whole diagonal is estimated as without the bound. In ``benchmarks/`` (bound
-    = twice the top eigenvalue, after 100 SGD steps) no coordinate was left on an MLP of 79k
-    weights and a transformer of 67k, so PACGen cost the 6 products of :math:`\rho` instead of
-    22; on a BatchNorm CNN 69 coordinates were left and the diagonal was estimated.
+    ``hessian_max``, an upper bound on every :math:`H_{ii}` of the *mean* loss whatever the
+    normalization (the top eigenvalue bounds them: :math:`H_{ii} = e_i^\top H e_i \le
+    \lambda_{max}`), lets the diagonal be skipped when it cannot matter: where
+    :math:`s(\text{hessian\_max} + \rho\sqrt m N_i) \le 1/N_i^2`, the curvature factor sits
+    at its floor :math:`1/N_i` whatever :math:`H_{ii}` is (:math:`\rho` is then estimated
+    first). If at most ``num_probes`` coordinates are left, their :math:`H_{ii}` are computed
+    exactly, one product each, and Ψ is exact given :math:`\rho`; otherwise the whole diagonal
+    is estimated as without the bound. In ``benchmarks/`` (``"mean"``, bound = twice the top
+    eigenvalue, after 100 SGD steps) no coordinate was left on an MLP of 79k weights and a
+    transformer of 67k, so PACGen cost the 6 products of :math:`\rho` instead of 22; on a
+    BatchNorm CNN 69 coordinates were left and the diagonal was estimated. With ``"sum"`` the
+    factor :math:`n` puts far fewer coordinates at the floor, and the screen rarely applies.
 
     Example:
         >>> import torch
@@ -189,18 +244,21 @@ def pacgen(
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(3, 2)
         >>> batches = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
-        >>> pacgen(model, batches, rho=0.0, num_probes=8).n_hvp
+        >>> pacgen(model, batches, num_train=1000, rho=0.0, num_probes=8).n_hvp
         8
-        >>> pacgen(model, batches, rho=0.0, hessian_max=1.0).n_hvp  # 1 + 0 <= 1/N_i² everywhere
+        >>> pacgen(model, batches, normalization="mean", rho=0.0, hessian_max=1.0).n_hvp  # 1 <= 1/N_i² everywhere
         0
     """
     inputs = _pacgen_inputs(
-        model, batches, loss_fn, gamma, eps, rho, hessian_diag, hessian_max, num_probes, rho_probes, generator, params, dtype
-    )
+        model, batches, loss_fn, normalization, num_train, gamma, eps, rho, hessian_diag, hessian_max, num_probes,
+        rho_probes, generator, params, dtype,
+    )  # fmt: skip
     w, n, h = inputs.weights, inputs.noise, inputs.diag
-    curvature = torch.clamp(h + inputs.rho * math.sqrt(w.numel()) * n, min=0).sqrt()
-    psi = torch.log((w + n) * torch.maximum(curvature, 1 / n)).sum().item()
-    return PACGenResult(psi, inputs.rho, inputs.n_hvp)
+    curvature = torch.clamp(inputs.scale * (h + inputs.rho * math.sqrt(w.numel()) * n), min=0).sqrt()
+    floor = 1 / n
+    psi = torch.log((w + n) * torch.maximum(curvature, floor)).sum().item()
+    curved = int((curvature > floor).sum().item())
+    return PACGenResult(psi, inputs.rho, inputs.n_hvp, curved, w.numel(), normalization, inputs.scale)
 
 
 def pacgen_perturbation_scale(
@@ -208,6 +266,8 @@ def pacgen_perturbation_scale(
     batches: Iterable[Any],
     loss_fn: LossArg = "cross_entropy",
     *,
+    normalization: str = "sum",
+    num_train: int | None = None,
     gamma: float = 0.1,
     eps: float = 0.1,
     rho: float | None = None,
@@ -221,13 +281,15 @@ def pacgen_perturbation_scale(
 ) -> Tensor:
     r"""Per-coordinate perturbation scale of Wang et al. (2018), a flat ``(P,)`` float64 tensor.
 
-    :math:`\sigma_i = \min\big(N_i,\ 1/\sqrt{\max(H_{ii} + \rho N_i,\ \text{tiny})}\big)`:
-    large along flat coordinates (up to the box :math:`N_i`), small along sharp ones. Arguments
-    and cost as in :func:`pacgen`.
+    :math:`\sigma_i = \min\big(N_i,\ 1/\sqrt{\max(s(H_{ii} + \rho N_i),\ \text{tiny})}\big)`:
+    large along flat coordinates (up to the box :math:`N_i`), small along sharp ones; :math:`s`
+    is ``num_train`` for ``normalization="sum"`` (the bound's optimal width, ``docs/metrics.md``)
+    and 1 for ``"mean"``. Arguments and cost as in :func:`pacgen`.
     """
     inputs = _pacgen_inputs(
-        model, batches, loss_fn, gamma, eps, rho, hessian_diag, hessian_max, num_probes, rho_probes, generator, params, dtype
-    )
+        model, batches, loss_fn, normalization, num_train, gamma, eps, rho, hessian_diag, hessian_max, num_probes,
+        rho_probes, generator, params, dtype,
+    )  # fmt: skip
     tiny = torch.finfo(torch.float64).tiny
-    curvature = torch.clamp(inputs.diag + inputs.rho * inputs.noise, min=tiny)
+    curvature = torch.clamp(inputs.scale * (inputs.diag + inputs.rho * inputs.noise), min=tiny)
     return torch.minimum(inputs.noise, curvature.rsqrt())

