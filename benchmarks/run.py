@@ -10,7 +10,7 @@ shows as an error cell, the rest still runs.
 
 Examples::
 
-    python -m benchmarks                      # full run (about 10 minutes on 2 CPU cores)
+    python -m benchmarks                      # full run (about 16 minutes on 2 CPU cores, 6 of them ``fit``)
     python -m benchmarks --quick              # smoke run, under a minute, prints only
     python -m benchmarks --device cuda        # on a GPU
 """

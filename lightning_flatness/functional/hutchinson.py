@@ -129,8 +129,3 @@ def hessian_diagonal(
     gen = check_generator(generator)
     with measurement_mode(model):
         return hutchinson_diagonal(Objective(model, batches, loss_fn, params, dtype).hessian_operator(), num_probes, gen)
-
-
-def diagonal_estimate(objective: Objective, num_probes: int, generator: torch.Generator) -> Tensor:
-    """:func:`hutchinson_diagonal` of ``objective``'s Hessian (kept for ``pacgen``)."""
-    return hutchinson_diagonal(objective.hessian_operator(), num_probes, generator)

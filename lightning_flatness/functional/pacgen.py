@@ -9,11 +9,11 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_choice, check_float, check_generator, check_int
 from ._losses import LossArg
-from .objective import Objective
 from ._restore import measurement_mode
-from ._validate import check_positive_float, check_positive_int, make_generator
-from .hutchinson import diagonal_estimate
+from .hutchinson import probe_products
+from .objective import HessianOperator, Objective
 
 # Which loss Ψ's H_ii and ρ are of (docs/metrics.md derives both from the PAC-Bayes bound):
 # "sum", the summed training loss n·L (the bound's KL/n multiplied through by n), or "mean", L.
@@ -30,6 +30,8 @@ class PACGenResult:
     times the mean loss (``n`` for ``"sum"``, 1 for ``"mean"``). ``curved``: how many of the
     ``num_params`` coordinates have a curvature factor above its floor ``1/N_i``; only those
     carry the curvature into Ψ, the others add their weights-only term ``log(1 + |w_i|/N_i)``.
+    ``se``: Ψ's standard error from the estimates behind it, the Hutchinson diagonal and
+    ``ρ̂`` (delta method; 0 when both are given or Ψ sits at its floor everywhere).
     """
 
     value: float
@@ -39,6 +41,7 @@ class PACGenResult:
     num_params: int
     normalization: str
     loss_scale: float
+    se: float = math.nan
 
     @property
     def curved_fraction(self) -> float:
@@ -54,6 +57,23 @@ class _PACGenInputs:
     rho: float  # of the mean loss
     scale: float  # the normalization's factor on H_ii and rho: n ("sum") or 1 ("mean")
     n_hvp: int
+    diag_terms: Tensor | None = None  # (S, P) float32: each Hutchinson probe's z ⊙ Hz, when the diagonal was estimated
+    rho_draws: Tensor | None = None  # the finite-difference ratios whose maximum is rho, when rho was estimated
+
+
+def rho_draws(objective: Objective, noise: Tensor, num_probes: int, gen: torch.Generator) -> Tensor:
+    """The ``num_probes`` finite-difference ratios of :func:`estimate_rho` (float64, on the CPU)."""
+    dim, like = objective.num_params, objective.w0
+    v = torch.randn(num_probes, dim, generator=gen, dtype=torch.float64)
+    v = (v / v.norm(dim=1, keepdim=True)).to(device=like.device, dtype=like.dtype)
+    u = torch.rand(num_probes, dim, generator=gen, dtype=torch.float64) * 2 - 1
+    deltas = (u.to(noise.device) * noise).to(like.dtype)
+    at_w = (objective.hessian_operator() @ v.T).T  # the products at w share their passes
+    ratios = [
+        ((objective.hessian_operator(at=like + deltas[j]) @ v[j] - at_w[j]).norm() / deltas[j].norm()).item()
+        for j in range(num_probes)
+    ]
+    return torch.tensor(ratios, dtype=torch.float64)
 
 
 def estimate_rho(objective: Objective, noise: Tensor, num_probes: int, gen: torch.Generator) -> float:
@@ -66,17 +86,7 @@ def estimate_rho(objective: Objective, noise: Tensor, num_probes: int, gen: torc
     exact for a cubic along a single coordinate and 0 for a quadratic. Cost: ``2 * num_probes``
     Hessian-vector products (the ``num_probes`` products at ``w`` share their passes).
     """
-    dim, like = objective.num_params, objective.w0
-    v = torch.randn(num_probes, dim, generator=gen, dtype=torch.float64)
-    v = (v / v.norm(dim=1, keepdim=True)).to(device=like.device, dtype=like.dtype)
-    u = torch.rand(num_probes, dim, generator=gen, dtype=torch.float64) * 2 - 1
-    deltas = (u.to(noise.device) * noise).to(like.dtype)
-    at_w = objective.hvps(v)
-    ratios = [
-        ((objective.hvp(v[j], at=like + deltas[j]) - at_w[j]).norm() / deltas[j].norm()).item()
-        for j in range(num_probes)
-    ]
-    return max(ratios)
+    return rho_draws(objective, noise, num_probes, gen).max().item()
 
 
 def _coordinates_that_need_h(noise: Tensor, rho: float, hessian_max: float, scale: float) -> Tensor:
@@ -90,27 +100,40 @@ def _coordinates_that_need_h(noise: Tensor, rho: float, hessian_max: float, scal
     return torch.nonzero(curvature > noise.pow(-2)).flatten()
 
 
+def _estimated_diagonal(operator: HessianOperator, num_probes: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Hutchinson's diagonal (float64) and each probe's own estimate ``z ⊙ Hz`` (float32, for the error)."""
+    total = torch.zeros(operator.num_params, dtype=operator.dtype, device=operator.device)
+    terms = []
+    for z, hz in probe_products(operator, num_probes, gen):
+        part = z * hz
+        total += part.sum(0)
+        terms.append(part.float())
+    return (total / num_probes).to(torch.float64), torch.cat(terms)
+
+
 def _screened_diagonal(
     objective: Objective, noise: Tensor, rho: float, hessian_max: float, scale: float, num_probes: int,
     gen: torch.Generator,
-) -> tuple[Tensor, int]:  # fmt: skip
-    """The diagonal PACGen needs, given the bound ``H_ii <= hessian_max``: ``(diag, n_hvp)``.
+) -> tuple[Tensor, int, Tensor | None]:  # fmt: skip
+    """The diagonal PACGen needs, given the bound ``H_ii <= hessian_max``: ``(diag, n_hvp, probe terms)``.
 
     Coordinates at their floor get the bound itself (any value up to it gives the same Ψ and
     σ). If at most ``num_probes`` coordinates are left, their ``H_ii = e_iᵀ H e_i`` are computed
     exactly, one product each; otherwise the whole diagonal is estimated as without the bound.
     """
     needed = _coordinates_that_need_h(noise, rho, hessian_max, scale)
+    operator = objective.hessian_operator()
     if needed.numel() > num_probes:
-        return diagonal_estimate(objective, num_probes, gen).to(torch.float64), num_probes
+        diag, terms = _estimated_diagonal(operator, num_probes, gen)
+        return diag, num_probes, terms
     diag = torch.full_like(noise, float(hessian_max))
     if needed.numel():
         w0 = objective.w0
         rows, cols = torch.arange(needed.numel(), device=w0.device), needed.to(w0.device)
         units = torch.zeros(needed.numel(), objective.num_params, dtype=w0.dtype, device=w0.device)
         units[rows, cols] = 1  # e_i for each coordinate left: H_ii = (H e_i)_i
-        diag[needed] = objective.hvps(units)[rows, cols].to(diag)
-    return diag, needed.numel()
+        diag[needed] = (operator @ units.T).T[rows, cols].to(diag)
+    return diag, needed.numel(), None
 
 
 def _check_hessian_max(hessian_max: object) -> None:
@@ -121,11 +144,18 @@ def _check_hessian_max(hessian_max: object) -> None:
             raise ValueError(f"hessian_max must be finite, got {hessian_max!r}.")
 
 
-def _check_normalization(normalization: object, num_train: object) -> None:
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization={normalization!r} is not accepted; choose one of {list(NORMALIZATIONS)}.")
-    if num_train is not None:
-        check_positive_int("num_train (the number of training samples n, or None)", num_train)
+def _checked_options(
+    normalization: object, num_train: object, gamma: object, eps: object, rho: object, hessian_max: object,
+    num_probes: object, rho_probes: object,
+) -> dict[str, Any]:  # fmt: skip
+    _check_hessian_max(hessian_max)
+    return {
+        "normalization": check_choice("normalization", normalization, NORMALIZATIONS),
+        "num_train": None if num_train is None else check_int("num_train (the number of training samples n, or None)", num_train),
+        "gamma": check_float("gamma", gamma), "eps": check_float("eps", eps, inclusive=False),
+        "rho": None if rho is None else check_float("rho", rho),
+        "num_probes": check_int("num_probes", num_probes), "rho_probes": check_int("rho_probes", rho_probes),
+    }  # fmt: skip
 
 
 def _pacgen_inputs(
@@ -145,39 +175,66 @@ def _pacgen_inputs(
     params: Iterable[Tensor] | None,
     dtype: torch.dtype | None,
 ) -> _PACGenInputs:
-    _check_normalization(normalization, num_train)
-    gamma = check_positive_float("gamma", gamma, allow_zero=True)
-    eps = check_positive_float("eps", eps)
-    if rho is not None:
-        rho = check_positive_float("rho", rho, allow_zero=True)
-    num_probes = check_positive_int("num_probes", num_probes)
-    rho_probes = check_positive_int("rho_probes", rho_probes)
-    _check_hessian_max(hessian_max)
-    gen = make_generator(generator)
+    opts = _checked_options(normalization, num_train, gamma, eps, rho, hessian_max, num_probes, rho_probes)
+    gen = check_generator(generator)
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
         weights = objective.w0.to(torch.float64).abs()
-        noise = gamma * weights + eps
-        n_hvp = 0
-        if hessian_diag is not None:
-            if not isinstance(hessian_diag, Tensor) or hessian_diag.shape != (objective.num_params,):
-                raise ValueError(f"hessian_diag must be a tensor of shape ({objective.num_params},).")
-            diag = hessian_diag.detach().to(device=weights.device, dtype=torch.float64)
-        elif hessian_max is None:
-            diag = diagonal_estimate(objective, num_probes, gen).to(torch.float64)
-            n_hvp += num_probes
+        noise = opts["gamma"] * weights + opts["eps"]
+        diag, n_hvp, terms = _given_or_estimated_diagonal(objective, hessian_diag, hessian_max, opts["num_probes"], gen)
+        draws, rho = None, opts["rho"]
         if rho is None:
-            rho = estimate_rho(objective, noise, rho_probes, gen)
-            n_hvp += 2 * rho_probes
+            draws = rho_draws(objective, noise, opts["rho_probes"], gen)
+            rho, n_hvp = draws.max().item(), n_hvp + 2 * opts["rho_probes"]
         # H(nL) = n H(L) and rho(nL) = n rho(L): the sum is the mean's numbers times n, exactly.
         # n defaults to the samples in `batches` (counted by the products above; one loss pass if none ran).
-        scale = 1.0 if normalization == "mean" else float(num_train or objective.num_samples)
-        if hessian_diag is None and hessian_max is not None:
-            diag, used = _screened_diagonal(objective, noise, rho, hessian_max, scale, num_probes, gen)
+        scale = 1.0 if opts["normalization"] == "mean" else float(opts["num_train"] or objective.num_samples)
+        if diag is None:  # the bound: rho first, then only the coordinates it cannot settle
+            diag, used, terms = _screened_diagonal(objective, noise, rho, hessian_max, scale, opts["num_probes"], gen)
             n_hvp += used
     if not (torch.isfinite(diag).all() and math.isfinite(rho)):
         raise ValueError("the Hessian diagonal or rho is not finite; PACGen is undefined here.")
-    return _PACGenInputs(weights, noise, diag, float(rho), scale, n_hvp)
+    return _PACGenInputs(weights, noise, diag, float(rho), scale, n_hvp, terms, draws)
+
+
+def _given_or_estimated_diagonal(
+    objective: Objective, hessian_diag: Tensor | None, hessian_max: float | None, num_probes: int, gen: torch.Generator
+) -> tuple[Tensor | None, int, Tensor | None]:
+    """``(diag, n_hvp, probe terms)``: the given diagonal, Hutchinson's, or ``None`` when the bound decides later."""
+    if hessian_diag is not None:
+        if not isinstance(hessian_diag, Tensor) or hessian_diag.shape != (objective.num_params,):
+            raise ValueError(f"hessian_diag must be a tensor of shape ({objective.num_params},).")
+        return hessian_diag.detach().to(device=objective.device, dtype=torch.float64), 0, None
+    if hessian_max is not None:
+        return None, 0, None
+    diag, terms = _estimated_diagonal(objective.hessian_operator(), num_probes, gen)
+    return diag, num_probes, terms
+
+
+def _standard_error(inputs: _PACGenInputs, curvature: Tensor, curved: Tensor) -> float:
+    """Ψ's standard error by the delta method, from the two estimates behind it.
+
+    ``∂Ψ/∂H_ii = s / (2c_i)`` and ``∂Ψ/∂ρ = Σ_i s√m N_i / (2c_i)`` over the curved coordinates
+    (``c_i = s(H_ii + ρ√m N_i)``; at the floor Ψ does not depend on either). The Hutchinson
+    diagonal is a mean over probes, so its part is the spread of the probes' linearized Ψ over
+    ``√S`` (cross-coordinate covariances included). ``ρ̂`` is the maximum of its draws; its
+    part uses their standard deviation (``s/c₄``), a draw's spread, which is what the maximum of
+    a few right-skewed draws spreads like (``docs/metrics.md``).
+    """
+    c = curvature.pow(2).clamp_min(torch.finfo(torch.float64).tiny)
+    dpsi_dh = torch.where(curved, inputs.scale / (2 * c), torch.zeros_like(c))
+    var = 0.0
+    if inputs.diag_terms is not None:
+        t = inputs.diag_terms.to(dpsi_dh) @ dpsi_dh  # each probe's linearized Ψ
+        var += (t.var() / t.numel()).item() if t.numel() > 1 else math.nan
+    if inputs.rho_draws is not None:
+        k = inputs.rho_draws.numel()
+        if k < 2:
+            return math.nan
+        c4 = math.sqrt(2 / (k - 1)) * math.exp(math.lgamma(k / 2) - math.lgamma((k - 1) / 2))
+        dpsi_drho = (dpsi_dh * math.sqrt(inputs.weights.numel()) * inputs.noise).sum().item()
+        var += (dpsi_drho * inputs.rho_draws.std().item() / c4) ** 2
+    return math.sqrt(var)
 
 
 def pacgen(
@@ -257,8 +314,9 @@ def pacgen(
     curvature = torch.clamp(inputs.scale * (h + inputs.rho * math.sqrt(w.numel()) * n), min=0).sqrt()
     floor = 1 / n
     psi = torch.log((w + n) * torch.maximum(curvature, floor)).sum().item()
-    curved = int((curvature > floor).sum().item())
-    return PACGenResult(psi, inputs.rho, inputs.n_hvp, curved, w.numel(), normalization, inputs.scale)
+    curved = curvature > floor
+    se = _standard_error(inputs, curvature, curved)
+    return PACGenResult(psi, inputs.rho, inputs.n_hvp, int(curved.sum().item()), w.numel(), normalization, inputs.scale, se)
 
 
 def pacgen_perturbation_scale(

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from .. import keys
 from ..functional import pacgen
-from ..validation import check_bool, check_float, check_int
+from ..functional.pacgen import NORMALIZATIONS
+from ..validation import check_bool, check_choice, check_float, check_int
 from .base import FlatnessMetric, MeasurementContext
 
 
 class PACGen(FlatnessMetric):
-    """``flatness/pacgen``: PACGen Ψ (:func:`~lightning_flatness.functional.pacgen`).
+    """``flatness/pacgen``: PACGen Ψ (:func:`~lightning_flatness.functional.pacgen`), with its
+    standard error ``flatness/pacgen_se`` and ``flatness/pacgen_curved_fraction``, the fraction of
+    coordinates whose curvature factor is above its floor (0: Ψ measures only the weights' magnitudes).
 
     Args:
+        normalization: ``"sum"`` (default): ``H_ii`` and ``ρ`` of the summed training loss
+            ``n·L``, as the PAC-Bayes bound behind Ψ takes them (``docs/metrics.md``); ``"mean"``:
+            of the mean loss, Ψ as the paper prints it.
+        num_train: ``n`` for ``"sum"``; ``None``: the size of the trainer's training set.
         gamma, eps: the perturbation box ``N_i = gamma·|w_i| + eps``.
         rho: the Hessian-Lipschitz constant; ``None`` estimates it (``2 * rho_probes`` HVPs).
         num_probes: Hutchinson probes of the Hessian's diagonal.
@@ -26,22 +33,30 @@ class PACGen(FlatnessMetric):
     uses = ("hessian_max",)
 
     def __init__(
-        self, gamma: float = 0.1, eps: float = 0.1, rho: float | None = None, num_probes: int = 16,
-        rho_probes: int = 3, screen: bool = True, every_n_epochs: int | None = None,
+        self, normalization: str = "sum", num_train: int | None = None, gamma: float = 0.1, eps: float = 0.1,
+        rho: float | None = None, num_probes: int = 16, rho_probes: int = 3, screen: bool = True,
+        every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
+        self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
+        self.num_train = None if num_train is None else check_int("num_train", num_train)
         self.gamma = check_float("gamma", gamma)
         self.eps = check_float("eps", eps, inclusive=False)
         self.rho = None if rho is None else check_float("rho", rho)
         self.num_probes = check_int("num_probes", num_probes)
         self.rho_probes = check_int("rho_probes", rho_probes)
         self.screen = check_bool("screen", screen)
-        self.keys = (keys.PACGEN,)
+        self.keys = (keys.PACGEN, keys.se(keys.PACGEN), keys.PACGEN_CURVED_FRACTION)
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
+        num_train = self.num_train or ctx.train_size
+        if self.normalization == "sum" and num_train is None:
+            raise ValueError('PACGen(normalization="sum") needs the number of training samples n: the training set '
+                             "has no length here (an iterable dataset); pass PACGen(num_train=...).")  # fmt: skip
         pac = pacgen(
-            ctx.model, ctx.batches, ctx.loss_fn, gamma=self.gamma, eps=self.eps, rho=self.rho,
-            num_probes=self.num_probes, rho_probes=self.rho_probes, generator=ctx.seed_for(self.name),
-            hessian_max=ctx.shared.hessian_max if self.screen else None, dtype=ctx.dtype,
+            ctx.model, ctx.batches, ctx.loss_fn, normalization=self.normalization, num_train=num_train,
+            gamma=self.gamma, eps=self.eps, rho=self.rho, num_probes=self.num_probes, rho_probes=self.rho_probes,
+            generator=ctx.seed_for(self.name), hessian_max=ctx.shared.hessian_max if self.screen else None,
+            dtype=ctx.dtype,
         )  # fmt: skip
-        return {keys.PACGEN: pac.value}
+        return {keys.PACGEN: pac.value, keys.se(keys.PACGEN): pac.se, keys.PACGEN_CURVED_FRACTION: pac.curved_fraction}

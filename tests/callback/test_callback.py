@@ -76,8 +76,11 @@ def test_values_equal_functional_api_on_the_same_subsample(tmp_path):
     assert close(last["flatness/grad_cosine_regret"], reg.regret, 1e-6)
     assert close(last["flatness/grad_cosine"], reg.cosine, 1e-6)
     assert close(last["flatness/fisher_trace"], fisher_trace(model, batches).value, 1e-6)
-    pac = pacgen(model, batches, num_probes=16, generator=measurement_seed(0, x, "pacgen"))
+    # n = the training set's 256 samples; the diagonal screened by twice the top eigenvalue
+    bound = 2 * last["flatness/hessian_top_eig"]
+    pac = pacgen(model, batches, num_train=256, hessian_max=bound, generator=measurement_seed(0, x, "pacgen"))
     assert close(last["flatness/pacgen"], pac.value, 1e-6)
+    assert close(last["flatness/pacgen_se"], pac.se, 1e-6) and close(last["flatness/pacgen_curved_fraction"], pac.curved_fraction, 1e-6)
     # the gap: eval-mode loss / accuracy on fixed subsamples of the train and val sets
     model.eval()
     with torch.no_grad():
@@ -391,7 +394,7 @@ def test_pacgen_gets_twice_the_top_eigenvalue_as_its_diagonal_bound(tmp_path, mo
     assert seen[0] == 2 * last["flatness/hessian_top_eig"] > 0
     # eps = 3 puts the floor 1/N_i² below the bound, so the diagonal is estimated after ρ
     batches = subsample(dm.train_set, 0, 64, 16)
-    expected = pacgen(model, batches, eps=3.0, hessian_max=seen[0], generator=measurement_seed(0, x, "pacgen"))
+    expected = pacgen(model, batches, num_train=256, eps=3.0, hessian_max=seen[0], generator=measurement_seed(0, x, "pacgen"))
     assert expected.n_hvp == 16 + 6
     assert close(last["flatness/pacgen"], expected.value, 1e-6)
 

@@ -47,8 +47,10 @@ def single_process(model, dm, x):
     out = {
         "flatness/hessian_top_eig": hessian_eigenvalues(model, batches, tol=1e-8, max_iter=400).values[0].item(),
         "flatness/fisher_trace": fisher_trace(model, batches).value,
-        "flatness/pacgen": pacgen(model, batches, num_probes=16, generator=measurement_seed(0, x, "pacgen")).value,
     }
+    bound = 2 * out["flatness/hessian_top_eig"]  # PACGen's screen, as in the callback
+    seed = measurement_seed(0, x, "pacgen")
+    out["flatness/pacgen"] = pacgen(model, batches, num_train=256, hessian_max=bound, generator=seed).value
     reg = grad_cosine_regret(model, batches)
     out["flatness/grad_cosine_regret"], out["flatness/grad_cosine"] = reg.regret, reg.cosine
     with measurement_mode(model):

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 from torchmetrics import MeanMetric, MetricCollection
 
-from lightning_flatness.functional import fisher_trace, grad_cosine_regret, hessian_eigenvalues
+from lightning_flatness.functional import fisher_trace, grad_cosine_regret, hessian_eigenvalues, pacgen
 from lightning_flatness.functional._stats import MeanAccumulator, mean_and_se
 from lightning_flatness.metrics import GapMeter, samples_needed
 from tests.helpers.models import tiny_mlp
@@ -38,6 +39,7 @@ def draws(n: int, estimator, seed: int = 1, num: int = DRAWS) -> tuple[float, fl
 
 
 MODEL = tiny_mlp()
+SEEDS = itertools.count()
 ESTIMATORS = {
     "hessian_top_eig": lambda b: (lambda r: (r.values[0].item(), r.se[0].item()))(hessian_eigenvalues(MODEL, b, tol=1e-6)),
     "grad_cosine_regret": lambda b: (lambda r: (r.regret, r.regret_se))(grad_cosine_regret(MODEL, b)),
@@ -45,6 +47,9 @@ ESTIMATORS = {
     "fisher_trace": lambda b: (lambda r: (r.value, r.se))(fisher_trace(MODEL, b)),
     "fisher_trace_mc": lambda b: (lambda r: (r.value, r.se))(fisher_trace(MODEL, b, kind="mc", generator=len(b[0][1]))),
     "gap_loss": lambda b: gap_loss_and_se(b),
+    # PACGen's own randomness (probes, rho's draws) is redrawn with the subsample: a new seed each time
+    "pacgen": lambda b: (lambda r: (r.value, r.se))(pacgen(MODEL, b, num_train=1000, num_probes=8, generator=next(SEEDS))),
+    "pacgen_rho_given": lambda b: (lambda r: (r.value, r.se))(pacgen(MODEL, b, num_train=1000, num_probes=8, rho=0.05, generator=next(SEEDS))),
 }
 
 

@@ -26,17 +26,21 @@ def test_names_stand_for_default_configured_objects_with_the_same_keys():
     assert [m.name for m in metrics] == list(BUILTIN)
     assert [[k for k in m.keys if not k.endswith("_se")] for m in metrics] == [
         ["flatness/hessian_top_eig"], ["flatness/grad_cosine_regret", "flatness/grad_cosine"],
-        ["flatness/fisher_trace"], ["flatness/pacgen"], ["flatness/local_entropy"],
+        ["flatness/fisher_trace"], ["flatness/pacgen", "flatness/pacgen_curved_fraction"], ["flatness/local_entropy"],
     ]  # fmt: skip
-    for metric in [m for m in metrics if m.name != "pacgen"]:  # every value with its standard error
-        assert {k for k in metric.keys if k.endswith("_se")} == {k + "_se" for k in metric.keys if not k.endswith("_se")}
+    for metric in metrics:  # every value with its standard error
+        values = {k for k in metric.keys if not k.endswith("_se") and k != "flatness/pacgen_curved_fraction"}
+        assert {k for k in metric.keys if k.endswith("_se")} == {k + "_se" for k in values}
     eigs = ("flatness/hessian_top_eig", *(f"flatness/hessian_eig_{j}" for j in (1, 2, 3)))
     assert HessianEigenvalues(k=3).keys == eigs + tuple(k + "_se" for k in eigs)
 
 
 def test_options_are_kept_under_their_names_and_shown_in_repr():
     pac = PACGen(gamma=0.2, rho=0.0)
-    assert pac.hparams() == dict(gamma=0.2, eps=0.1, rho=0.0, num_probes=16, rho_probes=3, screen=True, every_n_epochs=None)
+    assert pac.hparams() == dict(
+        normalization="sum", num_train=None, gamma=0.2, eps=0.1, rho=0.0, num_probes=16, rho_probes=3, screen=True,
+        every_n_epochs=None,
+    )
     assert repr(pac) == "PACGen(gamma=0.2, rho=0.0)" and repr(FisherTrace()) == "FisherTrace()"
 
 
