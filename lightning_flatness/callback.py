@@ -18,7 +18,7 @@ from ._failures import ON_ERROR, FailurePolicy
 from ._logging import LoggerWriter, status
 from ._preflight import check_strategy, probe_loss
 from .functional import measurement_mode
-from .functional._losses import BUILTIN_LOSSES, LossArg, resolve_loss_fn
+from .functional._losses import LossArg, check_loss_fn
 from .landscape import LandscapeOptions, LandscapeRecorder
 from .metrics import (
     DEFAULT_METRICS,
@@ -466,11 +466,7 @@ def _checked_config(metrics: list[FlatnessMetric], **cfg: Any) -> dict[str, Any]
             f"when {which} is measured (it compares at least {needs} mini-batches of batch_size samples)."
         )
     out["source"] = check_choice("source", cfg["source"], SOURCES)
-    try:
-        resolve_loss_fn(cfg["loss_fn"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"loss_fn={cfg['loss_fn']!r} is not accepted; use one of {sorted(BUILTIN_LOSSES)} or a "
-                         "callable loss_fn(model, batch) returning per-sample losses of shape (B,).") from err  # fmt: skip
+    check_loss_fn(cfg["loss_fn"])
     if cfg["max_overhead"] is not None:
         out["max_overhead"] = check_float("max_overhead", cfg["max_overhead"], inclusive=False, maximum=1.0)
     out["on_error"] = check_choice("on_error", cfg["on_error"], ON_ERROR)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -12,25 +11,13 @@ from torch import Tensor
 from . import _subsample as sub
 from ._preflight import check_strategy, head, probe_loss
 from .functional import pacgen_perturbation_scale
-from .functional._losses import resolve_loss_fn
+from .functional._losses import check_loss_fn
 from .functional.pacgen import NORMALIZATIONS
+from .validation import check_choice, check_float, check_int
 
 __all__ = ["PACGenPerturbation"]
 
 DISTRIBUTIONS = ("gaussian", "uniform")
-
-
-def _check_float(name: str, value: Any, *, allow_zero: bool) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value and value != float("inf")
-    if not ok or not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 def _train_set_size(trainer: Trainer) -> int:
@@ -123,30 +110,22 @@ class PACGenPerturbation(Callback):
         num_train: Union[int, None] = None,
     ) -> None:
         super().__init__()
-        self.noise_scale = _check_float("noise_scale", noise_scale, allow_zero=True)
-        self.every_n_steps = _check_int("every_n_steps", every_n_steps, 1)
-        self.num_samples = _check_int("num_samples", num_samples, 1)
+        self.noise_scale = check_float("noise_scale", noise_scale)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
+        self.num_samples = check_int("num_samples", num_samples)
         if batches is not None and (isinstance(batches, (str, bytes)) or iter(batches) is batches or len(batches) == 0):
             raise ValueError("batches must be None or a non-empty list of batches.")
         self.batches = list(batches) if batches is not None else None
-        try:
-            resolve_loss_fn(loss_fn)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"loss_fn={loss_fn!r} is not accepted: {err}") from err
-        self.loss_fn = loss_fn
-        self.gamma = _check_float("gamma", gamma, allow_zero=True)
-        self.eps = _check_float("eps", eps, allow_zero=False)
-        self.rho = None if rho is None else _check_float("rho", rho, allow_zero=True)
-        self.num_probes = _check_int("num_probes", num_probes, 1)
-        self.rho_probes = _check_int("rho_probes", rho_probes, 1)
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution={distribution!r} is not accepted; choose one of {list(DISTRIBUTIONS)}.")
-        self.distribution = distribution
-        self.seed = _check_int("seed", seed, 0)
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization={normalization!r} is not accepted; choose one of {list(NORMALIZATIONS)}.")
-        self.normalization = normalization
-        self.num_train = None if num_train is None else _check_int("num_train", num_train, 1)
+        self.loss_fn = check_loss_fn(loss_fn)
+        self.gamma = check_float("gamma", gamma)
+        self.eps = check_float("eps", eps, inclusive=False)
+        self.rho = None if rho is None else check_float("rho", rho)
+        self.num_probes = check_int("num_probes", num_probes)
+        self.rho_probes = check_int("rho_probes", rho_probes)
+        self.distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
+        self.seed = check_int("seed", seed, 0)
+        self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
+        self.num_train = None if num_train is None else check_int("num_train", num_train)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.sigma: Tensor | None = None  # flat (P,), float64, on the parameters' device
         self.estimated_at: int | None = None  # global step of the last estimate

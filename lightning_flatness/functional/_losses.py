@@ -59,3 +59,15 @@ def resolve_loss_fn(loss_fn: LossArg) -> tuple[LossFn, str | None]:
         f"loss_fn must be one of {sorted(BUILTIN_LOSSES)} or a callable loss_fn(model, batch); "
         f"got {type(loss_fn).__name__}."
     )
+
+
+def check_loss_fn(loss_fn: LossArg) -> LossArg:
+    """``loss_fn`` if it is a built-in name or a callable; else a ``ValueError`` that names what is accepted."""
+    try:
+        resolve_loss_fn(loss_fn)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"loss_fn={loss_fn!r} is not accepted; use one of {sorted(BUILTIN_LOSSES)} or a callable "
+            "loss_fn(model, batch) returning per-sample losses of shape (B,)."
+        ) from err
+    return loss_fn
