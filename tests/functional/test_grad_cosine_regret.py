@@ -34,7 +34,8 @@ def test_matches_direct_loop_over_pairs(model_and_batches):
     assert result.cosine == pytest.approx(mean(cos), abs=1e-10)
     assert result.regret == pytest.approx(mean(regret), abs=1e-10)
     assert result.regret_sgd == pytest.approx(mean(regret_sgd), abs=1e-10)
-    assert result.n_grad == 1
+    assert result.n_grad == 2  # the second pass: the standard errors
+    assert grad_cosine_regret(model, batches, stderr=False).n_grad == 1
 
 
 def test_identical_minibatches_have_zero_regret():
