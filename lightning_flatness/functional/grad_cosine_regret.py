@@ -30,6 +30,7 @@ class RegretResult:
     regret_se: float = math.nan
     regret_sgd_se: float = math.nan
     cosine_se: float = math.nan
+    gradient: Tensor | None = None  # ∇L over all of ``batches`` (flat), from the same pass
 
 
 def grad_cosine_regret(
@@ -77,20 +78,20 @@ def grad_cosine_regret(
     """
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
-        stats, count = _pair_sums(objective)
+        stats, count, gradient = _pair_sums(objective)
         p = objective.num_params
         sum_g, sum_unit = stats[:p], stats[p : 2 * p]
         sum_norm, sum_sq_norm, zeros = stats[2 * p :].tolist()
         if count < 2:
             raise ValueError(f"batches must hold at least 2 mini-batches for the regret, got {count}.")
-        if not torch.isfinite(stats).all():
-            raise ValueError("loss_fn produced a non-finite mini-batch gradient (NaN or inf).")
         if zeros:
             raise ValueError(f"{int(zeros)} mini-batch gradient(s) are exactly zero; their cosine is undefined.")
         dots = ((sum_unit @ sum_unit).item(), (sum_unit @ sum_g).item(), (sum_g @ sum_g).item())
         values = _pair_means(count, sum_norm, sum_sq_norm, *dots)
         se = _hoeffding_se(objective, sum_unit, sum_g, count, sum_norm, sum_sq_norm) if stderr else (math.nan,) * 3
-    return RegretResult(*values, n_grad=2 if stderr else 1, regret_se=se[0], regret_sgd_se=se[1], cosine_se=se[2])
+    return RegretResult(
+        *values, n_grad=2 if stderr else 1, regret_se=se[0], regret_sgd_se=se[1], cosine_se=se[2], gradient=gradient
+    )
 
 
 def _pair_means(
@@ -135,11 +136,12 @@ def _hoeffding_se(
     return tuple((2 * se).tolist())
 
 
-def _pair_sums(objective: Objective) -> tuple[Tensor, int]:
-    """``[Σ g_j, Σ g_j/‖g_j‖, Σ‖g_j‖, Σ‖g_j‖², #zero g_j]`` (float64) and ``M``, over processes."""
+def _pair_sums(objective: Objective) -> tuple[Tensor, int, Tensor]:
+    """``[Σ g_j, Σ g_j/‖g_j‖, Σ‖g_j‖, Σ‖g_j‖², #zero g_j]`` (float64) and ``M``, over processes; and
+    ``∇L`` from the same pass, bit for bit what :meth:`Objective.gradient` computes."""
     p = objective.num_params
     stats = torch.zeros(2 * p + 3, dtype=torch.float64, device=objective.device)
-    count = 0
+    count, samples, total = 0, 0, None
     for summed, size in objective.batch_gradient_sums():
         g = summed.to(torch.float64) / size
         norm = g.norm()
@@ -148,4 +150,10 @@ def _pair_sums(objective: Objective) -> tuple[Tensor, int]:
             stats[p : 2 * p] += g / norm
         stats[2 * p :] += torch.stack([norm, norm**2, (norm == 0).to(torch.float64)])
         count += 1
-    return objective.reduce(stats, count)
+        total = summed if total is None else total.add_(summed)  # as Objective.gradient: the first chunk's buffer
+        samples += size
+    stats, count = objective.reduce(stats, count)
+    assert total is not None  # iter_batches raises on no batches
+    if not torch.isfinite(stats).all():
+        raise ValueError("loss_fn produced a non-finite mini-batch gradient (NaN or inf).")
+    return stats, count, objective.average(total, samples, "gradient")

@@ -83,11 +83,16 @@ class SharedResults:
         hessian_max: an upper bound on every diagonal entry ``H_ii`` of the mean-loss Hessian:
             twice the converged top eigenvalue (same; ``None`` if Lanczos did not converge).
             :class:`~lightning_flatness.metrics.PACGen` uses it to skip the Hessian's diagonal.
+        gradient: ``∇L`` over the measurement subsample, flat, in the compute dtype (set by
+            :class:`~lightning_flatness.metrics.GradCosineRegret` from its mini-batch gradients);
+            :class:`~lightning_flatness.metrics.HessianEigenvalues` starts Lanczos from it on a
+            cold start instead of taking its own gradient pass.
     """
 
     eigenvalues: Tensor | None = None
     eigenvectors: Tensor | None = None
     hessian_max: float | None = None
+    gradient: Tensor | None = None
 
 
 @dataclass

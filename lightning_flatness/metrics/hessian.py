@@ -43,6 +43,7 @@ class HessianEigenvalues(FlatnessMetric):
 
     name = "hessian_top_eig"
     provides = ("eigenvalues", "eigenvectors", "hessian_max")
+    uses = ("gradient",)
 
     def __init__(
         self, k: int = 1, tol: float = 1e-4, max_iter: int = 100, cache_chunks: int = 1, warm_start: bool = True,
@@ -68,6 +69,7 @@ class HessianEigenvalues(FlatnessMetric):
         res = hessian_eigenvalues(
             ctx.model, ctx.batches, ctx.loss_fn, k=self.k, tol=self.tol, max_iter=self.max_iter, init=init,
             generator=ctx.seed_for(self.name), cache_chunks=self.cache_chunks, dtype=ctx.dtype,
+            gradient=ctx.shared.gradient,  # the regret's, when it ran first: the cold start's pass saved
         )  # fmt: skip
         values, errors = res.values.tolist(), res.se.tolist()
         self.vectors = res.vectors.detach()

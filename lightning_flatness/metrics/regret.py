@@ -14,10 +14,12 @@ class GradCosineRegret(FlatnessMetric):
     pairs of mini-batch gradients (the callback's ``batch_size`` sets the mini-batches), and
     ``flatness/grad_cosine``, the mean cosine (:func:`~lightning_flatness.functional.grad_cosine_regret`).
     Needs at least 2 mini-batches. Each with its standard error ``<key>_se`` over the draw of the
-    mini-batches (Hoeffding's first-order U-statistic variance). Cost: two gradient passes.
+    mini-batches (Hoeffding's first-order U-statistic variance). Cost: two gradient passes; the
+    first also gives ``∇L``, which it provides to later metrics (``SharedResults.gradient``).
     """
 
     name = "grad_cosine_regret"
+    provides = ("gradient",)
     min_batches = 2
 
     def __init__(self, every_n_epochs: int | None = None) -> None:
@@ -26,6 +28,7 @@ class GradCosineRegret(FlatnessMetric):
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         reg = grad_cosine_regret(ctx.model, ctx.batches, ctx.loss_fn, dtype=ctx.dtype)
+        ctx.shared.gradient = reg.gradient
         return {
             keys.GRAD_COSINE_REGRET: reg.regret, keys.GRAD_COSINE: reg.cosine,
             keys.se(keys.GRAD_COSINE_REGRET): reg.regret_se, keys.se(keys.GRAD_COSINE): reg.cosine_se,

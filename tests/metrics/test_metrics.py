@@ -140,3 +140,21 @@ def test_two_metrics_may_not_log_the_same_key():
 
 def test_shared_results_start_empty():
     assert SharedResults() == SharedResults(None, None, None)
+
+
+def test_the_regret_hands_its_gradient_to_the_eigenvalue_cold_start():
+    from lightning_flatness.functional import Objective, hessian_eigenvalues, measurement_mode
+    from tests.helpers.models import mlp_batches, tiny_mlp
+
+    model, batches = tiny_mlp(), mlp_batches((5, 7, 8))
+    regret, eig = GradCosineRegret(), HessianEigenvalues()
+    assert execution_order([eig, regret]) == [regret, eig]
+    ctx = MeasurementContext(model, batches, "cross_entropy", epoch=0, seed=0, num_samples=20)
+    with measurement_mode(model):
+        regret.compute(ctx)
+        assert torch.equal(ctx.shared.gradient, Objective(model, batches).gradient())  # bit for bit
+    values = eig.compute(ctx)
+    alone = hessian_eigenvalues(model, batches, generator=ctx.seed_for("hessian_top_eig"))
+    assert values["flatness/hessian_top_eig"] == alone.values[0].item() and alone.n_grad == 1
+    shared = hessian_eigenvalues(model, batches, generator=ctx.seed_for("hessian_top_eig"), gradient=ctx.shared.gradient)
+    assert shared.n_grad == 0 and torch.equal(shared.values, alone.values)
