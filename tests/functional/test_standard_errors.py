@@ -41,7 +41,7 @@ def draws(n: int, estimator, seed: int = 1, num: int = DRAWS) -> tuple[float, fl
 MODEL = tiny_mlp()
 SEEDS = itertools.count()
 ESTIMATORS = {
-    "hessian_top_eig": lambda b: (lambda r: (r.values[0].item(), r.se[0].item()))(hessian_eigenvalues(MODEL, b, tol=1e-6)),
+    "hessian_top_eig": lambda b: (lambda r: (r.values[0].item(), r.se[0].item()))(hessian_eigenvalues(MODEL, b)),
     "grad_cosine_regret": lambda b: (lambda r: (r.regret, r.regret_se))(grad_cosine_regret(MODEL, b)),
     "grad_cosine": lambda b: (lambda r: (r.cosine, r.cosine_se))(grad_cosine_regret(MODEL, b)),
     "fisher_trace": lambda b: (lambda r: (r.value, r.se))(fisher_trace(MODEL, b)),
