@@ -42,7 +42,7 @@ def subsample(dataset, seed, num, batch_size):
 
 
 def single_process(model, dm, x):
-    """The values of SPEC §3, computed in this process with the functional API on the whole subsample."""
+    """The logged values, computed in this process with the functional API on the whole subsample."""
     batches = subsample(dm.train_set, 0, 96, 16)  # 6 mini-batches: ranks hold 3 each
     out = {
         "flatness/hessian_top_eig": hessian_eigenvalues(model, batches, tol=1e-8, max_iter=400).values[0].item(),
