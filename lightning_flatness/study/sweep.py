@@ -4,14 +4,20 @@ each run to the same training loss, with :class:`~lightning_flatness.FlatnessCal
     lightning-flatness sweep                 # batch sizes 16 64 256 1024 at lr 0.1, mnist1d, MLP
     lightning-flatness sweep --lr-sweep      # batch size 256, lr 0.01 0.03 0.1 0.3
     lightning-flatness sweep --data mnist --model lenet --target-train-loss 0.01   # the paper's CNN, offline
+    lightning-flatness sweep --seeds 3       # every configuration with seeds 0, 1, 2: means, intervals, bands
     python examples/batch_size_sweep.py ...  # the same
 
-Every run starts from the same initialization and trains until its loss on the *whole*
-training set (eval mode, checked after every epoch) is at most ``--target-train-loss``, or
-for ``--max-epochs``. Runs are compared there, at matched training loss (Keskar et al. 2017):
+Every run of one seed starts from the same initialization and trains until its loss on the
+*whole* training set (eval mode, checked after every epoch) is at most ``--target-train-loss``, or
+for ``--max-epochs``. ``--seeds N`` runs every configuration with the seeds ``--seed`` …
+``--seed + N - 1``; the seed drives the initialization (``torch.manual_seed``), the training
+loader's shuffling and ``FlatnessCallback(seed=...)`` (the measurement subsample and the
+estimators' random draws), not the data set (its subsets, with ``--train-samples``, are drawn
+with ``--seed`` for every run). Runs are named ``bs64_lr0.1_s1`` (configuration, then seed). Runs are compared there, at matched training loss (Keskar et al. 2017):
 with a fixed epoch budget the large-batch runs would simply be under-trained. Each run logs
 to ``LOGDIR/<run name>`` (TensorBoard, and W&B with ``--wandb``); the report
-(:mod:`lightning_flatness.study.report`) is written to ``LOGDIR/report`` at the end.
+(:mod:`lightning_flatness.study.report`, which groups the runs by configuration over seeds) is
+written to ``LOGDIR/report`` at the end.
 """
 
 from __future__ import annotations
@@ -19,12 +25,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 from lightning.pytorch import Trainer
@@ -33,6 +38,9 @@ from .training import MODELS, OPTIMIZERS, Classifier, TargetTrainLoss
 from .data import DATASETS, Data, load_dataset
 from ..landscape import LandscapeOptions
 from ..metrics import BUILTIN, DEFAULT_METRICS
+from ..validation import check_choice, check_float, check_int
+
+T = TypeVar("T")
 
 DESCRIPTION = (
     "Train one model (an MLP, or LeNet on MNIST) with SGD at several batch sizes (or learning rates), each run until "
@@ -65,7 +73,8 @@ class SweepConfig:
     num_samples: int = 512
     measure_batch_size: int = 64
     landscape_every_n_epochs: int = -1  # FlatnessCallback's: -1 final weights only, 0 off, N every N-th measured epoch
-    seed: int = 0
+    seed: int = 0  # the first seed
+    seeds: int = 1  # seeds per configuration: --seed ... --seed + seeds - 1
     logdir: str | None = None  # None: runs/batch_size_sweep or runs/lr_sweep
     report: bool = True
     plots: bool = True
@@ -79,16 +88,17 @@ class SweepConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        check_choice("model", self.model, MODELS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_int("seeds", self.seeds)
+        check_int("seed", self.seed, minimum=0)
         if self.optimizer == "entropy-sgd" and self.pacgen_noise > 0:
             raise ValueError("pacgen_noise > 0 cannot be combined with optimizer='entropy-sgd': EntropySGD evaluates "
                              "its closure several times per step, PACGenPerturbation perturbs only the first.")  # fmt: skip
 
-    def runs(self) -> list[tuple[str, int, float]]:
-        """``(name, batch_size, lr)`` of every run, in order."""
+    def runs(self) -> list[tuple[str, int, float, int]]:
+        """``(name, batch_size, lr, seed)`` of every run, in order: every configuration at the first
+        seed, then at the next (an interrupted sweep leaves whole seeds)."""
         if self.lr_sweep:
             pairs = [(self.lr_sweep_batch_size, float(lr)) for lr in self.lrs]
         else:
@@ -96,7 +106,8 @@ class SweepConfig:
         suffix = ("_esgd" if self.optimizer == "entropy-sgd" else "") + (
             f"_pac{self.pacgen_noise:g}" if self.pacgen_noise > 0 else ""
         )
-        return [(run_name(bs, lr) + suffix, bs, lr) for bs, lr in pairs]
+        seeds = range(self.seed, self.seed + self.seeds)
+        return [(f"{run_name(bs, lr)}{suffix}_s{seed}", bs, lr, seed) for seed in seeds for bs, lr in pairs]
 
     def resolved_logdir(self) -> Path:
         if self.logdir is not None:
@@ -105,7 +116,7 @@ class SweepConfig:
 
 
 def run_name(batch_size: int, lr: float) -> str:
-    """``bs64_lr0.1``."""
+    """``bs64_lr0.1``: the configuration; a run's name adds the optimizer's suffix and ``_s<seed>``."""
     return f"bs{batch_size}_lr{lr:g}"
 
 
@@ -124,6 +135,7 @@ class RunSummary:
     name: str
     batch_size: int
     lr: float
+    seed: int = 0
     epochs: int = 0
     train_loss: float = float("nan")
     test_loss: float = float("nan")
@@ -165,33 +177,41 @@ def _clear_run_dir(path: Path) -> None:
         f.unlink()
 
 
-def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float) -> RunSummary:
-    """Train one run to the target training loss, measuring flatness; returns its summary."""
+def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float, seed: int | None = None) -> RunSummary:
+    """Train one run to the target training loss, measuring flatness; returns its summary.
+
+    ``seed`` (default ``cfg.seed``) seeds the initialization, the training loader's shuffling and
+    the callback's measurement subsample and draws.
+    """
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from ..callback import FlatnessCallback
 
     logdir = cfg.resolved_logdir()
     every = cfg.measure_every if cfg.measure_every else measurement_interval(batch_size, lr)
-    summary = RunSummary(name, batch_size, lr, measure_every=every, log_dir=str(logdir / name))
+    seed = cfg.seed if seed is None else seed
+    summary = RunSummary(name, batch_size, lr, seed, measure_every=every, log_dir=str(logdir / name))
     _clear_run_dir(logdir / name)
-    torch.manual_seed(cfg.seed)  # the same initialization for every run
+    torch.manual_seed(seed)  # the same initialization for every run of this seed
     model = Classifier(data.in_features, tuple(cfg.hidden), data.num_classes, lr, batch_size, cfg.optimizer, cfg.model)
-    train = data.loader("train", batch_size, shuffle=True, seed=cfg.seed)
+    train = data.loader("train", batch_size, shuffle=True, seed=seed)
     test = data.loader("test", max(1024, batch_size))
     flatness = FlatnessCallback(
         metrics=tuple(cfg.metrics), every_n_epochs=every, num_samples=cfg.num_samples,
         batch_size=cfg.measure_batch_size, gap_num_samples=max(len(data.y_train), len(data.y_test)),
-        seed=cfg.seed, measure_at_start=True, landscape=_landscape(cfg),
+        seed=seed, measure_at_start=True, landscape=_landscape(cfg),
     )  # fmt: skip
     target = TargetTrainLoss(data.x_train, data.y_train, cfg.target_train_loss, name,
                              None if cfg.quiet else cfg.progress_seconds)  # fmt: skip
     loggers: list[Any] = [TensorBoardLogger(save_dir=str(logdir), name="", version=name, default_hp_metric=False)]
+    # In hparams.yaml, for the report: the seed, and the split sizes that cap the gap's subsamples.
+    loggers[0].hparams.update({"study/seed": seed, "study/train_size": len(data.y_train),
+                               "study/test_size": len(data.y_test)})  # fmt: skip
     if cfg.wandb:
-        loggers.append(_wandb_logger(cfg, name, batch_size, lr, every, data))
+        loggers.append(_wandb_logger(cfg, name, batch_size, lr, every, data, seed))
     trainer = Trainer(
         max_epochs=cfg.max_epochs, accelerator=cfg.accelerator, devices=1, logger=loggers,
-        callbacks=[target, flatness, *_perturbation(cfg)], enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[target, flatness, *_perturbation(cfg, seed)], enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=False, num_sanity_val_steps=0, log_every_n_steps=50, deterministic=False,
     )  # fmt: skip
     start = time.perf_counter()
@@ -226,15 +246,15 @@ def _model_text(cfg: SweepConfig, data: Data) -> str:
     return f"MLP {'-'.join(str(n) for n in (data.in_features, *cfg.hidden, data.num_classes))}"
 
 
-def _perturbation(cfg: SweepConfig) -> list[Any]:
+def _perturbation(cfg: SweepConfig, seed: int) -> list[Any]:
     if cfg.pacgen_noise <= 0:
         return []
     from ..perturbation import PACGenPerturbation
 
-    return [PACGenPerturbation(noise_scale=cfg.pacgen_noise, every_n_steps=100, seed=cfg.seed)]
+    return [PACGenPerturbation(noise_scale=cfg.pacgen_noise, every_n_steps=100, seed=seed)]
 
 
-def _wandb_logger(cfg: SweepConfig, name: str, batch_size: int, lr: float, every: int, data: Data) -> Any:
+def _wandb_logger(cfg: SweepConfig, name: str, batch_size: int, lr: float, every: int, data: Data, seed: int) -> Any:
     try:
         import wandb  # noqa: F401
         from lightning.pytorch.loggers import WandbLogger
@@ -242,7 +262,7 @@ def _wandb_logger(cfg: SweepConfig, name: str, batch_size: int, lr: float, every
         raise SystemExit("--wandb needs the wandb package: pip install wandb") from err
     group = "lr_sweep" if cfg.lr_sweep else "batch_size_sweep"
     config = {"batch_size": batch_size, "lr": lr, "data": data.name, "model": cfg.model, "hidden": list(cfg.hidden),
-              "target_train_loss": cfg.target_train_loss, "measure_every": every, "seed": cfg.seed}  # fmt: skip
+              "target_train_loss": cfg.target_train_loss, "measure_every": every, "seed": seed}  # fmt: skip
     return WandbLogger(project=cfg.wandb_project, name=name, group=group, save_dir=str(cfg.resolved_logdir()),
                        config=config)  # fmt: skip
 
@@ -269,17 +289,19 @@ def run_sweep(cfg: SweepConfig) -> list[RunSummary]:
     runs = cfg.runs()
     logdir = cfg.resolved_logdir()
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
-    say(f"{data}; {_model_text(cfg, data)}, {_optimizer_text(cfg)}; "
+    seeds = f"seed {cfg.seed}" if cfg.seeds == 1 else f"seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}"
+    say(f"{data}; {_model_text(cfg, data)}, {_optimizer_text(cfg)}; {seeds}; "
         f"{len(runs)} run{'s' if len(runs) != 1 else ''}, each to full-train loss <= {cfg.target_train_loss:g} "
         f"(max {cfg.max_epochs} epochs); "
         f"logs in {logdir}/")  # fmt: skip
     summaries = []
     sweep_start = time.perf_counter()
     with _quiet_lightning():
-        for i, (name, bs, lr) in enumerate(runs):
+        for i, (name, bs, lr, seed) in enumerate(runs):
             every = cfg.measure_every or measurement_interval(bs, lr)
-            say(f"[{i + 1}/{len(runs)}] {name}: batch size {bs}, lr {lr:g}, flatness measured every {every} epoch(s)")
-            summaries.append(train_one(cfg, data, name, bs, lr))
+            say(f"[{i + 1}/{len(runs)}] {name}: batch size {bs}, lr {lr:g}, seed {seed}, flatness measured every "
+                f"{every} epoch(s)")  # fmt: skip
+            summaries.append(train_one(cfg, data, name, bs, lr, seed))
     say(f"\nTraining done in {time.perf_counter() - sweep_start:.0f} s.\n")
     say(format_summaries(summaries, cfg.target_train_loss))
     if cfg.report:
@@ -291,25 +313,29 @@ def run_sweep(cfg: SweepConfig) -> list[RunSummary]:
 
 
 # ------------------------------------------------------------------------ command line
+def _parsed(text: str, parse: Callable[[str], T], check: Callable[[T], T]) -> T:
+    """``text`` parsed, then checked by the package's rule (:mod:`lightning_flatness.validation`): argparse
+    reports the rule's own message."""
+    try:
+        return check(parse(text))
+    except ValueError as err:  # also the validation module's ArgumentTypeError
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+    return _parsed(text, int, lambda v: check_int("the value", v, minimum=1))
+
+
+def _nonnegative_int(text: str) -> int:
+    return _parsed(text, int, lambda v: check_int("the value", v, minimum=0))
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
+    return _parsed(text, float, lambda v: check_float("the value", v, 0.0, inclusive=False))
 
 
 def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+    return _parsed(text, float, lambda v: check_float("the value", v, 0.0))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -348,7 +374,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "final weights, about 1-3 s per run)")
     parser.add_argument("--landscape-every", dest="landscape_every_n_epochs", type=_positive_int, metavar="N",
                         help="log the loss-landscape views at every measured epoch divisible by N too")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=_nonnegative_int, default=d.seed,
+                        help="the first seed (initialization, data order, measurement subsample; default 0)")
+    parser.add_argument("--seeds", type=_positive_int, default=d.seeds, metavar="N",
+                        help="run every configuration with N seeds (--seed ... --seed+N-1); the report gives the mean, "
+                             "a 95%% interval and bands over seeds, and intervals on the rank correlations "
+                             "(default 1: the default sweep stays ~5 min on 2 CPU cores; 3 or more to tell which "
+                             "correlations the data resolve)")
     parser.add_argument("--logdir", default=None, help="default: runs/batch_size_sweep (runs/lr_sweep with --lr-sweep)")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not run the report at the end")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="the report writes tables only")
