@@ -137,7 +137,10 @@ def ordered_keys(runs: Sequence[Run]) -> list[str]:
     if eigs:  # right after the top eigenvalue
         i = known.index(HESSIAN_TOP_EIG) + 1 if HESSIAN_TOP_EIG in known else 0
         known[i:i] = eigs
-    return known + rest
+    # A key that extends a known one's name follows it (flatness/pacgen_curved_fraction after flatness/pacgen).
+    followers = {k: [r for r in rest if r.startswith(k + "_")] for k in known}
+    placed = {r for f in followers.values() for r in f}
+    return [x for k in known for x in (k, *followers[k])] + [r for r in rest if r not in placed]
 
 
 # --------------------------------------------------------------------------- selecting

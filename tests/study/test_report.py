@@ -173,13 +173,15 @@ def test_default_out_dir_and_version_dirs(tmp_path):
     assert (root / "report" / "summary.md").exists()
 
 
-def test_extra_eigenvalue_keys_follow_the_top_one(tmp_path):
+def test_extra_eigenvalue_keys_follow_the_top_one_and_se_keys_are_not_rows(tmp_path):
     w = SummaryWriter(log_dir=str(tmp_path / "r" / "run"))
-    for key in ("gap/loss", "flatness/hessian_eig_2", "flatness/hessian_eig_1", "flatness/hessian_top_eig", "zz/x"):
+    for key in ("gap/loss", "flatness/hessian_eig_2", "flatness/hessian_eig_1", "flatness/hessian_top_eig", "zz/x",
+                "flatness/pacgen_curved_fraction", "flatness/pacgen", "flatness/pacgen_se", "flatness/seconds"):  # fmt: skip
         w.add_scalar(key, 1.0, 3)
     w.close()
     report = make_report(tmp_path / "r", tmp_path / "o", plots=False, echo=False)
-    assert report.keys == ["flatness/hessian_top_eig", "flatness/hessian_eig_1", "flatness/hessian_eig_2", "gap/loss"]
+    assert report.keys == ["flatness/hessian_top_eig", "flatness/hessian_eig_1", "flatness/hessian_eig_2",
+                           "flatness/pacgen", "flatness/pacgen_curved_fraction", "gap/loss", "flatness/seconds"]  # fmt: skip
 
 
 def test_no_runs_is_a_clear_error(tmp_path, capsys):
