@@ -98,7 +98,7 @@ def read_hparams(run_dir: str | Path) -> dict[str, Any]:
 
     Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
     try:
-        data = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(path.read_text(), Loader=Loader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}

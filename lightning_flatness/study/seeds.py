@@ -152,7 +152,8 @@ class Correlation:
 
 
 def _pairs(configs: Sequence[Configuration], key: str, target: str) -> list[np.ndarray]:
-    """Per configuration, the ``(key, target)`` pairs of its runs where both are finite (configurations without any dropped)."""
+    """Per configuration, the ``(key, target)`` pairs of its runs where both are finite (configurations
+    without any are dropped)."""
     out = []
     for c in configs:
         p = np.stack([c.values(key), c.values(target)], axis=1)
@@ -181,7 +182,7 @@ def _bootstrap(pairs: list[np.ndarray], resamples: int, seed: int) -> tuple[tupl
 
 def _per_seed_tau(configs: Sequence[Configuration], key: str, target: str) -> tuple[float, float] | None:
     """Range of τ over the seeds that every configuration ran (each τ across configurations at that seed)."""
-    common = set.intersection(*(set(s for s in c.seeds if s is not None) for c in configs)) if configs else set()
+    common = set.intersection(*({s for s in c.seeds if s is not None} for c in configs)) if configs else set()
     taus = []
     for s in sorted(common):
         rows = [c.rows[c.seeds.index(s)] for c in configs]

@@ -9,13 +9,15 @@ each run to the same training loss, with :class:`~lightning_flatness.FlatnessCal
 
 Every run of one seed starts from the same initialization and trains until its loss on the
 *whole* training set (eval mode, checked after every epoch) is at most ``--target-train-loss``, or
-for ``--max-epochs``. ``--seeds N`` runs every configuration with the seeds ``--seed`` …
-``--seed + N - 1``; the seed drives the initialization (``torch.manual_seed``), the training
-loader's shuffling and ``FlatnessCallback(seed=...)`` (the measurement subsample and the
-estimators' random draws), not the data set (its subsets, with ``--train-samples``, are drawn
-with ``--seed`` for every run). Runs are named ``bs64_lr0.1_s1`` (configuration, then seed). Runs are compared there, at matched training loss (Keskar et al. 2017):
-with a fixed epoch budget the large-batch runs would simply be under-trained. Each run logs
-to ``LOGDIR/<run name>`` (TensorBoard, and W&B with ``--wandb``); the report
+for ``--max-epochs``. Runs are compared there, at matched training loss (Keskar et al. 2017):
+with a fixed epoch budget the large-batch runs would simply be under-trained.
+
+``--seeds N`` runs every configuration with the seeds ``--seed`` … ``--seed + N - 1``; the seed
+drives the initialization (``torch.manual_seed``), the training loader's shuffling and
+``FlatnessCallback(seed=...)`` (the measurement subsample and the estimators' random draws),
+not the data set (its subsets, with ``--train-samples``, are drawn with ``--seed`` for every
+run). Runs are named ``bs64_lr0.1_s1`` (configuration, then seed); each logs to
+``LOGDIR/<run name>`` (TensorBoard, and W&B with ``--wandb``); the report
 (:mod:`lightning_flatness.study.report`, which groups the runs by configuration over seeds) is
 written to ``LOGDIR/report`` at the end.
 """
@@ -177,14 +179,14 @@ def _clear_run_dir(path: Path) -> None:
         f.unlink()
 
 
-def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float, seed: int | None = None) -> RunSummary:
+def train_one(
+    cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float, seed: int | None = None
+) -> RunSummary:
     """Train one run to the target training loss, measuring flatness; returns its summary.
 
     ``seed`` (default ``cfg.seed``) seeds the initialization, the training loader's shuffling and
     the callback's measurement subsample and draws.
     """
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     from ..callback import FlatnessCallback
 
     logdir = cfg.resolved_logdir()
@@ -203,12 +205,7 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     )  # fmt: skip
     target = TargetTrainLoss(data.x_train, data.y_train, cfg.target_train_loss, name,
                              None if cfg.quiet else cfg.progress_seconds)  # fmt: skip
-    loggers: list[Any] = [TensorBoardLogger(save_dir=str(logdir), name="", version=name, default_hp_metric=False)]
-    # In hparams.yaml, for the report: the seed, and the split sizes that cap the gap's subsamples.
-    loggers[0].hparams.update({"study/seed": seed, "study/train_size": len(data.y_train),
-                               "study/test_size": len(data.y_test)})  # fmt: skip
-    if cfg.wandb:
-        loggers.append(_wandb_logger(cfg, name, batch_size, lr, every, data, seed))
+    loggers = _loggers(cfg, data, name, batch_size, lr, every, seed)
     trainer = Trainer(
         max_epochs=cfg.max_epochs, accelerator=cfg.accelerator, devices=1, logger=loggers,
         callbacks=[target, flatness, *_perturbation(cfg, seed)], enable_checkpointing=False, enable_model_summary=False,
@@ -227,6 +224,20 @@ def train_one(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: floa
     test_loss = trainer.callback_metrics.get("val/loss")
     summary.test_loss = float(test_loss) if test_loss is not None else float("nan")
     return summary
+
+
+def _loggers(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float, every: int, seed: int) -> list[Any]:
+    """TensorBoard (and W&B with ``cfg.wandb``) for one run."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    tensorboard = TensorBoardLogger(save_dir=str(cfg.resolved_logdir()), name="", version=name, default_hp_metric=False)
+    # In hparams.yaml, for the report: the seed, and the split sizes that cap the gap's subsamples.
+    tensorboard.hparams.update({"study/seed": seed, "study/train_size": len(data.y_train),
+                                "study/test_size": len(data.y_test)})  # fmt: skip
+    loggers: list[Any] = [tensorboard]
+    if cfg.wandb:
+        loggers.append(_wandb_logger(cfg, name, batch_size, lr, every, data, seed))
+    return loggers
 
 
 def _landscape(cfg: SweepConfig) -> LandscapeOptions | None:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .. import keys
 from .runs import Row
-from .seeds import BOOTSTRAP_RESAMPLES, CONFIDENCE, Configuration, Correlation, GuideRow, spread, split_seed
+from .seeds import BOOTSTRAP_RESAMPLES, CONFIDENCE, Configuration, Correlation, GuideRow, split_seed, spread
 
 TARGET = keys.LOSS_GAP
 
@@ -168,7 +168,8 @@ def to_markdown(report: Report) -> str:
     """``summary.md``: the values table, the correlations (with intervals for several seeds), the guide."""
     configs = report.configurations
     runs = sum(len(c.compared) for c in configs)
-    seeds = "several seeds: mean [95% t-interval over seeds] (mean within-run se)" if multi_seed(configs) else "one seed"
+    several = "several seeds: mean [95% t-interval over seeds] (mean within-run se)"
+    seeds = several if multi_seed(configs) else "one seed"
     lines = [f"Flatness and generalization gap per configuration, {_where(report.at_train_loss)}; "
              f"{len(configs)} configuration(s), {runs} run(s) compared, {seeds}. τ and ρ: rank correlation of each "
              f"key with {TARGET} (test − train loss).", ""]  # fmt: skip
@@ -210,8 +211,9 @@ def write_csvs(out: Path, report: Report, row_keys: Sequence[str]) -> list[Path]
         w.writerow(["key", "kendall_tau", "tau_low", "tau_high", "spearman_rho", "rho_low", "rho_high",
                     "tau_per_seed_min", "tau_per_seed_max", "resolved", "configurations"])  # fmt: skip
         for key, c in report.correlations.items():
+            resolved = "" if c.resolved is None else c.resolved
             w.writerow([key, repr(c.tau), _bound(c.tau_interval, 0), _bound(c.tau_interval, 1), repr(c.rho),
                         _bound(c.rho_interval, 0), _bound(c.rho_interval, 1), _bound(c.per_seed_tau, 0),
-                        _bound(c.per_seed_tau, 1), "" if c.resolved is None else c.resolved, c.configurations])  # fmt: skip
+                        _bound(c.per_seed_tau, 1), resolved, c.configurations])  # fmt: skip
     return paths
 

@@ -131,7 +131,8 @@ def test_wandb_logger_alongside_tensorboard(tmp_path, monkeypatch):
 
 
 def test_run_plan():
-    assert [r[0] for r in SweepConfig().runs()] == ["bs16_lr0.1_s0", "bs64_lr0.1_s0", "bs256_lr0.1_s0", "bs1024_lr0.1_s0"]
+    names = ["bs16_lr0.1_s0", "bs64_lr0.1_s0", "bs256_lr0.1_s0", "bs1024_lr0.1_s0"]
+    assert [r[0] for r in SweepConfig().runs()] == names
     assert SweepConfig(lr_sweep=True).runs() == [
         ("bs256_lr0.01_s0", 256, 0.01, 0), ("bs256_lr0.03_s0", 256, 0.03, 0), ("bs256_lr0.1_s0", 256, 0.1, 0),
         ("bs256_lr0.3_s0", 256, 0.3, 0),
@@ -271,7 +272,8 @@ def test_entropy_sgd_and_pacgen_noise_runs_end_to_end(tmp_path):
     from lightning_flatness.study.sweep import main
 
     common = [*TINY, "--batch-sizes", "16", "--logdir", str(tmp_path), "--no-report", "--metrics", "hessian_top_eig"]
-    for flags, name in ((["--optimizer", "entropy-sgd"], "bs16_lr0.1_esgd_s0"), (["--pacgen-noise", "0.5"], "bs16_lr0.1_pac0.5_s0")):
+    cases = ((["--optimizer", "entropy-sgd"], "bs16_lr0.1_esgd_s0"), (["--pacgen-noise", "0.5"], "bs16_lr0.1_pac0.5_s0"))
+    for flags, name in cases:
         assert [s.name for s in main([*common, *flags])] == [name]
         assert sorted(read_scalars(tmp_path / name)["flatness/hessian_top_eig"]) == [0, 1, 2]
     with pytest.raises(SystemExit):
@@ -299,4 +301,4 @@ def test_two_seeds_end_to_end(tmp_path):
     report = make_report(tmp_path, tmp_path / "report", plots=False, echo=False, resamples=200)
     assert [(c.name, c.seeds) for c in report.configurations] == [("bs16_lr0.1", [3, 4]), ("bs48_lr0.1", [3, 4])]
     assert report.correlations["flatness/hessian_top_eig"].tau_interval is not None
-    assert "| seeds | 2 | 2 |" in report.markdown and [g.measured_on for g in report.guide][0] == 32
+    assert "| seeds | 2 | 2 |" in report.markdown and report.guide[0].measured_on == 32
