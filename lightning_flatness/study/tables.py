@@ -107,7 +107,9 @@ def _multi_seed_table(report: Report) -> list[str]:
 
 
 def _interval(bounds: tuple[float, float] | None) -> str:
-    return "—" if bounds is None else f"[{_short(bounds[0])}, {_short(bounds[1])}]"
+    if bounds is None or all(math.isnan(b) for b in bounds):  # no interval, or every resample tied
+        return "—"
+    return f"[{_short(bounds[0])}, {_short(bounds[1])}]"
 
 
 def _resolved(c: Correlation) -> str:

@@ -33,6 +33,7 @@ def values(bs: int, seed: int, epoch: int) -> dict[str, float]:
         "flatness/hessian_top_eig": (1.0 + math.log2(bs) + 0.1 * seed) * scale,
         "flatness/grad_cosine": 1.0 - 0.1 * math.log2(bs) + 0.01 * seed,
         "flatness/fisher_trace": NOISY[bs][seed],
+        "flatness/pacgen_curved_fraction": 1.0,  # the same everywhere: no rank correlation
         "gap/train_loss": 2.0 * (1.1 - scale) + 0.01 * seed,
         "gap/test_loss": 2.2 * (1.1 - scale) + 0.1 * math.log2(bs) + 0.02 * seed,
     }
@@ -167,6 +168,7 @@ def test_resolved_marks_and_the_rule(seeded):
     assert "| flatness/hessian_top_eig | 1 | [1, 1] | 1 … 1 | 1 | [1, 1] | **yes**, positive |" in md
     assert "| flatness/grad_cosine | -1 |" in md and "**yes**, negative |" in md
     assert "| flatness/fisher_trace | -0.33333 | [" in md and md.count("| no |") == 2  # and the (tied) train loss
+    assert "| flatness/pacgen_curved_fraction | — | — | — | — | — | — |" in md
     assert "**Resolved**: the 95% bootstrap interval of τ excludes 0" in md and "(500 times, seeded)" in md
     assert "1/24 for 4" in md
     rows = {r["key"]: r for r in csv.DictReader((root / "report" / "correlations.csv").open())}
