@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..keys import LOSS_GAP, SECONDS, TRAIN_LOSS, se
+from .arguments import positive_float
 from .runs import ReportError, comparison_row, load_runs, ordered_keys
 from .seeds import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, correlation, group_by_configuration, sample_size_guide
 from .tables import Report, to_markdown, write_csvs
@@ -110,7 +111,7 @@ def make_report(
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("logdir", help="a TensorBoard log directory holding one sub-directory per run")
     parser.add_argument("--out", default=None, help="where to write plots and tables (default: LOGDIR/report)")
-    parser.add_argument("--at-train-loss", type=float, default=None, metavar="X",
+    parser.add_argument("--at-train-loss", type=positive_float, default=None, metavar="X",
                         help="compare runs at their first measurement with gap/train_loss <= X "
                              "(default: at the end of training)")  # fmt: skip
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")

@@ -31,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Sequence
 
 import torch
 from lightning.pytorch import Trainer
@@ -40,9 +40,8 @@ from .training import MODELS, OPTIMIZERS, Classifier, TargetTrainLoss
 from .data import DATASETS, Data, load_dataset
 from ..landscape import LandscapeOptions
 from ..metrics import BUILTIN, DEFAULT_METRICS
-from ..validation import check_choice, check_float, check_int
-
-T = TypeVar("T")
+from ..validation import check_choice, check_int
+from .arguments import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 DESCRIPTION = (
     "Train one model (an MLP, or LeNet on MNIST) with SGD at several batch sizes (or learning rates), each run until "
@@ -324,31 +323,6 @@ def run_sweep(cfg: SweepConfig) -> list[RunSummary]:
 
 
 # ------------------------------------------------------------------------ command line
-def _parsed(text: str, parse: Callable[[str], T], check: Callable[[T], T]) -> T:
-    """``text`` parsed, then checked by the package's rule (:mod:`lightning_flatness.validation`): argparse
-    reports the rule's own message."""
-    try:
-        return check(parse(text))
-    except ValueError as err:  # also the validation module's ArgumentTypeError
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _positive_int(text: str) -> int:
-    return _parsed(text, int, lambda v: check_int("the value", v, minimum=1))
-
-
-def _nonnegative_int(text: str) -> int:
-    return _parsed(text, int, lambda v: check_int("the value", v, minimum=0))
-
-
-def _positive_float(text: str) -> float:
-    return _parsed(text, float, lambda v: check_float("the value", v, 0.0, inclusive=False))
-
-
-def _nonnegative_float(text: str) -> float:
-    return _parsed(text, float, lambda v: check_float("the value", v, 0.0))
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = SweepConfig()
     parser.add_argument("--data", choices=DATASETS, default=d.data,
@@ -359,38 +333,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=MODELS, default=d.model,
                         help="mlp (default; widths --hidden) or lenet: conv(1-20,5x5)-pool-conv(20-50,5x5)-pool-"
                              "fc(800-500)-fc(500-10) with ReLUs, Wang et al.'s MNIST network (28x28 images)")
-    parser.add_argument("--train-samples", type=_positive_int, help="use a seeded subset of the training set")
-    parser.add_argument("--test-samples", type=_positive_int, help="use a seeded subset of the test set")
-    parser.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=list(d.batch_sizes), metavar="B")
-    parser.add_argument("--lr", type=_positive_float, default=d.lr, help="learning rate of the batch-size sweep")
+    parser.add_argument("--train-samples", type=positive_int, help="use a seeded subset of the training set")
+    parser.add_argument("--test-samples", type=positive_int, help="use a seeded subset of the test set")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=list(d.batch_sizes), metavar="B")
+    parser.add_argument("--lr", type=positive_float, default=d.lr, help="learning rate of the batch-size sweep")
     parser.add_argument("--lr-sweep", action="store_true",
                         help="vary the learning rate (--lrs) at batch size --lr-sweep-batch-size instead")
-    parser.add_argument("--lrs", type=_positive_float, nargs="+", default=list(d.lrs), metavar="LR")
-    parser.add_argument("--lr-sweep-batch-size", type=_positive_int, default=d.lr_sweep_batch_size)
-    parser.add_argument("--hidden", type=_positive_int, nargs="+", default=list(d.hidden), metavar="H",
+    parser.add_argument("--lrs", type=positive_float, nargs="+", default=list(d.lrs), metavar="LR")
+    parser.add_argument("--lr-sweep-batch-size", type=positive_int, default=d.lr_sweep_batch_size)
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=list(d.hidden), metavar="H",
                         help="hidden layer widths of the MLP (unused by --model lenet)")
-    parser.add_argument("--target-train-loss", type=_positive_float, default=d.target_train_loss,
+    parser.add_argument("--target-train-loss", type=positive_float, default=d.target_train_loss,
                         help="stop a run once its loss on the whole training set is at most this")
-    parser.add_argument("--max-epochs", type=_positive_int, default=d.max_epochs)
-    parser.add_argument("--measure-every", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--max-epochs", type=positive_int, default=d.max_epochs)
+    parser.add_argument("--measure-every", type=positive_int, default=None, metavar="N",
                         help="epochs between flatness measurements (default: max(1, round(B / (160 lr))))")
     parser.add_argument("--metrics", nargs="+", choices=list(BUILTIN), default=list(d.metrics))
-    parser.add_argument("--num-samples", type=_positive_int, default=d.num_samples,
+    parser.add_argument("--num-samples", type=positive_int, default=d.num_samples,
                         help="size of the fixed measurement subsample of the training set")
-    parser.add_argument("--measure-batch-size", type=_positive_int, default=d.measure_batch_size,
+    parser.add_argument("--measure-batch-size", type=positive_int, default=d.measure_batch_size,
                         help="mini-batch size of the gradient cosine regret (same for every run)")
     parser.add_argument("--no-landscape", dest="landscape_every_n_epochs", action="store_const", const=0,
                         default=d.landscape_every_n_epochs,
                         help="do not log the loss-landscape views (default: 1-D, 2-D and eigenvector slices of the "
                              "final weights, about 1-3 s per run)")
-    parser.add_argument("--landscape-every", dest="landscape_every_n_epochs", type=_positive_int, metavar="N",
+    parser.add_argument("--landscape-every", dest="landscape_every_n_epochs", type=positive_int, metavar="N",
                         help="log the loss-landscape views at every measured epoch divisible by N too")
-    parser.add_argument("--seed", type=_nonnegative_int, default=d.seed,
+    parser.add_argument("--seed", type=nonnegative_int, default=d.seed,
                         help="the first seed (initialization, data order, measurement subsample; default 0)")
-    parser.add_argument("--seeds", type=_positive_int, default=d.seeds, metavar="N",
+    parser.add_argument("--seeds", type=positive_int, default=d.seeds, metavar="N",
                         help="run every configuration with N seeds (--seed ... --seed+N-1); the report gives the mean, "
                              "a 95%% interval and bands over seeds, and intervals on the rank correlations "
-                             "(default 1: the default sweep stays ~5 min on 2 CPU cores; 3 or more to tell which "
+                             "(default 1: the default sweep takes ~5.5 min on 2 CPU cores; 3 or more to tell which "
                              "correlations the data resolve)")
     parser.add_argument("--logdir", default=None, help="default: runs/batch_size_sweep (runs/lr_sweep with --lr-sweep)")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not run the report at the end")
@@ -399,12 +373,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="entropy-sgd: EntropySGD(parametrization='paper', lr=1, num_steps=5, sgld_lr=--lr, "
                              "gamma=0.5, gamma_growth=1e-3, gamma_max=1): Algorithm 1, outer step lr*gamma_t*(w-mu) "
                              "with gamma_t growing from 0.5 to 1; 5 gradient evaluations per step")
-    parser.add_argument("--pacgen-noise", type=_nonnegative_float, default=d.pacgen_noise, metavar="S",
+    parser.add_argument("--pacgen-noise", type=nonnegative_float, default=d.pacgen_noise, metavar="S",
                         help="train with PACGenPerturbation(noise_scale=S) (Wang et al. 2018); 0 = off")
     parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (one run per batch size)")
     parser.add_argument("--wandb-project", default=d.wandb_project)
     parser.add_argument("--accelerator", default=d.accelerator, help="Lightning accelerator (cpu, gpu, auto)")
-    parser.add_argument("--threads", type=_positive_int, default=d.threads,
+    parser.add_argument("--threads", type=positive_int, default=d.threads,
                         help="torch.set_num_threads (default 1: fastest for the small MLP; raise for lenet, cifar10)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser

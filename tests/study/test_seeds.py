@@ -251,4 +251,9 @@ def test_seeds_option_and_argument_checks():
             parser.parse_args(argv)
     with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
         SweepConfig(seeds=0)
+    from lightning_flatness.study.report import add_arguments as report_arguments
+
+    report = report_arguments(argparse.ArgumentParser(exit_on_error=False))
+    with pytest.raises(argparse.ArgumentError, match="finite number > 0, got -1"):
+        report.parse_args(["logs", "--at-train-loss", "-1"])  # the same rule, from the same module
     assert SweepConfig().num_samples == DEFAULT_NUM_SAMPLES  # the guide's fallback is the sweep's default

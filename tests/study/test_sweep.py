@@ -272,7 +272,10 @@ def test_entropy_sgd_and_pacgen_noise_runs_end_to_end(tmp_path):
     from lightning_flatness.study.sweep import main
 
     common = [*TINY, "--batch-sizes", "16", "--logdir", str(tmp_path), "--no-report", "--metrics", "hessian_top_eig"]
-    cases = ((["--optimizer", "entropy-sgd"], "bs16_lr0.1_esgd_s0"), (["--pacgen-noise", "0.5"], "bs16_lr0.1_pac0.5_s0"))
+    cases = (
+        (["--optimizer", "entropy-sgd"], "bs16_lr0.1_esgd_s0"),
+        (["--pacgen-noise", "0.5"], "bs16_lr0.1_pac0.5_s0"),
+    )
     for flags, name in cases:
         assert [s.name for s in main([*common, *flags])] == [name]
         assert sorted(read_scalars(tmp_path / name)["flatness/hessian_top_eig"]) == [0, 1, 2]
