@@ -194,6 +194,14 @@ def test_sample_size_guide(seeded, tmp_path):
     test = guide["gap/test_loss"].needed
     assert f"| gap/test_loss | 50 | 20.0% → {test[0]} |" in md and f"| no: about {max(test)} |" in md
     assert "| gap/train_loss | 1000 | 1.0% → 41 |" in md
+    # A run of the callback outside the sweep: its own subsample sizes, no split sizes to cap them.
+    from pathlib import Path
+
+    from lightning_flatness.study.runs import Run
+    from lightning_flatness.study.seeds import measured_on
+
+    own = Run("r", Path("."), {}, {"flatness_callback/num_samples": 128, "flatness_callback/gap_num_samples": 2048})
+    assert [measured_on(own, k) for k in guide] == [128, 128, 2048, 2048]
     # Without hparams.yaml: the sweep's defaults.
     write_run(tmp_path, "bs16_lr0.1_s0", 16, 0)
     write_run(tmp_path, "bs64_lr0.1_s0", 64, 0)
