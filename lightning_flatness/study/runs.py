@@ -1,15 +1,15 @@
-"""The runs of a log directory, read back from TensorBoard event files, and each run's
-comparison point (the end of training, or a matched training loss)."""
+"""The runs of a log directory, read back from TensorBoard event files (and each run's
+``hparams.yaml``), and each run's comparison point (the end of training, or a matched training loss)."""
 
 from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from ..keys import FLATNESS_PREFIX, GAP_PREFIX, HESSIAN_TOP_EIG, REPORT_ORDER, TRAIN_LOSS
+from ..keys import FLATNESS_PREFIX, GAP_PREFIX, HESSIAN_TOP_EIG, REPORT_ORDER, TRAIN_LOSS, se
 
 PREFIXES = (FLATNESS_PREFIX, GAP_PREFIX)
 
@@ -20,11 +20,13 @@ class ReportError(ValueError):
 
 @dataclass
 class Run:
-    """One run's ``flatness/*`` and ``gap/*`` scalars: ``{key: {epoch: value}}``."""
+    """One run's ``flatness/*`` and ``gap/*`` scalars, ``{key: {epoch: value}}``, and its
+    hyperparameters (``hparams.yaml``'s top-level entries; empty if there is none)."""
 
     name: str
     path: Path
     scalars: dict[str, dict[int, float]]
+    hparams: dict[str, Any] = field(default_factory=dict)
 
     def series(self, key: str) -> list[tuple[int, float]]:
         return sorted(self.scalars.get(key, {}).items())
@@ -79,6 +81,29 @@ def read_scalars(run_dir: str | Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def read_hparams(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``hparams.yaml`` (Lightning's TensorBoardLogger writes it), or ``{}``.
+
+    Lightning writes tuples with the ``!!python/tuple`` tag, which ``yaml.safe_load`` refuses;
+    they are read as lists. A file that does not parse is ignored: hyperparameters only refine the report.
+    """
+    import yaml
+
+    path = Path(run_dir) / "hparams.yaml"
+    if not path.is_file():
+        return {}
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
+    try:
+        data = yaml.load(path.read_text(), Loader=Loader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def load_runs(logdir: str | Path) -> list[Run]:
     """Every run under ``logdir`` with at least one ``flatness/*`` or ``gap/*`` scalar, naturally sorted.
 
@@ -91,7 +116,7 @@ def load_runs(logdir: str | Path) -> list[Run]:
     runs, empty = [], []
     for name, d in zip(_run_names(root, dirs), dirs):
         scalars = read_scalars(d)
-        (runs.append(Run(name, d, scalars)) if scalars else empty.append(name))
+        (runs.append(Run(name, d, scalars, read_hparams(d))) if scalars else empty.append(name))
     if not runs:
         raise ReportError(
             f"none of the {len(dirs)} run(s) under {root} ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}) "
@@ -103,14 +128,19 @@ def load_runs(logdir: str | Path) -> list[Run]:
 
 
 def ordered_keys(runs: Sequence[Run]) -> list[str]:
-    present = {k for r in runs for k in r.scalars}
+    """The logged keys in the report's order, without the standard errors logged next to them (``<key>_se``)."""
+    logged = {k for r in runs for k in r.scalars}
+    present = logged - {se(k) for k in logged}
     known = [k for k in REPORT_ORDER if k in present]
     eigs = sorted((k for k in present if re.fullmatch(r"flatness/hessian_eig_\d+", k)), key=_natural_key)
     rest = sorted(present - set(known) - set(eigs))
     if eigs:  # right after the top eigenvalue
         i = known.index(HESSIAN_TOP_EIG) + 1 if HESSIAN_TOP_EIG in known else 0
         known[i:i] = eigs
-    return known + rest
+    # A key that extends a known one's name follows it (flatness/pacgen_curved_fraction after flatness/pacgen).
+    followers = {k: [r for r in rest if r.startswith(k + "_")] for k in known}
+    placed = {r for f in followers.values() for r in f}
+    return [x for k in known for x in (k, *followers[k])] + [r for r in rest if r not in placed]
 
 
 # --------------------------------------------------------------------------- selecting

@@ -92,17 +92,20 @@ def test_rank_correlations_with_the_loss_gap(logdir, tmp_path):
     report = make_report(logdir, tmp_path / "out", plots=False, echo=False)
     gap = [r.values["gap/loss"] for r in report.rows]
     assert gap == sorted(gap)  # the synthetic gap grows with the batch size
-    tau, rho, n = report.correlations["flatness/hessian_top_eig"]
-    assert (tau, rho, n) == pytest.approx((1.0, 1.0, 3))
-    assert report.correlations["flatness/grad_cosine"][:2] == pytest.approx((-1.0, -1.0))
+    c = report.correlations["flatness/hessian_top_eig"]
+    assert (c.tau, c.rho, c.configurations) == pytest.approx((1.0, 1.0, 3))
+    assert c.tau_interval is None and c.resolved is None  # one seed: no interval
+    c = report.correlations["flatness/grad_cosine"]
+    assert (c.tau, c.rho) == pytest.approx((-1.0, -1.0))
     for key in ("flatness/grad_cosine_regret", "flatness/fisher_trace", "gap/test_acc"):
         xs = [r.values[key] for r in report.rows]
         expected = (kendalltau(xs, gap).statistic, spearmanr(xs, gap).statistic)
-        assert report.correlations[key][:2] == pytest.approx(expected, nan_ok=True)
+        c = report.correlations[key]
+        assert (c.tau, c.rho) == pytest.approx(expected, nan_ok=True)
     assert "gap/loss" not in report.correlations and "flatness/seconds" not in report.correlations
     corr = {r["key"]: r for r in read_csv(tmp_path / "out" / "correlations.csv")}
     assert float(corr["flatness/pacgen"]["kendall_tau"]) == pytest.approx(1.0)
-    assert corr["flatness/pacgen"]["runs"] == "3"
+    assert corr["flatness/pacgen"]["configurations"] == "3" and corr["flatness/pacgen"]["tau_low"] == ""
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| flatness/hessian_top_eig |" in md and md.count("Kendall τ") == 1
 
@@ -122,7 +125,7 @@ def test_at_train_loss_picks_the_first_measurement_below(logdir, tmp_path):
     assert [r.epoch for r in report.rows[:2]] == [2, 8]
     row = report.rows[-1]
     assert row.run == "bs256_lr0.1" and row.epoch is None and math.isnan(row.values["gap/loss"])
-    assert report.correlations["flatness/pacgen"][2] == 2
+    assert report.correlations["flatness/pacgen"].configurations == 2
     assert "never reached train loss <= 0.5 (lowest 0.6" in report.markdown
     assert read_csv(tmp_path / "out2" / "summary.csv")[-1]["epoch"] == ""
 
@@ -170,13 +173,15 @@ def test_default_out_dir_and_version_dirs(tmp_path):
     assert (root / "report" / "summary.md").exists()
 
 
-def test_extra_eigenvalue_keys_follow_the_top_one(tmp_path):
+def test_extra_eigenvalue_keys_follow_the_top_one_and_se_keys_are_not_rows(tmp_path):
     w = SummaryWriter(log_dir=str(tmp_path / "r" / "run"))
-    for key in ("gap/loss", "flatness/hessian_eig_2", "flatness/hessian_eig_1", "flatness/hessian_top_eig", "zz/x"):
+    for key in ("gap/loss", "flatness/hessian_eig_2", "flatness/hessian_eig_1", "flatness/hessian_top_eig", "zz/x",
+                "flatness/pacgen_curved_fraction", "flatness/pacgen", "flatness/pacgen_se", "flatness/seconds"):  # fmt: skip
         w.add_scalar(key, 1.0, 3)
     w.close()
     report = make_report(tmp_path / "r", tmp_path / "o", plots=False, echo=False)
-    assert report.keys == ["flatness/hessian_top_eig", "flatness/hessian_eig_1", "flatness/hessian_eig_2", "gap/loss"]
+    assert report.keys == ["flatness/hessian_top_eig", "flatness/hessian_eig_1", "flatness/hessian_eig_2",
+                           "flatness/pacgen", "flatness/pacgen_curved_fraction", "gap/loss", "flatness/seconds"]  # fmt: skip
 
 
 def test_no_runs_is_a_clear_error(tmp_path, capsys):

@@ -43,9 +43,9 @@ def test_sweep_end_to_end_then_report_equals_logged_values(tmp_path, monkeypatch
     logdir = tmp_path / "sweep"
     monkeypatch.setattr(sys, "argv", ["batch_size_sweep.py", *TINY, "--logdir", str(logdir), "--no-plots"])
     summaries = runpy.run_path(str(ROOT / "examples" / "batch_size_sweep.py"), run_name="__main__")  # noqa: F841
-    assert sorted(p.name for p in logdir.iterdir()) == ["bs16_lr0.1", "bs48_lr0.1", "report"]
+    assert sorted(p.name for p in logdir.iterdir()) == ["bs16_lr0.1_s0", "bs48_lr0.1_s0", "report"]
     rows = {r["run"]: r for r in csv.DictReader((logdir / "report" / "summary.csv").open())}
-    assert set(rows) == {"bs16_lr0.1", "bs48_lr0.1"}
+    assert set(rows) == {"bs16_lr0.1_s0", "bs48_lr0.1_s0"}
     for name, row in rows.items():
         logged = read_scalars(logdir / name)
         # Measured at initialization and after each of the 2 epochs; x-axis = epoch.
@@ -101,17 +101,17 @@ def test_runs_stop_at_the_target_training_loss(tmp_path, capsys):
     assert s.history[-1][0] == s.epochs  # the final weights are measured where training stopped
     assert abs(s.history[-1][1]["gap/train_loss"] - s.train_loss) < 1e-5  # the gap's train side is the full set
     out = capsys.readouterr().out
-    assert "[1/1] bs32_lr0.1" in out and "| bs32_lr0.1 |" in out and "yes" in out
+    assert "[1/1] bs32_lr0.1_s0" in out and "| bs32_lr0.1_s0 |" in out and "yes" in out
 
 
 def test_cli_lr_sweep_names_and_rerun_replaces_old_logs(tmp_path):
     args = ["sweep", *TINY, "--lr-sweep", "--lrs", "0.05", "0.2", "--lr-sweep-batch-size", "32", "--max-epochs", "1",
             "--metrics", "grad_cosine_regret", "--logdir", str(tmp_path), "--no-report"]  # fmt: skip
     assert cli.main(args) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bs32_lr0.05", "bs32_lr0.2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bs32_lr0.05_s0", "bs32_lr0.2_s0"]
     assert cli.main(args) == 0  # the same run names again: the old event files are replaced
-    assert len(list((tmp_path / "bs32_lr0.2").glob("events.out.tfevents.*"))) == 1
-    assert sorted(read_scalars(tmp_path / "bs32_lr0.2")["flatness/grad_cosine"]) == [0, 1]
+    assert len(list((tmp_path / "bs32_lr0.2_s0").glob("events.out.tfevents.*"))) == 1
+    assert sorted(read_scalars(tmp_path / "bs32_lr0.2_s0")["flatness/grad_cosine"]) == [0, 1]
 
 
 def test_wandb_logger_alongside_tensorboard(tmp_path, monkeypatch):
@@ -126,14 +126,21 @@ def test_wandb_logger_alongside_tensorboard(tmp_path, monkeypatch):
     args = [*TINY, "--batch-sizes", "16", "--max-epochs", "1", "--metrics", "grad_cosine_regret", "--wandb",
             "--logdir", str(tmp_path / "logs"), "--no-report"]  # fmt: skip
     (s,) = sweep.main(args)
-    assert [type(b).__name__ for b in built] == ["WandbLogger"] and built[0]._name == "bs16_lr0.1"
-    assert s.history[-1][0] == 1 and read_scalars(tmp_path / "logs" / "bs16_lr0.1")  # TensorBoard still written
+    assert [type(b).__name__ for b in built] == ["WandbLogger"] and built[0]._name == "bs16_lr0.1_s0"
+    assert s.history[-1][0] == 1 and read_scalars(tmp_path / "logs" / "bs16_lr0.1_s0")  # TensorBoard still written
 
 
 def test_run_plan():
-    assert [n for n, _, _ in SweepConfig().runs()] == ["bs16_lr0.1", "bs64_lr0.1", "bs256_lr0.1", "bs1024_lr0.1"]
+    names = ["bs16_lr0.1_s0", "bs64_lr0.1_s0", "bs256_lr0.1_s0", "bs1024_lr0.1_s0"]
+    assert [r[0] for r in SweepConfig().runs()] == names
     assert SweepConfig(lr_sweep=True).runs() == [
-        ("bs256_lr0.01", 256, 0.01), ("bs256_lr0.03", 256, 0.03), ("bs256_lr0.1", 256, 0.1), ("bs256_lr0.3", 256, 0.3),
+        ("bs256_lr0.01_s0", 256, 0.01, 0), ("bs256_lr0.03_s0", 256, 0.03, 0), ("bs256_lr0.1_s0", 256, 0.1, 0),
+        ("bs256_lr0.3_s0", 256, 0.3, 0),
+    ]  # fmt: skip
+    # Seeds: every configuration at the first seed, then the next; the optimizer's suffix before the seed.
+    assert SweepConfig(batch_sizes=(16, 64), seed=2, seeds=2, optimizer="entropy-sgd").runs() == [
+        ("bs16_lr0.1_esgd_s2", 16, 0.1, 2), ("bs64_lr0.1_esgd_s2", 64, 0.1, 2),
+        ("bs16_lr0.1_esgd_s3", 16, 0.1, 3), ("bs64_lr0.1_esgd_s3", 64, 0.1, 3),
     ]  # fmt: skip
     assert SweepConfig().resolved_logdir() == Path("runs/batch_size_sweep")
     assert SweepConfig(lr_sweep=True).resolved_logdir() == Path("runs/lr_sweep")
@@ -197,7 +204,7 @@ def test_lenet_is_the_papers_cnn_on_flat_rows():
         build_model("lenet", 40, (), 10)
     with pytest.raises(ValueError, match="model must be one of"):
         build_model("resnet", 784, (), 10)
-    with pytest.raises(ValueError, match="model must be one of"):
+    with pytest.raises(ValueError, match="model='resnet' is not accepted"):
         SweepConfig(model="resnet")
 
 
@@ -207,7 +214,7 @@ def test_sweep_trains_lenet_on_the_mnist_subset(tmp_path):
             "--batch-sizes", "16", "48", "--max-epochs", "1", "--metrics", "grad_cosine_regret", "--num-samples", "16",
             "--measure-batch-size", "8", "--no-landscape", "--logdir", str(tmp_path), "--no-report", "--quiet"]  # fmt: skip
     assert cli.main(args) == 0
-    for name in ("bs16_lr0.1", "bs48_lr0.1"):
+    for name in ("bs16_lr0.1_s0", "bs48_lr0.1_s0"):
         assert sorted(read_scalars(tmp_path / name)["flatness/grad_cosine_regret"]) == [0, 1]
 
 
@@ -265,10 +272,36 @@ def test_entropy_sgd_and_pacgen_noise_runs_end_to_end(tmp_path):
     from lightning_flatness.study.sweep import main
 
     common = [*TINY, "--batch-sizes", "16", "--logdir", str(tmp_path), "--no-report", "--metrics", "hessian_top_eig"]
-    for flags, name in ((["--optimizer", "entropy-sgd"], "bs16_lr0.1_esgd"), (["--pacgen-noise", "0.5"], "bs16_lr0.1_pac0.5")):
+    cases = (
+        (["--optimizer", "entropy-sgd"], "bs16_lr0.1_esgd_s0"),
+        (["--pacgen-noise", "0.5"], "bs16_lr0.1_pac0.5_s0"),
+    )
+    for flags, name in cases:
         assert [s.name for s in main([*common, *flags])] == [name]
         assert sorted(read_scalars(tmp_path / name)["flatness/hessian_top_eig"]) == [0, 1, 2]
     with pytest.raises(SystemExit):
         main([*TINY, "--pacgen-noise", "-1"])
     with pytest.raises(ValueError, match="pacgen_noise"):
         main([*common, "--optimizer", "entropy-sgd", "--pacgen-noise", "0.5"])
+
+
+def test_two_seeds_end_to_end(tmp_path):
+    """``--seeds 2``: every configuration twice (different initialization and measurement subsample),
+    named ``_s<seed>``, with the seed in hparams.yaml; the report groups them and gives intervals."""
+    import yaml
+
+    from lightning_flatness.study.report import make_report
+
+    args = ["sweep", *TINY, "--max-epochs", "1", "--metrics", "hessian_top_eig", "--seeds", "2", "--seed", "3",
+            "--no-landscape", "--logdir", str(tmp_path), "--no-report"]  # fmt: skip
+    assert cli.main(args) == 0
+    names = ["bs16_lr0.1_s3", "bs16_lr0.1_s4", "bs48_lr0.1_s3", "bs48_lr0.1_s4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    hparams = yaml.load((tmp_path / "bs48_lr0.1_s4" / "hparams.yaml").read_text(), Loader=yaml.FullLoader)
+    assert (hparams["study/seed"], hparams["flatness_callback/seed"], hparams["study/train_size"]) == (4, 4, 96)
+    at_start = [read_scalars(tmp_path / n)["flatness/hessian_top_eig"][0] for n in names]
+    assert at_start[0] != at_start[1] and at_start[0] == pytest.approx(at_start[2])  # seed = initialization
+    report = make_report(tmp_path, tmp_path / "report", plots=False, echo=False, resamples=200)
+    assert [(c.name, c.seeds) for c in report.configurations] == [("bs16_lr0.1", [3, 4]), ("bs48_lr0.1", [3, 4])]
+    assert report.correlations["flatness/hessian_top_eig"].tau_interval is not None
+    assert "| seeds | 2 | 2 |" in report.markdown and report.guide[0].measured_on == 32

@@ -1,0 +1,221 @@
+"""The report's tables: ``summary.md`` (Markdown) and its CSV files.
+
+One seed per configuration: one column per run with its value (± its within-run standard error
+when logged) and Kendall τ / Spearman ρ against the gap, as the report always wrote. Several
+seeds: the mean over seeds with its 95% t-interval and the mean within-run standard error per
+configuration, then a table of τ and ρ with their bootstrap intervals and which the data resolve.
+Both end with the sample-size guide when the runs logged ``<key>_se``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .. import keys
+from .runs import Row
+from .seeds import BOOTSTRAP_RESAMPLES, CONFIDENCE, Configuration, Correlation, GuideRow, split_seed, spread
+
+TARGET = keys.LOSS_GAP
+
+
+@dataclass
+class Report:
+    """What the report computed: ``rows`` one per run, ``keys`` the logged keys (without their ``_se``),
+    the runs grouped by ``configurations``, the ``correlations`` of each key with the gap, the
+    sample-size ``guide``; ``resamples``: the bootstrap's."""
+
+    rows: list[Row]
+    keys: list[str]
+    configurations: list[Configuration]
+    correlations: dict[str, Correlation]
+    guide: list[GuideRow]
+    at_train_loss: float | None
+    markdown: str = ""
+    files: list[Path] = field(default_factory=list)
+    resamples: int = BOOTSTRAP_RESAMPLES
+
+
+def fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.5g}"
+
+
+def _short(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.3g}"
+
+
+def _where(at_train_loss: float | None) -> str:
+    if at_train_loss is None:
+        return "at the end of training (each run's last measurement)"
+    return f"at each run's first measurement with training loss (gap/train_loss) <= {at_train_loss:g}"
+
+
+def multi_seed(configs: Sequence[Configuration]) -> bool:
+    return any(len(c.runs) > 1 for c in configs)
+
+
+def _single_seed_table(report: Report) -> list[str]:
+    """One column per configuration (= run): the value, ± its within-run se when logged, and τ, ρ."""
+    configs, corr = report.configurations, report.correlations
+    lines = [
+        "| key | " + " | ".join(c.name for c in configs) + " | Kendall τ | Spearman ρ |",
+        "|---|" + "---:|" * (len(configs) + 2),
+        "| epoch | " + " | ".join("—" if c.rows[0].epoch is None else str(c.rows[0].epoch) for c in configs) + " | | |",
+    ]
+    for key in report.keys:
+        cells = []
+        for c in configs:
+            value, se = c.rows[0].values.get(key, math.nan), c.rows[0].values.get(keys.se(key), math.nan)
+            cells.append(fmt(value) + (f" ± {se:.2g}" if math.isfinite(se) else ""))
+        c_ = corr.get(key)
+        tau, rho = ("", "") if c_ is None else (fmt(c_.tau), fmt(c_.rho))
+        lines.append(f"| {key} | {' | '.join(cells)} | {tau} | {rho} |")
+    lines += ["", "± is the within-run standard error (`<key>_se`: the draw of the measurement subsample). One seed "
+              "per configuration: τ and ρ have no interval, so whether the data resolve them cannot be told; run the "
+              "sweep with `--seeds 3` or more."]  # fmt: skip
+    return lines
+
+
+def _seed_cell(c: Configuration, key: str) -> str:
+    s = spread(c, key)
+    text = fmt(s.mean)
+    if s.n >= 2:
+        text += f" [{_short(s.low)}, {_short(s.high)}]"
+    return text + (f" (se {s.se:.2g})" if math.isfinite(s.se) else "")
+
+
+def _multi_seed_table(report: Report) -> list[str]:
+    """One column per configuration: mean over seeds [95% t-interval] (mean within-run se)."""
+    configs = report.configurations
+    epochs = []
+    for c in configs:
+        e = [r.epoch for r in c.compared]
+        epochs.append("—" if not e else str(e[0]) if min(e) == max(e) else f"{min(e)}–{max(e)}")
+    lines = [
+        "| key | " + " | ".join(c.name for c in configs) + " |",
+        "|---|" + "---:|" * len(configs),
+        "| seeds | " + " | ".join(str(len(c.compared)) for c in configs) + " |",
+        "| epoch | " + " | ".join(epochs) + " |",
+    ]
+    lines += [f"| {key} | " + " | ".join(_seed_cell(c, key) for c in configs) + " |" for key in report.keys]
+    return lines
+
+
+def _interval(bounds: tuple[float, float] | None) -> str:
+    if bounds is None or all(math.isnan(b) for b in bounds):  # no interval, or every resample tied
+        return "—"
+    return f"[{_short(bounds[0])}, {_short(bounds[1])}]"
+
+
+def _resolved(c: Correlation) -> str:
+    if c.resolved is None:
+        return "—"
+    if not c.resolved:
+        return "no"
+    return "**yes**, positive" if c.tau_interval[0] > 0 else "**yes**, negative"
+
+
+def _correlation_table(report: Report) -> list[str]:
+    k = max((c.configurations for c in report.correlations.values()), default=0)
+    lines = [
+        f"Rank correlation with {TARGET} across the {k} configurations, on the means over seeds:",
+        "",
+        "| key | Kendall τ | 95% interval | τ per seed (min … max) | Spearman ρ | 95% interval | resolved |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, c in report.correlations.items():
+        per_seed = "—" if c.per_seed_tau is None else f"{_short(c.per_seed_tau[0])} … {_short(c.per_seed_tau[1])}"
+        lines.append(f"| {key} | {fmt(c.tau)} | {_interval(c.tau_interval)} | {per_seed} | {fmt(c.rho)} | "
+                     f"{_interval(c.rho_interval)} | {_resolved(c)} |")  # fmt: skip
+    p = f" (1/{math.factorial(k)} for {k})" if 2 <= k <= 8 else ""
+    lines += ["", f"**Resolved**: the {CONFIDENCE:.0%} bootstrap interval of τ excludes 0. The bootstrap resamples "
+              f"each configuration's seeds with replacement ({report.resamples} times, seeded), recomputes the "
+              "means and τ, ρ on them, and takes the 2.5 and 97.5 percentiles; τ per seed is τ across the "
+              "configurations at one seed. Both cover the seed-to-seed spread only: with few configurations τ takes "
+              f"few values, and even a perfect order has a permutation p-value of 1/k!{p}; with few seeds the "
+              "bootstrap interval is narrower than the truth."]  # fmt: skip
+    return lines
+
+
+def _guide(report: Report) -> list[str]:
+    if not report.guide:
+        return []
+    configs = report.configurations
+    lines = [
+        f"Sample-size guide: the measurement samples that would bring each metric's relative standard error under "
+        f"{keys.RELATIVE_SE_TARGET:.0%}, n · (se / ({keys.RELATIVE_SE_TARGET:g} · |value|))² from the within-run "
+        "`<key>_se` (mean value and mean se over seeds at the compared point); each cell: relative se → samples.",
+        "",
+        "| key | measured on | " + " | ".join(c.name for c in configs) + " | enough everywhere? |",
+        "|---|---:|" + "---:|" * len(configs) + "---|",
+    ]
+    for g in report.guide:
+        cells = [f"{r:.1%} → {n}" if n is not None else "—" for r, n in zip(g.relative, g.needed)]
+        most = max((n for n in g.needed if n is not None), default=None)
+        verdict = "—" if most is None else ("yes" if most <= g.measured_on else f"no: about {most}")
+        lines.append(f"| {g.key} | {g.measured_on} | {' | '.join(cells)} | {verdict} |")
+    lines += ["", "Flatness keys are measured on the callback's subsample (`num_samples`), the gap's losses on "
+              "`gap_num_samples` of each split (all of it if fewer). Keys whose value can sit near 0 (the gradient "
+              "cosine, the gaps) have no meaningful relative error and are left out, as is PACGen, whose `_se` "
+              "comes from its probes and ρ draws rather than the subsample."]  # fmt: skip
+    return lines
+
+
+def to_markdown(report: Report) -> str:
+    """``summary.md``: the values table, the correlations (with intervals for several seeds), the guide."""
+    configs = report.configurations
+    runs = sum(len(c.compared) for c in configs)
+    several = "several seeds: mean [95% t-interval over seeds] (mean within-run se)"
+    seeds = several if multi_seed(configs) else "one seed"
+    lines = [f"Flatness and generalization gap per configuration, {_where(report.at_train_loss)}; "
+             f"{len(configs)} configuration(s), {runs} run(s) compared, {seeds}. τ and ρ: rank correlation of each "
+             f"key with {TARGET} (test − train loss).", ""]  # fmt: skip
+    if multi_seed(configs):
+        lines += [*_multi_seed_table(report), "", *_correlation_table(report)]
+    else:
+        lines += _single_seed_table(report)
+    guide = _guide(report)
+    lines += ["", *guide] if guide else []
+    notes = [f"- {r.run}: {r.note}" for r in report.rows if r.note]
+    if notes:
+        lines += ["", "Not compared (excluded from the means, τ and ρ):", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _bound(bounds: tuple[float, float] | None, i: int) -> str:
+    return "" if bounds is None else repr(bounds[i])
+
+
+def write_csvs(out: Path, report: Report, row_keys: Sequence[str]) -> list[Path]:
+    """``summary.csv`` (one row per run), ``configurations.csv`` (per configuration and key), ``correlations.csv``."""
+    paths = [out / "summary.csv", out / "configurations.csv", out / "correlations.csv"]
+    with paths[0].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "configuration", "seed", "epoch", *row_keys])
+        for r in report.rows:
+            config, seed = split_seed(r.run)
+            w.writerow([r.run, config, "" if seed is None else seed, "" if r.epoch is None else r.epoch,
+                        *(repr(r.values[k]) for k in row_keys)])  # fmt: skip
+    with paths[1].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["configuration", "key", "seeds", "mean", "low", "high", "mean_se"])
+        for c in report.configurations:
+            for key in report.keys:
+                s = spread(c, key)
+                w.writerow([c.name, key, s.n, repr(s.mean), repr(s.low), repr(s.high), repr(s.se)])
+    with paths[2].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "kendall_tau", "tau_low", "tau_high", "spearman_rho", "rho_low", "rho_high",
+                    "tau_per_seed_min", "tau_per_seed_max", "resolved", "configurations"])  # fmt: skip
+        for key, c in report.correlations.items():
+            resolved = "" if c.resolved is None else c.resolved
+            w.writerow([key, repr(c.tau), _bound(c.tau_interval, 0), _bound(c.tau_interval, 1), repr(c.rho),
+                        _bound(c.rho_interval, 0), _bound(c.rho_interval, 1), _bound(c.per_seed_tau, 0),
+                        _bound(c.per_seed_tau, 1), resolved, c.configurations])  # fmt: skip
+    return paths
+
