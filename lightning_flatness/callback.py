@@ -310,13 +310,15 @@ class FlatnessCallback(Callback):
             if key in self._noisy or value is None or se is None or not abs(se) > keys.RELATIVE_SE_WARNING * abs(value):
                 continue
             self._noisy.add(key)
-            n = self.config["gap_num_samples"] if key.startswith(keys.GAP_PREFIX) else self.config["num_samples"]
-            needed = samples_needed(n, value, se, keys.RELATIVE_SE_TARGET)
-            option = "gap_num_samples" if key.startswith(keys.GAP_PREFIX) else "num_samples"
+            option, data = {keys.TRAIN_LOSS: ("gap_num_samples", "gap_train"), keys.TEST_LOSS: ("gap_num_samples", "gap_val")}.get(
+                key, ("num_samples", "measure")
+            )  # fmt: skip
+            n = sum(sub.batch_size_of(b) for b in (self._data or {}).get(data, []))  # as drawn: the set may be smaller
             rank_zero_warn(
                 f"FlatnessCallback: {key} = {value:.4g} ± {se:.2g} (standard error over the draw of the subsample): a "
-                f"relative error of {abs(se / value):.0%}, above {keys.RELATIVE_SE_WARNING:.0%}. About {needed} samples "
-                f"would bring it under {keys.RELATIVE_SE_TARGET:.0%} (now {option}={n}); see docs/faq.md."
+                f"relative error of {abs(se / value):.0%}, above {keys.RELATIVE_SE_WARNING:.0%}. About "
+                f"{samples_needed(n, value, se, keys.RELATIVE_SE_TARGET)} samples would bring it under "
+                f"{keys.RELATIVE_SE_TARGET:.0%} (now {n}, {option}={self.config[option]}); see docs/faq.md."
             )
 
     def _complete_final(self, trainer: Trainer, pl_module: LightningModule, x: int) -> None:

@@ -158,3 +158,15 @@ def test_the_regret_hands_its_gradient_to_the_eigenvalue_cold_start():
     assert values["flatness/hessian_top_eig"] == alone.values[0].item() and alone.n_grad == 1
     shared = hessian_eigenvalues(model, batches, generator=ctx.seed_for("hessian_top_eig"), gradient=ctx.shared.gradient)
     assert shared.n_grad == 0 and torch.equal(shared.values, alone.values)
+
+
+def test_a_noisy_value_warns_once_with_the_samples_it_would_need(tmp_path, monkeypatch):
+    from lightning_flatness import keys
+
+    monkeypatch.setattr(keys, "RELATIVE_SE_WARNING", 0.0)  # every value with an error is "noisy"
+    cb = FlatnessCallback(metrics=["fisher_trace"], num_samples=64, batch_size=16, gap_num_samples=96)
+    with pytest.warns(UserWarning, match=r"flatness/fisher_trace = .* ± .*About \d+ samples would bring it under 5% \(now 64") as record:
+        trainer(tmp_path, [cb], max_epochs=3).fit(Classifier(), DataModule())
+    noisy = [str(w.message) for w in record if "standard error over the draw" in str(w.message)]
+    assert sorted(m.split(" = ")[0].split(": ")[1] for m in noisy) == ["flatness/fisher_trace", "gap/test_loss", "gap/train_loss"]
+    assert any("(now 96, gap_num_samples=96)" in m for m in noisy)
