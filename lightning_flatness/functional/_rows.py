@@ -34,12 +34,15 @@ class Rows:
         """The first ``stop`` rows (default: all held) as one ``(stop, P)`` view."""
         return self._data[: self.count if stop is None else stop]
 
-    def append(self, vector: Tensor) -> Tensor:
-        """Copy ``vector`` into the next row and return that row."""
+    def append(self, vector: Tensor, divisor: float | Tensor | None = None) -> Tensor:
+        """Copy ``vector`` (divided by ``divisor``, in the same pass) into the next row; return that row."""
         if self.count == self._data.shape[0]:
             self._grow()
         row = self._data[self.count]
-        row.copy_(vector.reshape(-1))
+        if divisor is None:
+            row.copy_(vector.reshape(-1))
+        else:
+            torch.div(vector.reshape(-1), divisor, out=row)
         self.count += 1
         return row
 

@@ -55,7 +55,7 @@ def hessian_eigenvalues(
     r"""The ``k`` algebraically largest eigenvalues of :math:`\nabla^2 L(w)` and their eigenvectors.
 
     :math:`L(w) = \frac1N \sum_i \ell_i(w)` over all samples in ``batches``. The Hessian is
-    never formed: Lanczos iteration with full reorthogonalization builds a Krylov basis from
+    never formed: Lanczos iteration with partial reorthogonalization builds a Krylov basis from
     Hessian-vector products (one per iteration, each a full pass over ``batches``) and returns
     the Ritz pairs of the tridiagonal projection. Compared with power iteration (PyHessian,
     Yao et al. 2018, 2020) Lanczos converges at a rate governed by the square root of the
@@ -84,7 +84,8 @@ def hessian_eigenvalues(
     default, 1, does this for a single batch at no extra memory. Raise it to trade memory
     (that many chunks' graphs held at once) for time on a subsample split into chunks.
 
-    Memory: the Lanczos basis holds up to ``max_iter`` flat vectors.
+    Memory: the Lanczos basis holds up to ``max_iter`` flat vectors, and the standard errors a
+    copy of it.
 
     Example:
         >>> import torch

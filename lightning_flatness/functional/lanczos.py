@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,13 +52,15 @@ def lanczos(
     cannot go unnoticed.
 
     Orthogonality: partial reorthogonalization (Simon 1984). Each iteration subtracts only the
-    three-term recurrence and tracks Simon's estimate ``ω`` of the basis' loss of orthogonality;
-    when ``max|ω|`` exceeds ``sqrt(ε)`` (``ε`` of the dtype of ``start``), that iteration and the
-    next are orthogonalized against the whole basis, which keeps the basis orthogonal to about
-    ``sqrt(ε)``: enough for the Ritz values to be accurate to working precision, without
-    spurious copies. One product with ``operator`` per iteration, plus ``O(P)`` work and a
-    ``m × P`` projection only at the few reorthogonalized iterations; memory: the basis, up to
-    ``max_iter`` vectors (rows of one matrix whose capacity doubles as needed).
+    three-term recurrence and carries Simon's estimate ``ω`` of the basis' loss of
+    orthogonality, seeded with the rounding of one step, ``η‖A‖`` with ``η = ε·sqrt(P)/2``
+    (PROPACK's rule; ``ε`` of the dtype of ``start``). When ``max|ω|`` exceeds ``sqrt(η)``, that
+    residual and the next are orthogonalized against the whole basis. The basis stays
+    orthogonal to about ``sqrt(η)``, which keeps the tridiagonal matrix the projection of ``A``
+    to the rounding level: no spurious copies of converged Ritz values. Cost: one product with
+    ``operator`` per iteration, ``O(P)`` work, and an ``m × P`` projection only at the
+    reorthogonalized iterations. Memory: the basis, up to ``max_iter`` vectors (the rows of one
+    matrix whose capacity doubles as needed).
     """
     return _lanczos_run(operator, start, k=k, tol=tol, max_iter=max_iter, generator=generator)[0]
 
@@ -75,19 +78,20 @@ def _lanczos_run(
         raise ValueError(f"max_iter={max_iter} is smaller than k={k}; allow at least k iterations.")
     gen = check_generator(generator)
     run = _Krylov(start, max_iter)
-    q = start / start.norm()
+    q, norm = start, start.norm()
     previous: Tensor | None = None
     converged = False
     for m in range(1, max_iter + 1):
-        w, beta = run.residual(operator @ run.basis.append(q))
-        theta, s = _tridiagonal_eigen(run.alphas, run.betas)
+        w, beta = run.residual(operator @ run.basis.append(q, norm))
+        theta, last = _ritz_values(run.alphas, run.betas, k)
         scale = theta.abs().max().item()
-        if m == dim or (m > k and previous is not None and _has_converged(theta[:k], previous, s, beta, tol, scale)):
+        if m == dim or (m > k and previous is not None and _has_converged(theta[:k], previous, last, beta, tol, scale)):
             converged = True
             break
         previous = theta[:k] if m >= k else None
         if m < max_iter:
-            q = run.next_vector(w, beta, scale, gen)
+            q, norm = run.next_vector(w, beta, scale, gen)
+    theta, s = _tridiagonal_eigen(run.alphas, run.betas)
     values = theta[:k].to(device=start.device, dtype=start.dtype)
     vectors, coefficients = _ritz_vectors(s[:, :k], run.basis.view())
     return LanczosResult(values, vectors, len(run.basis), converged, coefficients), run
@@ -105,8 +109,9 @@ class _Krylov:
         self.basis = Rows(start, limit)
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[i] couples q_i and q_{i+1}; 0 after a restart
-        # Rounding of one step relative to ‖A‖ (PROPACK's rule of thumb); Simon's bound sqrt(ε)
-        # is the square root of the rounding level, which keeps T accurate to that level.
+        # Rounding of one step relative to ‖A‖ (PROPACK's rule of thumb; a float32 Hessian product
+        # measured about that much). Simon's bound sqrt(ε) is the square root of the rounding
+        # level, the loss of orthogonality up to which T stays accurate to that level.
         self.unit = eps * math.sqrt(start.numel()) / 2
         self.threshold = math.sqrt(self.unit)
         self.omega = torch.ones(1, dtype=torch.float64)
@@ -121,7 +126,7 @@ class _Krylov:
         j = len(self.alphas)
         q = self.basis[j]
         alpha = torch.dot(q, product).item()
-        w = product - alpha * q  # a new tensor: the operator's output may alias its input
+        w = torch.add(product, q, alpha=-alpha)  # a new tensor: the operator's output may alias its input
         last = self.betas[-1] if j else 0.0
         if j:
             w.sub_(self.basis[j - 1], alpha=last)
@@ -141,18 +146,18 @@ class _Krylov:
         self.previous, self.omega = self.omega, omega
         return w, beta
 
-    def next_vector(self, w: Tensor, beta: float, scale: float, gen: torch.Generator) -> Tensor:
-        """The next basis vector, with its ``β`` entered in the tridiagonal matrix (0 after a restart)."""
+    def next_vector(self, w: Tensor, beta: float, scale: float, gen: torch.Generator) -> tuple[Tensor, float | Tensor]:
+        """The next basis vector as a vector and its norm, with its ``β`` entered in the tridiagonal matrix (0 after a restart)."""
         if beta > 1e-10 * max(scale, 1e-300):
             self.betas.append(beta)
-            return w / beta
+            return w, beta
         # Invariant subspace found: restart in its orthogonal complement.
         like = self.basis[0]
         r = _orthogonalize(torch.randn(like.numel(), generator=gen, dtype=like.dtype).to(like.device), self.basis.view())
         self.betas.append(0.0)
         self.dropped = max(self.dropped, beta)
         self.omega[:-1] = self.unit  # orthogonalized against everything
-        return r / r.norm()
+        return r, r.norm()
 
 
 def _next_omega(
@@ -190,6 +195,18 @@ def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
     return w
 
 
+def _ritz_values(alphas: list[float], betas: list[float], k: int) -> tuple[Tensor, Tensor]:
+    """The Ritz values (descending, float64) and the last components of the top ``k`` eigenvectors of ``T``.
+
+    By LAPACK's tridiagonal solver: a dense ``eigh`` of ``T`` costs ``O(m³)`` and many threaded
+    BLAS calls (measured 40 ms at ``m = 100`` on two busy cores, 3 ms for this), every iteration.
+    """
+    from scipy.linalg import eigh_tridiagonal
+
+    values, vectors = eigh_tridiagonal(np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64))
+    return torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[-1, ::-1][:k].copy())
+
+
 def _tridiagonal_eigen(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending) and eigenvectors (columns) of the Lanczos tridiagonal matrix, in float64."""
     t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
@@ -200,10 +217,10 @@ def _tridiagonal_eigen(alphas: list[float], betas: list[float]) -> tuple[Tensor,
     return evals.flip(0), evecs.flip(1)
 
 
-def _has_converged(top: Tensor, previous: Tensor, s: Tensor, beta: float, tol: float, scale: float) -> bool:
-    """Criteria (a) and (b) of :func:`lanczos` for the top ``k`` Ritz values."""
+def _has_converged(top: Tensor, previous: Tensor, last: Tensor, beta: float, tol: float, scale: float) -> bool:
+    """Criteria (a) and (b) of :func:`lanczos` for the top ``k`` Ritz values (``last``: ``s_{m,i}``)."""
     change_ok = bool(((top - previous).abs() <= tol * top.abs()).all())
-    residual = beta * s[-1, : top.numel()].abs()
+    residual = beta * last.abs()
     return change_ok and bool((residual <= math.sqrt(tol) * max(scale, 1e-300)).all())
 
 
