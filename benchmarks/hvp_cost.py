@@ -160,7 +160,8 @@ def _lanczos_timers(work: Workload, cfg: Config) -> dict[str, Callable[[], objec
     def run(iterations: int, observed: bool) -> Callable[[], object]:
         def lanczos_run() -> None:
             operator.chunk_observer = ChunkRayleighQuotients() if observed else None
-            out = lanczos(operator, start, k=min(LANCZOS_K, iterations), tol=1e-300, max_iter=iterations, generator=cfg.seed)
+            k = min(LANCZOS_K, iterations)
+            out = lanczos(operator, start, k=k, tol=1e-300, max_iter=iterations, generator=cfg.seed)
             if out.n_products != iterations:
                 raise RuntimeError(f"Lanczos stopped after {out.n_products} of {iterations} products.")
 

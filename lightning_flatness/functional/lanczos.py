@@ -109,14 +109,15 @@ class _Krylov:
         self.basis = Rows(start, limit)
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[i] couples q_i and q_{i+1}; 0 after a restart
-        # Rounding of one step relative to ‖A‖ (PROPACK's rule of thumb; a float32 Hessian product
-        # measured about that much). Simon's bound sqrt(ε) is the square root of the rounding
-        # level, the loss of orthogonality up to which T stays accurate to that level.
+        # Rounding of one step relative to ‖A‖: PROPACK's rule of thumb. Pessimistic for some
+        # operators, but a float32 Hessian product of a trained MLP rounded by that much, and a
+        # smaller seed let its basis collapse. Simon's bound sqrt(ε) is the square root of the
+        # rounding level: the loss of orthogonality up to which T stays accurate to that level.
         self.unit = eps * math.sqrt(start.numel()) / 2
         self.threshold = math.sqrt(self.unit)
         self.omega = torch.ones(1, dtype=torch.float64)
         self.previous = torch.zeros(0, dtype=torch.float64)
-        self.norm = 0.0  # running estimate of ‖A‖ (the largest Gershgorin radius of T)
+        self.norm = 0.0  # running estimate of ‖A‖ (the largest Gershgorin bound of T's rows)
         self.dropped = 0.0  # largest residual discarded at a restart: an error the recurrence does not see
         self.force = False  # reorthogonalize the next residual too
         self.n_reorth = 0  # residuals orthogonalized against the whole basis
@@ -133,7 +134,8 @@ class _Krylov:
         self.alphas.append(alpha)
         beta = w.norm().item()
         self.norm = max(self.norm, abs(alpha) + beta + last)
-        omega = _next_omega(self.omega, self.previous, self.alphas, self.betas, beta, self.unit * self.norm + self.dropped)
+        rounding = self.unit * self.norm + self.dropped
+        omega = _next_omega(self.omega, self.previous, self.alphas, self.betas, beta, rounding)
         if self.force or not omega[:-1].abs().max().item() <= self.threshold:  # NaN too
             # Simon: orthogonalize this residual and the next, or q_j's lost orthogonality
             # passes into q_{j+2} through the recurrence.
@@ -147,13 +149,14 @@ class _Krylov:
         return w, beta
 
     def next_vector(self, w: Tensor, beta: float, scale: float, gen: torch.Generator) -> tuple[Tensor, float | Tensor]:
-        """The next basis vector as a vector and its norm, with its ``β`` entered in the tridiagonal matrix (0 after a restart)."""
+        """The next basis vector, unnormalized, and its norm; its ``β`` enters T (0 after a restart)."""
         if beta > 1e-10 * max(scale, 1e-300):
             self.betas.append(beta)
             return w, beta
         # Invariant subspace found: restart in its orthogonal complement.
         like = self.basis[0]
-        r = _orthogonalize(torch.randn(like.numel(), generator=gen, dtype=like.dtype).to(like.device), self.basis.view())
+        r = torch.randn(like.numel(), generator=gen, dtype=like.dtype).to(like.device)
+        r = _orthogonalize(r, self.basis.view())
         self.betas.append(0.0)
         self.dropped = max(self.dropped, beta)
         self.omega[:-1] = self.unit  # orthogonalized against everything

@@ -131,4 +131,5 @@ def test_rayleigh_observer_copies_each_vector_once_and_holds_no_reference():
         del v  # the next vector may take this one's id
         assert ref() is None
     assert len(observer.basis) == 3 and observer.sizes == [1, 1]
-    assert torch.equal(observer.quotients(torch.eye(3, dtype=torch.float64)), torch.tensor([[3.0, 2.0, 1.0]] * 2, dtype=torch.float64))
+    expected = torch.tensor([[3.0, 2.0, 1.0]] * 2, dtype=torch.float64)  # per chunk: the diagonal
+    assert torch.equal(observer.quotients(torch.eye(3, dtype=torch.float64)), expected)
