@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..validation import check_choice, check_float, check_generator, check_int
+from ._rows import Rows
 from ._stats import MeanAccumulator
 from .lanczos import lanczos
 from ._losses import LossArg
@@ -54,7 +56,7 @@ def hessian_eigenvalues(
     r"""The ``k`` algebraically largest eigenvalues of :math:`\nabla^2 L(w)` and their eigenvectors.
 
     :math:`L(w) = \frac1N \sum_i \ell_i(w)` over all samples in ``batches``. The Hessian is
-    never formed: Lanczos iteration with full reorthogonalization builds a Krylov basis from
+    never formed: Lanczos iteration with partial reorthogonalization builds a Krylov basis from
     Hessian-vector products (one per iteration, each a full pass over ``batches``) and returns
     the Ritz pairs of the tridiagonal projection. Compared with power iteration (PyHessian,
     Yao et al. 2018, 2020) Lanczos converges at a rate governed by the square root of the
@@ -84,7 +86,8 @@ def hessian_eigenvalues(
     default, 1, does this for a single batch at no extra memory. Raise it to trade memory
     (that many chunks' graphs held at once) for time on a subsample split into chunks.
 
-    Memory: the Lanczos basis holds up to ``max_iter`` flat vectors.
+    Memory: the Lanczos basis holds up to ``max_iter`` flat vectors, and the standard errors a
+    copy of it.
 
     Example:
         >>> import torch
@@ -132,28 +135,44 @@ class ChunkRayleighQuotients:
     ``Q_{≤i} · (H_b q_i)`` is column ``i`` of ``T_b``. The Ritz vector ``y = Σ_i s_i q_i`` then has
     the per-mini-batch Rayleigh quotient ``r_b = sᵀ T_b s / n_b`` without another product:
     ``λ̂ = Σ_b n_b r_b / N``, and the batch means of ``r_b`` give its sampling error (the delta
-    method: to first order a redrawn subsample moves ``λ`` by ``yᵀ ΔH y``). Memory: ``m²/2``
-    numbers per mini-batch.
+    method: to first order a redrawn subsample moves ``λ`` by ``yᵀ ΔH y``). Cost: one
+    ``(i+1) × P`` projection per chunk of the ``i``-th product. Memory: its own copy of the basis
+    (``m`` flat vectors, as rows of one growable matrix) and ``m²/2`` numbers per mini-batch.
     """
 
     def __init__(self) -> None:
-        self.basis: list[Tensor] = []  # the vectors multiplied, in order (the Lanczos basis)
-        self._index: dict[int, int] = {}  # id(vector) -> its place in the basis
+        self.basis: Rows | None = None  # the vectors multiplied, in order (the Lanczos basis), copied once
+        self._index: dict[int, tuple[weakref.ref, int]] = {}  # id(vector) -> (the vector, its place in the basis)
         self._seen: list[int] = []  # chunks seen so far of each basis vector's product
         self.columns: list[list[Tensor]] = []  # per chunk: Q_{≤i} · (H_b q_i) for i = 0, 1, ...
         self.sizes: list[int] = []
 
     def __call__(self, vector: Tensor, chunk_product: Tensor, size: int) -> None:
-        i = self._index.setdefault(id(vector), len(self.basis))
-        if i == len(self.basis):
-            self.basis.append(vector)  # kept alive, so its id is not reused
-            self._seen.append(0)
+        i = self._place(vector)
         chunk = self._seen[i]
         self._seen[i] += 1
         if chunk == len(self.columns):
             self.columns.append([])
             self.sizes.append(size)
-        self.columns[chunk].append((torch.stack(self.basis[: i + 1]) @ chunk_product).to(torch.float64).cpu())
+        self.columns[chunk].append((self.basis.view(i + 1) @ chunk_product).to(torch.float64).cpu())
+
+    def _place(self, vector: Tensor) -> int:
+        """``vector``'s place in the basis, appending it (a copy) when new.
+
+        The operator passes the same tensor object for every chunk of one product. A weak
+        reference tells it from a later vector that reuses the ``id`` of a freed one, without
+        keeping the caller's storage alive (e.g. an outgrown Lanczos basis).
+        """
+        ref, i = self._index.get(id(vector), (None, -1))
+        if ref is not None and ref() is vector:
+            return i
+        if self.basis is None:
+            self.basis = Rows(vector)
+        i = len(self.basis)
+        self.basis.append(vector)
+        self._seen.append(0)
+        self._index[id(vector)] = (weakref.ref(vector), i)
+        return i
 
     def quotients(self, coefficients: Tensor) -> Tensor:
         """``(M, k)``: this process's per-mini-batch Rayleigh quotients ``sᵀ T_b s / n_b`` of the Ritz vectors."""

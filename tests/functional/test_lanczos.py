@@ -1,0 +1,135 @@
+"""Lanczos with partial reorthogonalization, against dense matrices with known spectra.
+
+Long runs (``tol`` tiny, 100+ iterations) are where a Lanczos basis loses orthogonality and
+spurious copies ("ghosts") of converged Ritz values appear; these tests hold the eigenpairs to
+``eigvalsh``, the basis to semi-orthogonality, and count the full reorthogonalizations.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import pytest
+import torch
+
+from lightning_flatness.functional import DenseOperator
+from lightning_flatness.functional._rows import Rows
+from lightning_flatness.functional.hessian_eigenvalues import ChunkRayleighQuotients
+from lightning_flatness.functional.lanczos import _Krylov, _lanczos_run
+
+DIM = 300
+
+
+def _spectrum(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    bulk = torch.rand(DIM, generator=g, dtype=torch.float64)
+    if kind == "separated":  # a few outliers over a bulk, like a network's Hessian
+        return torch.cat([torch.tensor([100.0, 60.0, 40.0, 30.0], dtype=torch.float64), 10 * bulk[4:] - 2])
+    if kind == "clustered":  # the top five within 1e-4 relative of each other
+        return torch.cat([10 + 1e-3 * torch.arange(5, dtype=torch.float64), 5 * bulk[5:]])
+    return torch.linspace(-1.0, 1.0, DIM, dtype=torch.float64)  # "uniform": benign, nothing converges early
+
+
+def _operator(kind: str, dtype: torch.dtype) -> tuple[DenseOperator, torch.Tensor]:
+    """A dense operator with the spectrum ``kind`` in a random eigenbasis, and a start vector."""
+    g = torch.Generator().manual_seed(2)
+    basis, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=g, dtype=torch.float64))
+    a = (basis * _spectrum(kind)) @ basis.T
+    return DenseOperator(((a + a.T) / 2).to(dtype)), torch.randn(DIM, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _loss_of_orthogonality(run: _Krylov) -> float:
+    q = run.basis.view().double()
+    return (q @ q.T - torch.eye(len(q), dtype=torch.float64)).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["separated", "clustered"])
+def test_top_eigenpairs_one_to_one_over_long_runs(kind):
+    operator, start = _operator(kind, torch.float64)
+    out, run = _lanczos_run(operator, start, k=6, tol=1e-300, max_iter=150, generator=0)
+    assert out.n_products >= 100
+    exact, vectors = torch.linalg.eigh(operator.matrix)
+    exact, vectors = exact.flip(0)[:6], vectors.flip(1)[:, :6].T
+    # One to one: a ghost would repeat a top value and push the others down a place.
+    assert torch.allclose(out.values, exact, rtol=1e-12, atol=0)
+    assert ((out.vectors * vectors).sum(1).abs() > 1 - 1e-10).all()
+    residual = (out.vectors @ operator.matrix - out.values[:, None] * out.vectors).norm(dim=1)
+    assert residual.max() < 1e-8 * exact[0]
+    # The coefficients give the returned (unit) vectors exactly, orthogonal basis or not.
+    assert torch.allclose(out.coefficients.T @ run.basis.view(), out.vectors, atol=1e-14)
+
+
+def test_without_reorthogonalization_ghosts_appear(monkeypatch):
+    """The control for the test above: plain Lanczos on the same matrix repeats its top value."""
+    init = _Krylov.__init__
+
+    def never(self, *args):
+        init(self, *args)
+        self.threshold = math.inf
+
+    monkeypatch.setattr(_Krylov, "__init__", never)
+    operator, start = _operator("separated", torch.float64)
+    out, run = _lanczos_run(operator, start, k=2, tol=1e-300, max_iter=150, generator=0)
+    assert run.n_reorth == 0 and _loss_of_orthogonality(run) > 0.1
+    assert out.values[1].item() == pytest.approx(100.0, rel=1e-8)  # a ghost of the top value
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["separated", "clustered", "uniform"])
+def test_basis_stays_semi_orthogonal(kind, dtype):
+    operator, start = _operator(kind, dtype)
+    out, run = _lanczos_run(operator, start, k=6, tol=1e-300, max_iter=150, generator=0)
+    assert out.n_products >= 100
+    assert _loss_of_orthogonality(run) <= math.sqrt(torch.finfo(dtype).eps)
+    exact = torch.linalg.eigvalsh(operator.matrix.double()).flip(0)[:6]
+    assert torch.allclose(out.values.double(), exact, rtol=0, atol=50 * torch.finfo(dtype).eps * exact.abs().max())
+
+
+@pytest.mark.parametrize("dtype, share", [(torch.float64, 0.05), (torch.float32, 0.15)])
+def test_few_full_reorthogonalizations_on_a_benign_spectrum(dtype, share):
+    """The cost claim as a count: most iterations are the three-term recurrence alone."""
+    operator, start = _operator("uniform", dtype)
+    out, run = _lanczos_run(operator, start, k=6, tol=1e-300, max_iter=150, generator=0)
+    assert out.n_products == 150
+    assert 0 < run.n_reorth <= share * out.n_products, run.n_reorth
+
+
+def test_restart_on_breakdown_keeps_the_basis_orthogonal():
+    """A start in a 3-dimensional invariant subspace breaks down at step 3; every eigenvalue is still found."""
+    a = torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64))
+    start = torch.zeros(40, dtype=torch.float64)
+    start[:3] = 1.0
+    out, run = _lanczos_run(DenseOperator(a), start, k=40, tol=1e-300, max_iter=40, generator=0)
+    assert run.betas[2] == 0.0 and run.dropped < 1e-12  # restarted after the invariant subspace
+    assert torch.allclose(out.values, torch.arange(40.0, 0.0, -1.0, dtype=torch.float64), rtol=1e-12)
+    assert _loss_of_orthogonality(run) <= math.sqrt(torch.finfo(torch.float64).eps)
+
+
+def test_rows_grow_by_doubling_up_to_the_limit():
+    like = torch.zeros(4)
+    rows = Rows(like, limit=5, capacity=2)
+    for i in range(5):
+        row = rows.append(torch.full((4,), float(i)))
+        assert row.data_ptr() == rows.view()[i].data_ptr()
+    assert rows._data.shape == (5, 4) and rows.view().is_contiguous()
+    assert torch.equal(rows.view(3)[:, 0], torch.tensor([0.0, 1.0, 2.0])) and rows[-1][0] == 4.0
+    with pytest.raises(RuntimeError, match="limit=5"):
+        rows.append(like)
+    with pytest.raises(IndexError):
+        rows[5]
+
+
+def test_rayleigh_observer_copies_each_vector_once_and_holds_no_reference():
+    observer = ChunkRayleighQuotients()
+    matrix = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    for i in range(3):
+        v = torch.eye(3, dtype=torch.float64)[i].clone()
+        for _ in range(2):  # two chunks of one product, the same tensor object
+            observer(v, matrix @ v, 1)
+        ref = weakref.ref(v)
+        del v  # the next vector may take this one's id
+        assert ref() is None
+    assert len(observer.basis) == 3 and observer.sizes == [1, 1]
+    expected = torch.tensor([[3.0, 2.0, 1.0]] * 2, dtype=torch.float64)  # per chunk: the diagonal
+    assert torch.equal(observer.quotients(torch.eye(3, dtype=torch.float64)), expected)
