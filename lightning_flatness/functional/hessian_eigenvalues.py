@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -113,9 +115,13 @@ def hessian_eigenvalues(
         else:
             vector, n_grad = _start_vector(init, dim, objective.w0), 0
         operator = objective.hessian_operator(cache_chunks)
-        operator.chunk_observer = quotients = ChunkRayleighQuotients()
+        # One mini-batch in all has no batch means (the error would be NaN): spare the projections.
+        observe = objective.cross_process or _length(batches) != 1
+        operator.chunk_observer = quotients = ChunkRayleighQuotients() if observe else None
         out = lanczos(operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen)
-        se = quotients.standard_error(out.coefficients, objective.reduce_sum, objective.device).to(out.values)
+        se = torch.full_like(out.values, math.nan)
+        if quotients is not None:
+            se = quotients.standard_error(out.coefficients, objective.reduce_sum, objective.device).to(out.values)
     return EigenResult(out.values, out.vectors, out.n_products, out.converged, n_grad, se)
 
 
@@ -192,6 +198,13 @@ class ChunkRayleighQuotients:
         acc = MeanAccumulator(coefficients.shape[1])
         acc.add(self.quotients(coefficients), torch.tensor(self.sizes, dtype=torch.float64))
         return acc.result(lambda sums: reduce(sums.to(device)).cpu())[1]
+
+
+def _length(batches: Iterable[Any]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _cold_start(objective: Objective, start: str, gen: torch.Generator, gradient: Tensor | None) -> tuple[Tensor, int]:

@@ -193,6 +193,11 @@ class Objective:
         w = self.w0 if at is None else at
         return [t.detach().requires_grad_() for t in unflatten(w, self.shapes)]
 
+    @property
+    def cross_process(self) -> bool:
+        """Whether the data passes are summed over processes (inside :func:`cross_process_reduction`)."""
+        return self._cross is not None
+
     def reduce_sum(self, tensor: Tensor) -> Tensor:
         """``tensor`` summed over processes (itself outside :func:`cross_process_reduction`)."""
         return tensor if self._cross is None else self._cross.sum(tensor)
