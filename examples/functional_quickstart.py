@@ -44,7 +44,7 @@ def main() -> None:
         ("grad_cosine_regret", lambda: grad_cosine_regret(model, batches)),
         ("fisher_trace (empirical)", lambda: fisher_trace(model, batches)),
         ("fisher_trace (mc)", lambda: fisher_trace(model, batches, kind="mc")),
-        ("pacgen", lambda: pacgen(model, batches)),
+        ("pacgen", lambda: pacgen(model, batches, num_train=len(y))),  # n = the training set (the sum normalization)
     ]
     for name, run in rows:
         start = time.perf_counter()

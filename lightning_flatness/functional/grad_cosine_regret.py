@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -30,7 +30,7 @@ class RegretResult:
     regret_se: float = math.nan
     regret_sgd_se: float = math.nan
     cosine_se: float = math.nan
-    gradient: Tensor | None = None  # ∇L over all of ``batches`` (flat), from the same pass
+    gradient: Tensor | None = field(default=None, repr=False)  # ∇L over all of ``batches`` (flat), from the same pass
 
 
 def grad_cosine_regret(
