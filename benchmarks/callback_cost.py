@@ -130,7 +130,9 @@ def _fit(work: Workload, cfg: Config, train_size: int, batch_size: int) -> tuple
     return middle(timer.seconds), seconds, _skipped(flatness, caught)
 
 
-def _metric_timers(model: torch.nn.Module, batches: list, num_samples: int, seed: int) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
+def _metric_timers(
+    model: torch.nn.Module, batches: list, num_samples: int, seed: int, train_size: int
+) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
     """Each default metric as the callback runs it (``FlatnessMetric.compute`` on a ``MeasurementContext``).
 
     Returns the timers and the cells of the metrics that failed. The eigenvalue is timed cold
@@ -140,7 +142,7 @@ def _metric_timers(model: torch.nn.Module, batches: list, num_samples: int, seed
 
     def context() -> MeasurementContext:
         return MeasurementContext(model=model, batches=batches, loss_fn="cross_entropy", epoch=0, seed=seed,
-                                  num_samples=num_samples)  # fmt: skip
+                                  num_samples=num_samples, train_size=train_size)  # fmt: skip
 
     fns: dict[str, Callable[[], object]] = {}
     errors: dict[str, str] = {}
@@ -213,7 +215,7 @@ def _row(work: Workload, cfg: Config, sizes: tuple[int, int, int], rounds: int, 
     batches = work.batches(num_samples, batch_size, cfg.seed + 3, cfg.device)
     cells: dict[str, str] = {"model": model_label(work.label, work.num_params)}
     with attention_for(work.name):
-        fns, errors = _metric_timers(model, batches, num_samples, cfg.seed)
+        fns, errors = _metric_timers(model, batches, num_samples, cfg.seed, train_size)
         cells.update(errors)
         fns["gradient"] = plain_gradient(model, batches)
         with measurement_mode(model):  # the plain gradient in eval mode, like the estimators
