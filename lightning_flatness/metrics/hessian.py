@@ -59,7 +59,8 @@ class HessianEigenvalues(FlatnessMetric):
         self.warm_start = check_bool("warm_start", warm_start)
         eigs = tuple(keys.hessian_eig(j) for j in range(1, self.k + 1)) if self.k > 1 else ()
         values = (keys.HESSIAN_TOP_EIG, *eigs)
-        self.keys = values + tuple(keys.se(key) for key in values)
+        self._se_keys = tuple(keys.se(key) for key in values)
+        self.keys = values + self._se_keys
         self.vectors: Tensor | None = None  # the last measurement's eigenvectors (k, P)
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
@@ -80,7 +81,8 @@ class HessianEigenvalues(FlatnessMetric):
         if self.k > 1:
             out.update({keys.hessian_eig(j + 1): v for j, v in enumerate(values)})
             out.update({keys.se(keys.hessian_eig(j + 1)): e for j, e in enumerate(errors)})
-        return out
+        # One mini-batch has no spread to measure (se NaN): the values are logged without error bars.
+        return {key: v for key, v in out.items() if v == v or key not in self._se_keys}
 
     def state_dict(self) -> dict[str, Any]:
         return {"vectors": None if self.vectors is None else self.vectors.detach().cpu()}

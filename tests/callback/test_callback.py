@@ -406,3 +406,12 @@ def test_kept_graphs_leave_the_eigenvalue_unchanged(tmp_path):
         fit(tmp_path, cb, max_epochs=1)
         values.append(cb.history[-1][1]["flatness/hessian_top_eig"])
     assert values[0] == values[1]
+
+
+def test_eigenvalue_on_one_mini_batch_logs_its_value_without_an_error_bar(tmp_path):
+    # One mini-batch leaves no spread to measure: the value is logged, its se is not (never NaN).
+    cb = FlatnessCallback(metrics=["hessian_top_eig"], num_samples=16, batch_size=16, gap_num_samples=0)
+    fit(tmp_path, cb, max_epochs=1)
+    row = cb.history[-1][1]
+    assert math.isfinite(row["flatness/hessian_top_eig"]) and row["flatness/hessian_top_eig"] > 0
+    assert "flatness/hessian_top_eig_se" not in row
