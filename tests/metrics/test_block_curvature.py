@@ -10,7 +10,7 @@ from lightning_flatness.metrics import BUILTIN, DEFAULT_METRICS, MeasurementCont
 from tests.helpers.lightning_models import Classifier, DataModule, trainer
 from tests.helpers.models import mlp_batches, tiny_mlp
 
-SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=0)
+SMALL = {"num_samples": 64, "batch_size": 16, "gap_num_samples": 0}
 
 
 def block_keys(*names: str) -> set[str]:
@@ -33,11 +33,11 @@ def test_keys_of_named_blocks_are_known_at_construction():
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        (dict(blocks="per_layer"), "blocks='per_layer' is not accepted"),
-        (dict(blocks={"a/b": "*"}), "blocks: block name 'a/b'"),
-        (dict(trace_probes=0), "trace_probes"),
-        (dict(tol=0.0), "tol"),
-        (dict(warm_start=1), "warm_start"),
+        ({"blocks": "per_layer"}, "blocks='per_layer' is not accepted"),
+        ({"blocks": {"a/b": "*"}}, "blocks: block name 'a/b'"),
+        ({"trace_probes": 0}, "trace_probes"),
+        ({"tol": 0.0}, "tol"),
+        ({"warm_start": 1}, "warm_start"),
     ],
 )
 def test_bad_options_are_refused_at_construction(options, match):
@@ -63,7 +63,8 @@ def test_compute_is_the_functional_estimate_and_warm_starts_the_next():
 def test_the_callback_logs_every_blocks_keys(tmp_path):
     cb = FlatnessCallback(metrics=["hessian_top_eig", BlockCurvature(trace_probes=4)], **SMALL)
     trainer(tmp_path, [cb], max_epochs=1).fit(Classifier(), DataModule())
-    (x, values), = cb.history
+    ((x, values),) = cb.history
+    assert x == 1
     assert set(values) == {"flatness/hessian_top_eig", "flatness/hessian_top_eig_se", "flatness/seconds"} | block_keys(
         "0", "1", "4"
     )  # the wrapped net's Linear, BatchNorm and Linear
