@@ -153,7 +153,11 @@ def block_curvature(
     base = int(torch.randint(2**62, (1,), generator=check_generator(generator)))
     resolved = resolve_blocks(model, blocks)
     named = dict(model.named_parameters())
-    slices = _flat_slices(model) if gradient is not None else {}
+    slices = _flat_slices(model)
+    total = sum(s.stop - s.start for s in slices.values())
+    if gradient is not None and (not isinstance(gradient, Tensor) or gradient.shape != (total,)):
+        raise ValueError(f"gradient must be the flat ∇L over the {total} trainable parameters, shape ({total},), "
+                         f"got {getattr(gradient, 'shape', type(gradient).__name__)}.")  # fmt: skip
     out = {}
     with measurement_mode(model):
         for name, params in resolved.items():

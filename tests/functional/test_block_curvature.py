@@ -163,6 +163,11 @@ def test_bad_blocks_are_refused_naming_the_argument(blocks, error, match):
         block_curvature(tiny_mlp(), mlp_batches(), blocks=blocks)
 
 
+def test_a_gradient_of_the_wrong_size_is_refused():
+    with pytest.raises(ValueError, match=r"gradient must be the flat ∇L over the 51 trainable parameters"):
+        block_curvature(tiny_mlp(), mlp_batches(), gradient=torch.zeros(21, dtype=torch.float64))
+
+
 def test_the_result_is_a_plain_record():
     r = block_curvature(tiny_mlp(), mlp_batches(), blocks={"head": "2.*"}, trace_probes=PROBES)["head"]
     assert isinstance(r, BlockCurvatureResult) and r.params == ("2.weight", "2.bias") and r.num_params == 21
