@@ -4,12 +4,13 @@ from . import functional, metrics
 from ._preflight import LossFnError, UnsupportedStrategyError
 from .callback import FlatnessCallback
 from .landscape import LandscapeOptions
-from .metrics import FisherTrace, FlatnessMetric, GradCosineRegret, HessianEigenvalues, LocalEntropy, PACGen
+from .metrics import BlockCurvature, FisherTrace, FlatnessMetric, GradCosineRegret, HessianEigenvalues, LocalEntropy, PACGen
 from .optim import EntropySGD
 from .perturbation import PACGenPerturbation
 
 __version__ = "0.2.0"
 __all__ = [
+    "BlockCurvature",
     "EntropySGD",
     "FisherTrace",
     "FlatnessCallback",

@@ -28,6 +28,7 @@ from .metrics import (
     MeasurementContext,
     MetricSpec,
     SharedResults,
+    check_keys,
     execution_order,
     measurement_seed,
     resolve_metrics,
@@ -134,9 +135,20 @@ class FlatnessCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             check_strategy(trainer, "FlatnessCallback")
+        self._setup_metrics(pl_module)
         self.values.to(pl_module.device)
         if stage == "fit" and self.config["log_hyperparams"]:  # before Lightning writes hparams.yaml
             self._writer.write_hyperparams(trainer, self.hparams())
+
+    def _setup_metrics(self, pl_module: LightningModule) -> None:
+        """Hand the model to every metric (:meth:`FlatnessMetric.setup`); keys that depend on it are checked
+        for clashes and get their state in :attr:`values`."""
+        for metric in self.metrics:
+            metric.setup(pl_module)
+        check_keys(self.metrics)
+        new = [key for metric in self.metrics for key in metric.keys if key not in self.values]
+        if new:
+            self.values.add_metrics({key: MeanMetric(nan_strategy="error") for key in new})
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()

@@ -29,6 +29,16 @@ def hessian_eig(j: int) -> str:
     return f"flatness/hessian_eig_{j}"
 
 
+def hessian_top_eig_block(name: str) -> str:
+    """The top eigenvalue of the Hessian's diagonal block ``name`` (:class:`~lightning_flatness.metrics.BlockCurvature`)."""
+    return f"{HESSIAN_TOP_EIG}/{name}"
+
+
+def hessian_trace_block(name: str) -> str:
+    """The trace of the Hessian's diagonal block ``name`` (:class:`~lightning_flatness.metrics.BlockCurvature`)."""
+    return f"flatness/hessian_trace/{name}"
+
+
 # The train/test gap: eval-mode loss and accuracy on fixed subsamples.
 TRAIN_LOSS = "gap/train_loss"
 TEST_LOSS = "gap/test_loss"

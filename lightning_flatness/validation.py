@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence, TypeVar
+import re
+from typing import Any, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -91,3 +92,39 @@ def check_generator(generator: torch.Generator | int | None) -> torch.Generator:
     if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
         return torch.Generator().manual_seed(int(generator))
     raise ArgumentTypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}.")
+
+
+BY_MODULE = "by_module"
+_BLOCK_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def check_block_name(name: Any) -> str:
+    """``name`` if it can end a logged key: letters, digits, ``_`` and ``-`` only (no ``/``; no ``.``,
+    which a key of the callback's torchmetrics collection cannot contain)."""
+    if not isinstance(name, str) or not _BLOCK_NAME.fullmatch(name):
+        raise ValueError(
+            f"blocks: block name {name!r} is not accepted; use letters, digits, '_' and '-' only "
+            "(it ends the logged keys, e.g. flatness/hessian_top_eig/<name>)."
+        )
+    return name
+
+
+def check_blocks(blocks: Any) -> str | dict[str, tuple[str, ...]]:
+    """``"by_module"``, or ``{block name: (parameter-name glob patterns, ...)}`` from a mapping of
+    names to one pattern or a sequence of patterns (checked without the model)."""
+    if isinstance(blocks, str):
+        if blocks != BY_MODULE:
+            raise ValueError(f"blocks={blocks!r} is not accepted; pass {BY_MODULE!r} or a mapping "
+                             "{block name: parameter-name glob pattern(s)}.")  # fmt: skip
+        return blocks
+    if not isinstance(blocks, Mapping) or not blocks:
+        raise ArgumentTypeError(f"blocks must be {BY_MODULE!r} or a non-empty mapping {{block name: parameter-name "
+                                f"glob pattern(s)}}, e.g. {{'conv': 'features.*'}}, got {blocks!r}.")  # fmt: skip
+    out = {}
+    for name, patterns in blocks.items():
+        pats = (patterns,) if isinstance(patterns, str) else patterns
+        if not isinstance(pats, (list, tuple)) or not pats or not all(isinstance(p, str) and p for p in pats):
+            raise ArgumentTypeError(f"blocks[{name!r}] must be a glob pattern or a non-empty list of them, "
+                                    f"got {patterns!r}.")  # fmt: skip
+        out[check_block_name(name)] = tuple(pats)
+    return out

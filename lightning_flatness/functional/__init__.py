@@ -25,6 +25,7 @@ from .loss_landscape import EigenvectorSlice, LandscapeResult, eigenvector_slice
 from .objective import CrossProcess, HessianOperator, Objective, cross_process_reduction
 from .operator import CurvatureOperator, DenseOperator
 from .pacgen import PACGenResult, estimate_rho, pacgen, pacgen_perturbation_scale
+from .block_curvature import BlockCurvatureResult, block_curvature, resolve_blocks
 
 __all__ = [
     "BUILTIN_LOSSES",
@@ -65,4 +66,7 @@ __all__ = [
     "pacgen_perturbation_scale",
     "per_sample_sq_norms",
     "unflatten",
+    "BlockCurvatureResult",
+    "block_curvature",
+    "resolve_blocks",
 ]

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from ..validation import check_choice, check_float, check_generator, check_int
 from ._rows import Rows
 from ._stats import MeanAccumulator
-from .lanczos import lanczos
+from .lanczos import LanczosResult, lanczos
 from ._losses import LossArg
-from .objective import Objective
+from .objective import HessianOperator, Objective
 from ._restore import measurement_mode
 
 
@@ -115,14 +115,27 @@ def hessian_eigenvalues(
         else:
             vector, n_grad = _start_vector(init, dim, objective.w0), 0
         operator = objective.hessian_operator(cache_chunks)
-        # One mini-batch in all has no batch means (the error would be NaN): spare the projections.
-        observe = objective.cross_process or _length(batches) != 1
-        operator.chunk_observer = quotients = ChunkRayleighQuotients() if observe else None
-        out = lanczos(operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen)
-        se = torch.full_like(out.values, math.nan)
-        if quotients is not None:
-            se = quotients.standard_error(out.coefficients, objective.reduce_sum, objective.device).to(out.values)
+        out, se = lanczos_with_errors(objective, operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen)
     return EigenResult(out.values, out.vectors, out.n_products, out.converged, n_grad, se)
+
+
+def lanczos_with_errors(
+    objective: Objective, operator: HessianOperator, start: Tensor, *, k: int, tol: float, max_iter: int,
+    generator: torch.Generator,
+) -> tuple[LanczosResult, Tensor]:  # fmt: skip
+    """:func:`lanczos` on ``operator`` (``objective``'s Hessian or a block of it) and each Ritz
+    value's standard error ``(k,)`` over the mini-batches (:class:`ChunkRayleighQuotients`)."""
+    # One mini-batch in all has no batch means (the error would be NaN): spare the projections.
+    observe = objective.cross_process or _length(objective.batches) != 1
+    operator.chunk_observer = quotients = ChunkRayleighQuotients() if observe else None
+    try:
+        out = lanczos(operator, start, k=k, tol=tol, max_iter=max_iter, generator=generator)
+    finally:
+        operator.chunk_observer = None  # later products (e.g. Hutchinson's) are not Lanczos'
+    se = torch.full_like(out.values, math.nan)
+    if quotients is not None:
+        se = quotients.standard_error(out.coefficients, objective.reduce_sum, objective.device).to(out.values)
+    return out, se
 
 
 def hessian_top_eigenvalue(

@@ -2,17 +2,18 @@
 
 ``FlatnessCallback(metrics=[HessianEigenvalues(k=3), GradCosineRegret(), FisherTrace(kind="mc"),
 PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``,
-``"fisher_trace"``, ``"pacgen"`` and ``"local_entropy"`` stand for the default-configured
+``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"`` and ``"block_curvature"`` stand for the default-configured
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
 from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement_seed, samples_needed
+from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
 from .gap import GapMeter
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
-from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, execution_order, resolve_metrics
+from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, check_keys, execution_order, resolve_metrics
 from .regret import GradCosineRegret
 
 __all__ = [
@@ -28,8 +29,10 @@ __all__ = [
     "MetricSpec",
     "PACGen",
     "SharedResults",
+    "check_keys",
     "execution_order",
     "measurement_seed",
     "resolve_metrics",
     "samples_needed",
+    "BlockCurvature",
 ]

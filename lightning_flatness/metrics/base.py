@@ -143,7 +143,8 @@ class FlatnessMetric:
     """Base class of the measures :class:`~lightning_flatness.FlatnessCallback` runs.
 
     Subclasses set ``name`` (a class attribute: the shorthand, and the salt of the metric's
-    seed), ``keys`` (the keys :meth:`compute` returns, known after ``__init__``), and implement
+    seed), ``keys`` (the keys :meth:`compute` returns, known after ``__init__``, or after
+    :meth:`setup` for keys that depend on the model), and implement
     :meth:`compute`. Store every ``__init__`` option under its own name, as scikit-learn
     estimators do: :meth:`hparams` and ``repr`` read them back.
 
@@ -161,6 +162,14 @@ class FlatnessMetric:
     def __init__(self, every_n_epochs: int | None = None) -> None:
         self.every_n_epochs = None if every_n_epochs is None else check_int("every_n_epochs", every_n_epochs)
         self.keys: tuple[str, ...] = ()
+
+    def setup(self, model: nn.Module) -> None:
+        """Called by the callback with the model, in its ``setup`` hook, before any measurement.
+
+        A metric whose keys depend on the model (e.g. one per module) sets ``keys`` here, and may
+        leave them empty in ``__init__``; the callback then checks them and logs them like the
+        others. The default does nothing.
+        """
 
     def compute(self, ctx: MeasurementContext) -> Mapping[str, float]:
         """``{key: value}`` for this measurement; every key of ``self.keys`` that was measured."""

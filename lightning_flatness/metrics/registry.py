@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 from .base import FlatnessMetric
+from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
@@ -12,10 +13,11 @@ from .pacgen import PACGen
 from .regret import GradCosineRegret
 
 BUILTIN: dict[str, type[FlatnessMetric]] = {
-    cls.name: cls for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy)
+    cls.name: cls for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy, BlockCurvature)
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
-# local_entropy is measured only when asked for: far more expensive than the defaults.
+# local_entropy is measured only when asked for: far more expensive than the defaults; block_curvature too
+# (a Lanczos run and a trace per block).
 
 MetricSpec = Union[str, FlatnessMetric]
 
@@ -35,16 +37,22 @@ def resolve_metrics(spec: MetricSpec | Sequence[MetricSpec]) -> list[FlatnessMet
             item = BUILTIN[item]()
         elif not isinstance(item, FlatnessMetric):
             raise TypeError(f"metrics entries must be names {list(BUILTIN)} or FlatnessMetric objects, got {item!r}.")
-        if not item.name or not item.keys:
+        keys_later = type(item).setup is not FlatnessMetric.setup  # keys that depend on the model
+        if not item.name or not (item.keys or keys_later):
             raise ValueError(f"{type(item).__name__} must set a class attribute `name` and `keys` in __init__.")
         out.append(item)
     names = [m.name for m in out]
     if len(set(names)) != len(names):
         raise ValueError(f"metrics lists a metric twice: {names}.")
-    logged = [key for m in out for key in m.keys]
+    check_keys(out)
+    return out
+
+
+def check_keys(metrics: Sequence[FlatnessMetric]) -> None:
+    """Raise if two metrics log the same key (again after :meth:`FlatnessMetric.setup` set model-dependent keys)."""
+    logged = [key for m in metrics for key in m.keys]
     if len(set(logged)) != len(logged):
         raise ValueError(f"two metrics log the same key: {sorted(k for k in set(logged) if logged.count(k) > 1)}.")
-    return out
 
 
 def execution_order(metrics: Sequence[FlatnessMetric]) -> list[FlatnessMetric]:
