@@ -21,8 +21,9 @@ reorthogonalization, ``O(m² P)`` per probe; memory ``m`` flat vectors.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -210,4 +211,6 @@ def hessian_spectral_density(
     gen = check_generator(generator)
     with measurement_mode(model):
         operator = Objective(model, batches, loss_fn, params, dtype).hessian_operator(cache_chunks)
-        return spectral_density(operator, num_probes=num_probes, lanczos_steps=lanczos_steps, probes=probes, generator=gen)
+        return spectral_density(
+            operator, num_probes=num_probes, lanczos_steps=lanczos_steps, probes=probes, generator=gen
+        )

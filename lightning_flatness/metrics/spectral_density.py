@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -131,7 +132,9 @@ class DensityWriter:
                 write_json(logger.log_dir, res, grid, density, epoch)
 
 
-def _add_histogram(writer: Any, res: SpectralDensityResult, counts: torch.Tensor, edges: torch.Tensor, epoch: int) -> None:  # noqa: ANN401
+def _add_histogram(
+    writer: Any, res: SpectralDensityResult, counts: torch.Tensor, edges: torch.Tensor, epoch: int
+) -> None:
     """The estimated eigenvalue counts as a TensorBoard histogram: ``num = P``, ``sum = tr H``."""
     first, second = res.moments(2)[0].tolist()
     writer.add_histogram_raw(
@@ -141,7 +144,7 @@ def _add_histogram(writer: Any, res: SpectralDensityResult, counts: torch.Tensor
     )  # fmt: skip
 
 
-def density_figure(grid: torch.Tensor, density: torch.Tensor, epoch: int) -> Any:  # noqa: ANN401
+def density_figure(grid: torch.Tensor, density: torch.Tensor, epoch: int) -> Any:
     """The smoothed density on a log-scale y-axis (six decades below its peak)."""
     fig = figure(5.6, 4.0)
     ax = fig.add_subplot()
@@ -156,7 +159,9 @@ def density_figure(grid: torch.Tensor, density: torch.Tensor, epoch: int) -> Any
     return fig
 
 
-def write_json(log_dir: str | Path, res: SpectralDensityResult, grid: torch.Tensor, density: torch.Tensor, epoch: int) -> Path:
+def write_json(
+    log_dir: str | Path, res: SpectralDensityResult, grid: torch.Tensor, density: torch.Tensor, epoch: int
+) -> Path:
     """``<log_dir>/hessian_density/epoch_<x>.json``: the quadrature (``nodes``, ``weights`` per
     probe), ``num_params``, and the smoothed density on ``grid``."""
     folder = Path(log_dir) / SUBDIR
