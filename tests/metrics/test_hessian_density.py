@@ -96,3 +96,34 @@ def test_registered_opt_in_and_bad_arguments():
                          ({"log_density": "yes"}, "log_density"), ({"every_n_epochs": 0}, "every_n_epochs")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
             HessianDensity(**kwargs)
+
+
+def test_wandb_offline_gets_image_and_histogram_at_epochs(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wb = WandbLogger(save_dir=str(tmp_path), offline=True, project="flatness-test")
+    experiment = wb.experiment
+    logged, real_log = [], experiment.log
+    monkeypatch.setattr(experiment, "log", lambda data, *a, **k: logged.append(dict(data)) or real_log(data, *a, **k))
+    try:
+        fit(tmp_path, HessianDensity(num_probes=2, lanczos_steps=3, every_n_epochs=2), wb)
+    finally:
+        experiment.finish()
+    rows = [r for r in logged if keys.HESSIAN_DENSITY_IMAGE in r]
+    assert [r["epoch"] for r in rows] == [2, 3]
+    assert all(isinstance(r[keys.HESSIAN_DENSITY_IMAGE], wandb.Image) for r in rows)
+    assert all(isinstance(r[keys.HESSIAN_DENSITY_HISTOGRAM], wandb.Histogram) for r in rows)
+
+
+def test_training_is_bit_identical_with_the_metric_and_its_figures(tmp_path):
+    seed_everything(0)
+    plain = Classifier(hidden=8)
+    trainer(tmp_path / "a", max_epochs=3).fit(plain, DataModule(n_train=64, n_val=32))
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    _, measured = fit(tmp_path / "b", HessianDensity(num_probes=2, lanczos_steps=4, probes="gaussian"), tb,
+                      measure_at_start=True)  # fmt: skip
+    a, b = plain.state_dict(), measured.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
