@@ -73,15 +73,23 @@ class SpectralDensityResult:
         value, se = self.moments(1)
         return self.num_params * value.item(), self.num_params * se.item()
 
-    def negative_mass(self, sigma: float = 0.0) -> tuple[float, float]:
-        r"""The fraction of the spectrum below 0, ``∫_{−∞}^0 φ_σ``, and its standard error across probes.
+    def negative_mass(self, threshold: float = 0.0, sigma: float = 0.0) -> tuple[float, float]:
+        r"""The fraction of the spectrum below ``−c = −threshold · max|θ|`` and its standard error across probes.
 
-        ``sigma = 0``: the weight of the negative nodes; ``σ > 0``: of the smoothed density
-        :meth:`density`, ``Σ_j τ_j Φ(−θ_j/σ)`` (a smooth function, which the quadrature
-        integrates more accurately than the step).
+        ``threshold`` is relative to the largest Ritz value in magnitude (about ``max |λ|``).
+        Networks' Hessians carry a large atom of (near-)zero eigenvalues (softmax invariance,
+        dead units) inside a bulk of small ones, and a few Lanczos steps place one node in it
+        at a small value of either sign, carrying the atom's whole weight: with
+        ``threshold = 0`` the mass can jump by that weight between probes and measurements.
+        ``sigma = 0``: the weight of the nodes below ``−c``; ``σ > 0``: the mass of the smoothed
+        density :meth:`density` below ``−c``, ``Σ_j τ_j Φ((−c − θ_j)/σ)``.
         """
+        cut = -check_float("threshold", threshold) * self.nodes.abs().max().item()
         sigma = check_float("sigma", sigma)
-        below = (self.nodes < 0).double() if sigma == 0 else 0.5 * torch.erfc(self.nodes / (sigma * math.sqrt(2)))
+        if sigma == 0:
+            below = (self.nodes < cut).double()
+        else:
+            below = 0.5 * torch.erfc((self.nodes - cut) / (sigma * math.sqrt(2)))
         value, se = mean_and_se((self.weights * below).sum(1))
         return value.item(), se.item()
 

@@ -39,10 +39,12 @@ class HessianDensity(FlatnessMetric):
 
     ``num_probes`` random unit probes, ``lanczos_steps`` Lanczos steps from each
     (:func:`~lightning_flatness.functional.hessian_spectral_density`). Logs the fraction of the
-    spectrum below 0, ``flatness/hessian_density_negative_mass`` (the weight of the negative
-    Ritz values), and ``flatness/hessian_trace_slq`` (``P·(1/S)Σ vᵀHv``, Hutchinson's trace from
-    the same probes), each with its standard error across probes; with ``log_density``, also
-    the smoothed density as a figure, a histogram and a JSON file (:mod:`this module <.spectral_density>`).
+    spectrum below ``−negative_threshold · max|λ|``, ``flatness/hessian_density_negative_mass``
+    (the weight of the Ritz values there; see
+    :meth:`~lightning_flatness.functional.SpectralDensityResult.negative_mass`), and
+    ``flatness/hessian_trace_slq`` (``P·(1/S)Σ vᵀHv``, Hutchinson's trace from the same
+    probes), each with its standard error across probes; with ``log_density``, also the
+    smoothed density as a figure, a histogram and a JSON file (see this module's docstring).
 
     Args:
         num_probes: probes (at least 2 for a standard error).
@@ -51,6 +53,8 @@ class HessianDensity(FlatnessMetric):
         probes: ``"rademacher"`` or ``"gaussian"`` (normalized to unit length).
         sigma: width of the Gaussian smoothing of the logged density; ``None``: 1% of the range
             of the Ritz values.
+        negative_threshold: eigenvalues above ``−negative_threshold · max|λ|`` count as zero in
+            the negative mass: a few Lanczos steps cannot resolve the sign of the near-zero bulk.
         cache_chunks: see :class:`~lightning_flatness.metrics.HessianEigenvalues`.
         log_density: log the figure, the histogram and the JSON file.
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`; typically set,
@@ -64,13 +68,15 @@ class HessianDensity(FlatnessMetric):
 
     def __init__(
         self, num_probes: int = 4, lanczos_steps: int = 64, probes: str = "rademacher", sigma: float | None = None,
-        cache_chunks: int = 1, log_density: bool = True, every_n_epochs: int | None = None,
+        negative_threshold: float = 0.01, cache_chunks: int = 1, log_density: bool = True,
+        every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
         self.num_probes = check_int("num_probes", num_probes)
         self.lanczos_steps = check_int("lanczos_steps", lanczos_steps)
         self.probes = check_choice("probes", probes, PROBES)
         self.sigma = None if sigma is None else check_float("sigma", sigma, inclusive=False)
+        self.negative_threshold = check_float("negative_threshold", negative_threshold, maximum=1.0)
         self.cache_chunks = check_int("cache_chunks", cache_chunks, 0)
         self.log_density = check_bool("log_density", log_density)
         values = (keys.HESSIAN_DENSITY_NEGATIVE_MASS, keys.HESSIAN_TRACE_SLQ)
@@ -84,7 +90,7 @@ class HessianDensity(FlatnessMetric):
             probes=self.probes, generator=ctx.generator(self.name), dtype=ctx.dtype, cache_chunks=self.cache_chunks,
         )  # fmt: skip
         out = {}
-        for key, (value, se) in ((keys.HESSIAN_DENSITY_NEGATIVE_MASS, res.negative_mass()),
+        for key, (value, se) in ((keys.HESSIAN_DENSITY_NEGATIVE_MASS, res.negative_mass(self.negative_threshold)),
                                  (keys.HESSIAN_TRACE_SLQ, res.trace())):  # fmt: skip
             out[key] = value
             if self.num_probes > 1:  # one probe: no spread to measure

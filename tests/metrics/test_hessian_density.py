@@ -56,7 +56,7 @@ def test_logs_scalars_image_histogram_and_json_at_its_epochs(tmp_path):
     last = cb.history[-1][1]
     assert last[keys.HESSIAN_TRACE_SLQ] == pytest.approx(res.trace()[0], rel=1e-5)
     assert last[keys.se(keys.HESSIAN_TRACE_SLQ)] == pytest.approx(res.trace()[1], rel=1e-4)
-    assert last[keys.HESSIAN_DENSITY_NEGATIVE_MASS] == pytest.approx(res.negative_mass()[0], abs=1e-6)
+    assert last[keys.HESSIAN_DENSITY_NEGATIVE_MASS] == pytest.approx(res.negative_mass(0.01)[0], abs=1e-6)
     final = histograms[-1].histogram_value
     assert final.num == res.num_params and final.sum == pytest.approx(res.trace()[0], rel=1e-4)
     assert sum(final.bucket) == pytest.approx(res.num_params, rel=1e-6)
@@ -93,7 +93,8 @@ def test_registered_opt_in_and_bad_arguments():
     assert FlatnessCallback(metrics=["hessian_density"]).metrics[0].lanczos_steps == 64
     for kwargs, name in (({"num_probes": 0}, "num_probes"), ({"lanczos_steps": -1}, "lanczos_steps"),
                          ({"probes": "sphere"}, "probes"), ({"sigma": 0.0}, "sigma"), ({"cache_chunks": -1}, "cache_chunks"),
-                         ({"log_density": "yes"}, "log_density"), ({"every_n_epochs": 0}, "every_n_epochs")):  # fmt: skip
+                         ({"log_density": "yes"}, "log_density"), ({"negative_threshold": -0.1}, "negative_threshold"),
+                         ({"negative_threshold": 2.0}, "negative_threshold"), ({"every_n_epochs": 0}, "every_n_epochs")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
             HessianDensity(**kwargs)
 
