@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -128,3 +129,22 @@ def test_training_is_bit_identical_with_the_metric_and_its_figures(tmp_path):
                       measure_at_start=True)  # fmt: skip
     a, b = plain.state_dict(), measured.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_processes_equal_single_process_and_rank_zero_writes(tmp_path):
+    from tests.callback.test_callback_ddp import subsample
+
+    seed_everything(0)
+    model = Classifier(dropout=0.0)
+    dm = DataModule(shuffle=False)
+    cb = FlatnessCallback([HessianDensity(num_probes=2, lanczos_steps=5)], num_samples=96, batch_size=16,
+                          gap_num_samples=0, every_n_epochs=0)  # fmt: skip
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer(tmp_path, [cb], logger=logger, max_epochs=1, strategy="ddp_spawn", devices=2).fit(model, dm)
+    [version] = os.listdir(os.path.join(tmp_path, "csv"))  # only rank 0 wrote
+    assert os.listdir(os.path.join(tmp_path, "csv", version, "hessian_density")) == ["epoch_000001.json"]
+    saved = read_final_density(os.path.join(tmp_path, "csv", version))
+    res = hessian_spectral_density(model, subsample(dm.train_set, 0, 96, 16), num_probes=2, lanczos_steps=5,
+                                   generator=measurement_seed(0, 1, "hessian_density"))  # fmt: skip
+    assert torch.allclose(torch.tensor(saved["nodes"], dtype=torch.float64), res.nodes, rtol=1e-4, atol=1e-6)
