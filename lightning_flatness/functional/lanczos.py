@@ -174,7 +174,7 @@ def lanczos_tridiagonal(
     ``min(steps, P)`` products, fewer only on a breakdown (``β ≈ 0``: the Krylov space of
     ``start`` is invariant, and ``T`` then already holds all of ``start``'s spectral measure).
     The eigenvalues ``θ_j`` of ``T`` and the squared first components ``τ_j = s_{1j}²`` of its
-    unit eigenvectors are the Gauss quadrature of the spectral measure of ``start / ‖start‖``:
+    unit eigenvectors are the ``m``-node Gauss quadrature of the measure of ``start / ‖start‖``:
     ``uᵀ f(A) u ≈ Σ_j τ_j f(θ_j)``, exact for polynomials of degree up to ``2m − 1`` (Golub &
     Meurant 2010). ``full_reorthogonalization`` (default) orthogonalizes every residual against
     the whole basis (``O(mP)`` per step), so the quadrature holds to rounding; ``False`` uses
