@@ -4,7 +4,16 @@ from . import functional, metrics
 from ._preflight import LossFnError, UnsupportedStrategyError
 from .callback import FlatnessCallback
 from .landscape import LandscapeOptions
-from .metrics import BlockCurvature, FisherTrace, FlatnessMetric, GradCosineRegret, HessianEigenvalues, LocalEntropy, PACGen
+from .metrics import (
+    BlockCurvature,
+    FisherTrace,
+    FlatnessMetric,
+    GradCosineRegret,
+    HessianDensity,
+    HessianEigenvalues,
+    LocalEntropy,
+    PACGen,
+)
 from .optim import EntropySGD
 from .perturbation import PACGenPerturbation
 
@@ -25,4 +34,5 @@ __all__ = [
     "UnsupportedStrategyError",
     "functional",
     "metrics",
+    "HessianDensity",
 ]

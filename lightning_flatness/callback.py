@@ -388,12 +388,21 @@ class FlatnessCallback(Callback):
             if result is None:
                 ctx.shared = SharedResults()  # failed on some rank: no rank may use what it left behind
                 continue
+            if trainer.is_global_zero:
+                self._log_artifacts(trainer, metric, ctx.epoch)
             weight = float(ctx.num_samples) if metric.sample_weighted else 1.0
             for key, value in result.items():
                 self.values[key].update(torch.tensor(value, dtype=torch.float64), weight)
                 updated.append(key)
         self._shared = ctx.shared
         return updated
+
+    def _log_artifacts(self, trainer: Trainer, metric: FlatnessMetric, x: int) -> None:
+        """The metric's figures, histograms and files (rank 0 only, no collectives); failures follow ``on_error``."""
+        try:
+            metric.log_artifacts(trainer.loggers, x)
+        except Exception as err:  # noqa: BLE001 - a failing figure must not stop training
+            self._failures.handle(f"{metric.name}'s figures", err)
 
     def _measure_gap(self, trainer: Trainer, pl_module: LightningModule, x: int) -> list[str]:
         if self.config["gap_num_samples"] == 0:

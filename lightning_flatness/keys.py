@@ -76,3 +76,9 @@ REPORT_ORDER = (
     TRAIN_ACC, TEST_ACC, ACC_GAP, SECONDS,
 )  # fmt: skip
 OVERVIEW = (HESSIAN_TOP_EIG, GRAD_COSINE_REGRET, FISHER_TRACE, PACGEN, LOSS_GAP, ACC_GAP)
+
+# The Hessian's eigenvalue density (stochastic Lanczos quadrature; HessianDensity, opt-in).
+HESSIAN_DENSITY_NEGATIVE_MASS = "flatness/hessian_density_negative_mass"  # mass below -negative_threshold * max|λ|
+HESSIAN_TRACE_SLQ = "flatness/hessian_trace_slq"  # tr ∇²L from the same probes
+HESSIAN_DENSITY_IMAGE = "hessian_density/density"  # the smoothed density, an image (log y)
+HESSIAN_DENSITY_HISTOGRAM = "hessian_density/eigenvalues"  # estimated eigenvalue counts, a histogram

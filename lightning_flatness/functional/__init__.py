@@ -19,13 +19,14 @@ from .fisher_trace import FisherResult, fisher_trace
 from .grad_cosine_regret import RegretResult, grad_cosine_regret
 from .hessian_eigenvalues import EigenResult, hessian_eigenvalues, hessian_top_eigenvalue
 from .hutchinson import TraceResult, hessian_diagonal, hessian_trace, hutchinson_diagonal, hutchinson_trace
-from .lanczos import LanczosResult, lanczos
+from .lanczos import LanczosResult, lanczos, lanczos_tridiagonal
 from .local_entropy import LocalEntropyResult, local_entropy
 from .loss_landscape import EigenvectorSlice, LandscapeResult, eigenvector_slice, loss_landscape, normalize_direction
 from .objective import CrossProcess, HessianOperator, Objective, cross_process_reduction
 from .operator import CurvatureOperator, DenseOperator
 from .pacgen import PACGenResult, estimate_rho, pacgen, pacgen_perturbation_scale
 from .block_curvature import BlockCurvatureResult, block_curvature, resolve_blocks
+from .spectral_density import SpectralDensityResult, hessian_spectral_density, spectral_density
 
 __all__ = [
     "BUILTIN_LOSSES",
@@ -69,4 +70,8 @@ __all__ = [
     "BlockCurvatureResult",
     "block_curvature",
     "resolve_blocks",
+    "SpectralDensityResult",
+    "hessian_spectral_density",
+    "spectral_density",
+    "lanczos_tridiagonal",
 ]

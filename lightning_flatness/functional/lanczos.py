@@ -104,8 +104,9 @@ class _Krylov:
     ``previous`` the same for ``q_{j−1}``; :func:`_next_omega` carries them one step on.
     """
 
-    def __init__(self, start: Tensor, limit: int) -> None:
+    def __init__(self, start: Tensor, limit: int, full: bool = False) -> None:
         eps = torch.finfo(start.dtype).eps
+        self.full = full  # orthogonalize every residual against the whole basis
         self.basis = Rows(start, limit)
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[i] couples q_i and q_{i+1}; 0 after a restart
@@ -136,7 +137,7 @@ class _Krylov:
         self.norm = max(self.norm, abs(alpha) + beta + last)
         rounding = self.unit * self.norm + self.dropped
         omega = _next_omega(self.omega, self.previous, self.alphas, self.betas, beta, rounding)
-        if self.force or not omega[:-1].abs().max().item() <= self.threshold:  # NaN too
+        if self.full or self.force or not omega[:-1].abs().max().item() <= self.threshold:  # NaN too
             # Simon: orthogonalize this residual and the next, or q_j's lost orthogonality
             # passes into q_{j+2} through the recurrence.
             w = _orthogonalize(w, self.basis.view())
@@ -161,6 +162,35 @@ class _Krylov:
         self.dropped = max(self.dropped, beta)
         self.omega[:-1] = self.unit  # orthogonalized against everything
         return r, r.norm()
+
+
+def lanczos_tridiagonal(
+    operator: CurvatureOperator, start: Tensor, steps: int, *, full_reorthogonalization: bool = True
+) -> tuple[Tensor, Tensor]:
+    r"""The Lanczos tridiagonal matrix ``T`` of ``operator`` from ``start``: its diagonal ``α`` and off-diagonal ``β``.
+
+    ``steps`` iterations of the same recurrence as :func:`lanczos` (``T = Qᵀ A Q`` for the
+    orthonormal Krylov basis ``Q`` of ``start``), without a convergence check: exactly
+    ``min(steps, P)`` products, fewer only on a breakdown (``β ≈ 0``: the Krylov space of
+    ``start`` is invariant, and ``T`` then already holds all of ``start``'s spectral measure).
+    The eigenvalues ``θ_j`` of ``T`` and the squared first components ``τ_j = s_{1j}²`` of its
+    unit eigenvectors are the ``m``-node Gauss quadrature of the measure of ``start / ‖start‖``:
+    ``uᵀ f(A) u ≈ Σ_j τ_j f(θ_j)``, exact for polynomials of degree up to ``2m − 1`` (Golub &
+    Meurant 2010). ``full_reorthogonalization`` (default) orthogonalizes every residual against
+    the whole basis (``O(mP)`` per step), so the quadrature holds to rounding; ``False`` uses
+    :func:`lanczos`'s partial reorthogonalization. Returns float64 CPU tensors ``α`` ``(m,)`` and
+    ``β`` ``(m − 1,)``.
+    """
+    steps = min(check_int("steps", steps), start.numel())
+    run = _Krylov(start, steps, full=full_reorthogonalization)
+    q, norm = start, start.norm()
+    for m in range(1, steps + 1):
+        w, beta = run.residual(operator @ run.basis.append(q, norm))
+        if m == steps or not beta > 1e-10 * max(run.norm, 1e-300):  # done, or an invariant subspace
+            break
+        run.betas.append(beta)
+        q, norm = w, beta
+    return torch.tensor(run.alphas, dtype=torch.float64), torch.tensor(run.betas, dtype=torch.float64)
 
 
 def _next_omega(

@@ -2,7 +2,7 @@
 
 ``FlatnessCallback(metrics=[HessianEigenvalues(k=3), GradCosineRegret(), FisherTrace(kind="mc"),
 PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``,
-``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"`` and ``"block_curvature"`` stand for the default-configured
+``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"`` and ``"hessian_density"`` stand for the default-configured
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
@@ -15,6 +15,7 @@ from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, check_keys, execution_order, resolve_metrics
 from .regret import GradCosineRegret
+from .spectral_density import HessianDensity
 
 __all__ = [
     "BUILTIN",
@@ -35,4 +36,5 @@ __all__ = [
     "resolve_metrics",
     "samples_needed",
     "BlockCurvature",
+    "HessianDensity",
 ]

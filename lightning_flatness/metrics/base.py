@@ -175,6 +175,14 @@ class FlatnessMetric:
         """``{key: value}`` for this measurement; every key of ``self.keys`` that was measured."""
         raise NotImplementedError
 
+    def log_artifacts(self, loggers: Sequence[Any], epoch: int) -> None:
+        """Write the non-scalar results of the last :meth:`compute` (figures, histograms, files) to ``loggers``.
+
+        Called by the callback on rank 0 only, right after every successful :meth:`compute`,
+        with ``trainer.loggers`` and the measurement's epoch; it must not call collectives.
+        A failure follows the callback's ``on_error`` like one of :meth:`compute`. No-op by default.
+        """
+
     def due(self, epoch: int, final: bool) -> bool:
         """Whether to measure at the callback's measurement at ``epoch``."""
         return final or self.every_n_epochs is None or epoch % self.every_n_epochs == 0

@@ -11,9 +11,11 @@ from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .regret import GradCosineRegret
+from .spectral_density import HessianDensity
 
 BUILTIN: dict[str, type[FlatnessMetric]] = {
-    cls.name: cls for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy, BlockCurvature)
+    cls.name: cls
+    for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy, BlockCurvature, HessianDensity)
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
 # local_entropy is measured only when asked for: far more expensive than the defaults; block_curvature too

@@ -16,6 +16,8 @@ It writes to ``--out`` (default ``LOGDIR/report``):
   (``FlatnessCallback(landscape_every_n_epochs=...)``): each configuration's first seed's
   latest 1-D filter-normalized slice on one figure, and its slice along the top Hessian
   eigenvector (train solid, validation dashed), read from ``<run>/landscape/epoch_*.json``;
+- ``hessian_density.png`` when runs logged ``HessianDensity``: each configuration's first seed's
+  latest smoothed Hessian eigenvalue density, read from ``<run>/hessian_density/epoch_*.json``;
 - ``summary.md``: one row per key, one column per configuration, at the comparison point. With
   one seed: the value (± its within-run standard error) and Kendall τ / Spearman ρ between each
   key and ``gap/loss`` across configurations. With several: the mean over seeds, its 95%
@@ -95,11 +97,13 @@ def make_report(
         warnings.warn(f"no run logged {TARGET} (it needs validation data): no rank correlations.", stacklevel=2)
     if plots:
         from ..landscape.plots import plot_runs
+        from .density import plot_density
         from .plots import plot_all
 
         report.files += plot_all(report.configurations, report.keys, out_dir)
         # One run per configuration (its first seed): every seed's slices on one figure would not be read.
         report.files += plot_runs([c.runs[0] for c in report.configurations], out_dir)
+        report.files += plot_density([c.runs[0] for c in report.configurations], out_dir)
     if echo:
         print(report.markdown)
         pngs = sum(1 for f in report.files if f.suffix == ".png")
