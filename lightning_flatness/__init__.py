@@ -5,6 +5,7 @@ from ._preflight import LossFnError, UnsupportedStrategyError
 from .callback import FlatnessCallback
 from .landscape import LandscapeOptions
 from .metrics import FisherTrace, FlatnessMetric, GradCosineRegret, HessianEigenvalues, LocalEntropy, PACGen
+from .metrics import AdaptiveSharpness, FisherRaoNorm
 from .optim import EntropySGD
 from .perturbation import PACGenPerturbation
 
@@ -24,4 +25,6 @@ __all__ = [
     "UnsupportedStrategyError",
     "functional",
     "metrics",
+    "AdaptiveSharpness",
+    "FisherRaoNorm",
 ]

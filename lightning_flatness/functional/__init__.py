@@ -25,6 +25,8 @@ from .loss_landscape import EigenvectorSlice, LandscapeResult, eigenvector_slice
 from .objective import CrossProcess, HessianOperator, Objective, cross_process_reduction
 from .operator import CurvatureOperator, DenseOperator
 from .pacgen import PACGenResult, estimate_rho, pacgen, pacgen_perturbation_scale
+from .adaptive_sharpness import AdaptiveSharpnessResult, adaptive_sharpness, without_normalization
+from .fisher_rao import FisherRaoResult, fisher_rao_norm
 
 __all__ = [
     "BUILTIN_LOSSES",
@@ -65,4 +67,9 @@ __all__ = [
     "pacgen_perturbation_scale",
     "per_sample_sq_norms",
     "unflatten",
+    "AdaptiveSharpnessResult",
+    "adaptive_sharpness",
+    "without_normalization",
+    "FisherRaoResult",
+    "fisher_rao_norm",
 ]

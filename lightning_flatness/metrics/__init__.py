@@ -14,6 +14,8 @@ from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, execution_order, resolve_metrics
 from .regret import GradCosineRegret
+from .adaptive_sharpness import AdaptiveSharpness
+from .fisher_rao import FisherRaoNorm
 
 __all__ = [
     "BUILTIN",
@@ -32,4 +34,6 @@ __all__ = [
     "measurement_seed",
     "resolve_metrics",
     "samples_needed",
+    "AdaptiveSharpness",
+    "FisherRaoNorm",
 ]

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+from .adaptive_sharpness import AdaptiveSharpness
 from .base import FlatnessMetric
 from .fisher import FisherTrace
+from .fisher_rao import FisherRaoNorm
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .regret import GradCosineRegret
 
 BUILTIN: dict[str, type[FlatnessMetric]] = {
-    cls.name: cls for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy)
+    cls.name: cls
+    for cls in (
+        HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy, AdaptiveSharpness, FisherRaoNorm,
+    )  # fmt: skip
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
 # local_entropy is measured only when asked for: far more expensive than the defaults.
+# adaptive_sharpness (num_draws + 1 forward passes, ~7 gradients at 16 draws) and fisher_rao_norm
+# (~2 gradients) too.
 
 MetricSpec = Union[str, FlatnessMetric]
 
