@@ -18,8 +18,8 @@ class FisherRaoNorm(FlatnessMetric):
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
 
     ``flatness/fisher_rao_norm_se``: the standard error over the draw of the samples
-    (per-sample values). Cost: one forward-mode pass over the subsample (about 2 gradients on
-    an MLP).
+    (per-sample values). Cost: one forward-mode pass over the subsample (about 1.5 gradients on
+    the sweep's MLP).
     """
 
     name = "fisher_rao_norm"

@@ -21,8 +21,8 @@ BUILTIN: dict[str, type[FlatnessMetric]] = {
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
 # local_entropy is measured only when asked for: far more expensive than the defaults.
-# adaptive_sharpness (num_draws + 1 forward passes, ~7 gradients at 16 draws) and fisher_rao_norm
-# (~2 gradients) too.
+# adaptive_sharpness (num_draws + 1 forward passes: ~8.5 gradients at 16 draws) and fisher_rao_norm
+# (~1.5 gradients) too.
 
 MetricSpec = Union[str, FlatnessMetric]
 

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from lightning_flatness.functional import (
+    Objective,
     adaptive_sharpness,
     fisher_rao_norm,
     hessian_eigenvalues,
+    measurement_mode,
     without_normalization,
 )
-from lightning_flatness.functional import Objective, measurement_mode
 from lightning_flatness.functional.adaptive_sharpness import _difference_table, crossed_mean_and_se
 from tests.functional.test_standard_errors import pool
 from tests.helpers.models import (
@@ -64,7 +65,9 @@ def test_quadratic_is_exact_in_expectation_and_within_its_error(antithetic):
     assert abs(values.mean().item() - exact) < 3 * values.std().item() / 100**0.5  # unbiased
     assert ((values - exact).abs() < 2 * errors).float().mean().item() > 0.8  # within its se (t, 7 dof: 91%)
     assert errors.mean().item() == pytest.approx(values.std().item(), rel=0.25)
-    one = adaptive_sharpness(model, batches, model_output_loss, rho=RHO, num_draws=32, antithetic=antithetic, generator=1)
+    one = adaptive_sharpness(
+        model, batches, model_output_loss, rho=RHO, num_draws=32, antithetic=antithetic, generator=1
+    )
     assert abs(one.value - exact) < 3 * one.se
     if antithetic:
         # A pair's value is ½ eᵀAe, e = |w|⊙δ: Var = ρ⁴ tr(M²)/2 with M = D A D, D = diag|w|.
@@ -91,22 +94,22 @@ def test_draw_error_matches_the_spread_over_redrawn_perturbations(antithetic):
 
 
 def test_total_error_matches_the_spread_over_redrawn_subsamples_and_perturbations():
-    model, (x, y) = tiny_mlp(), pool(1024)[0:2]
+    model, (x, y) = tiny_mlp(), pool(1024)
     g = torch.Generator().manual_seed(1)
     results = []
     for seed in range(100):
-        idx = torch.randperm(1024, generator=g)[:128]
-        results.append(adaptive_sharpness(model, [(x[idx], y[idx])], rho=0.2, num_draws=8, generator=seed))
-    values = torch.tensor([r.value for r in results])
-    assert torch.tensor([r.se for r in results]).mean().item() == pytest.approx(values.std().item(), rel=0.25)
-    # the subsample's part is not negligible next to the draws' (at 8 draws)
-    assert torch.tensor([r.se_samples for r in results]).mean().item() > 0.25 * values.std().item()
+        idx = torch.randperm(1024, generator=g)[:64]
+        results.append(adaptive_sharpness(model, [(x[idx], y[idx])], rho=0.2, num_draws=32, generator=seed))
+    spread = torch.tensor([r.value for r in results]).std().item()
+    assert torch.tensor([r.se for r in results]).mean().item() == pytest.approx(spread, rel=0.25)  # measured 0.97
+    # the draws' part alone would be too small here (measured 0.74 of the spread): the subsample's part counts
+    assert torch.tensor([r.se_draws for r in results]).mean().item() < 0.8 * spread
 
 
 def test_crossed_design_error_is_the_textbook_two_way_anova():
     g = torch.Generator().manual_seed(0)
-    table = torch.randn(30, 1, generator=g, dtype=torch.float64) + 0.5 * torch.randn(1, 6, generator=g, dtype=torch.float64)
-    table += 0.3 * torch.randn(30, 6, generator=g, dtype=torch.float64)
+    noise = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    table = noise(30, 1) + 0.5 * noise(1, 6) + 0.3 * noise(30, 6)  # samples, draws, interaction
     mean, se_draws, se_samples = crossed_mean_and_se(table)
     n, k = table.shape
     rows, cols = table.mean(1), table.mean(0)

@@ -98,7 +98,8 @@ def test_a_layer_without_forward_mode_falls_back_to_double_backward():
 def test_error_matches_the_spread_over_redrawn_subsamples():
     model, (x, y) = tiny_mlp(), pool(1024)
     g = torch.Generator().manual_seed(1)
-    results = [fisher_rao_norm(model, [(x[i], y[i])]) for i in (torch.randperm(1024, generator=g)[:128] for _ in range(100))]
+    subsamples = (torch.randperm(1024, generator=g)[:128] for _ in range(100))
+    results = [fisher_rao_norm(model, [(x[i], y[i])]) for i in subsamples]
     spread = torch.tensor([r.value for r in results]).std().item()
     assert torch.tensor([r.se for r in results]).mean().item() == pytest.approx(spread, rel=0.25)
 
