@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..validation import check_bool, check_float, check_generator, check_int
 from ._losses import LossArg
 from ._restore import measurement_mode
+from ._stats import Reduce
 from .objective import Objective
 
 # Normalization layers (their scales and shifts are left unperturbed with ``without_normalization``).
@@ -173,7 +174,7 @@ def _difference_table(
     return torch.stack(columns, dim=1), total.item() / count
 
 
-def crossed_mean_and_se(table: Tensor, reduce: Any = None) -> tuple[float, float, float]:
+def crossed_mean_and_se(table: Tensor, reduce: Reduce | None = None) -> tuple[float, float, float]:
     """``(mean, se_draws, se_samples)`` of an ``(N, K)`` samples-by-draws table (see :func:`adaptive_sharpness`).
 
     Rows may be split over processes: ``reduce`` sums a tensor over them (``None``: one process).
