@@ -5,7 +5,9 @@ from ._preflight import LossFnError, UnsupportedStrategyError
 from .callback import FlatnessCallback
 from .landscape import LandscapeOptions
 from .metrics import (
+    AdaptiveSharpness,
     BlockCurvature,
+    FisherRaoNorm,
     FisherTrace,
     FlatnessMetric,
     GradCosineRegret,
@@ -35,4 +37,6 @@ __all__ = [
     "functional",
     "metrics",
     "HessianDensity",
+    "AdaptiveSharpness",
+    "FisherRaoNorm",
 ]

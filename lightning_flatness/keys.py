@@ -17,6 +17,8 @@ PACGEN = "flatness/pacgen"
 PACGEN_CURVED_FRACTION = "flatness/pacgen_curved_fraction"
 LOCAL_ENTROPY = "flatness/local_entropy"
 SECONDS = "flatness/seconds"
+ADAPTIVE_SHARPNESS = "flatness/adaptive_sharpness"
+FISHER_RAO_NORM = "flatness/fisher_rao_norm"
 
 
 def se(key: str) -> str:

@@ -27,6 +27,8 @@ from .operator import CurvatureOperator, DenseOperator
 from .pacgen import PACGenResult, estimate_rho, pacgen, pacgen_perturbation_scale
 from .block_curvature import BlockCurvatureResult, block_curvature, resolve_blocks
 from .spectral_density import SpectralDensityResult, hessian_spectral_density, spectral_density
+from .adaptive_sharpness import AdaptiveSharpnessResult, adaptive_sharpness, without_normalization
+from .fisher_rao import FisherRaoResult, fisher_rao_norm
 
 __all__ = [
     "BUILTIN_LOSSES",
@@ -74,4 +76,9 @@ __all__ = [
     "hessian_spectral_density",
     "spectral_density",
     "lanczos_tridiagonal",
+    "AdaptiveSharpnessResult",
+    "adaptive_sharpness",
+    "without_normalization",
+    "FisherRaoResult",
+    "fisher_rao_norm",
 ]

@@ -2,7 +2,7 @@
 
 ``FlatnessCallback(metrics=[HessianEigenvalues(k=3), GradCosineRegret(), FisherTrace(kind="mc"),
 PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``,
-``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"`` and ``"hessian_density"`` stand for the default-configured
+``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"``, ``"hessian_density"``, ``"adaptive_sharpness"`` and ``"fisher_rao_norm"`` stand for the default-configured
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
@@ -16,6 +16,8 @@ from .pacgen import PACGen
 from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, check_keys, execution_order, resolve_metrics
 from .regret import GradCosineRegret
 from .spectral_density import HessianDensity
+from .adaptive_sharpness import AdaptiveSharpness
+from .fisher_rao import FisherRaoNorm
 
 __all__ = [
     "BUILTIN",
@@ -37,4 +39,6 @@ __all__ = [
     "samples_needed",
     "BlockCurvature",
     "HessianDensity",
+    "AdaptiveSharpness",
+    "FisherRaoNorm",
 ]

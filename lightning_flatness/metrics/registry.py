@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+from .adaptive_sharpness import AdaptiveSharpness
 from .base import FlatnessMetric
 from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
+from .fisher_rao import FisherRaoNorm
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
@@ -15,11 +17,16 @@ from .spectral_density import HessianDensity
 
 BUILTIN: dict[str, type[FlatnessMetric]] = {
     cls.name: cls
-    for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy, BlockCurvature, HessianDensity)
+    for cls in (
+        HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy,
+        BlockCurvature, HessianDensity, AdaptiveSharpness, FisherRaoNorm,
+    )  # fmt: skip
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
-# local_entropy is measured only when asked for: far more expensive than the defaults; block_curvature too
-# (a Lanczos run and a trace per block).
+# The others are measured only when asked for, being far more expensive than the defaults: local_entropy
+# (a Langevin chain), block_curvature (a Lanczos run and a trace per block), hessian_density (probes x
+# Lanczos steps products), adaptive_sharpness (num_draws + 1 forward passes: ~8.5 gradients at 16 draws);
+# fisher_rao_norm (~1.5 gradients) is a different question than the defaults answer.
 
 MetricSpec = Union[str, FlatnessMetric]
 

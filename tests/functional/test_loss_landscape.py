@@ -13,6 +13,8 @@ from tests.helpers.models import (
     model_output_loss,
     quadratic_batches,
     random_symmetric,
+    relu_mlp,
+    rescaled_twin,
     tiny_cnn,
     tiny_mlp,
 )
@@ -56,19 +58,10 @@ def test_filter_normalization_gives_each_filter_the_weight_norm():
         normalize_direction(d, weights, shapes, "batch")
 
 
-def _relu_mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
-
-
 def test_relu_rescaling_leaves_filter_normalized_slice_unchanged():
     batches = mlp_batches()
-    model, rescaled = _relu_mlp(), _relu_mlp()
-    alpha = 5.0
-    with torch.no_grad():
-        rescaled[0].weight.mul_(alpha)
-        rescaled[0].bias.mul_(alpha)
-        rescaled[2].weight.div_(alpha)
+    model = relu_mlp()
+    rescaled = rescaled_twin(model, 5.0)
     kwargs = dict(directions=1, seed=3, span=1.0, steps=7)
     same = loss_landscape(model, batches, **kwargs).losses
     assert torch.allclose(loss_landscape(rescaled, batches, **kwargs).losses, same, rtol=1e-10)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from lightning_flatness.functional import (
+    adaptive_sharpness,
+    fisher_rao_norm,
     fisher_trace,
     grad_cosine_regret,
     hessian_diagonal,
@@ -24,6 +26,8 @@ ESTIMATORS = {
     "diagonal": lambda m, b: hessian_diagonal(m, b, num_probes=5, generator=1),
     "fisher": lambda m, b: torch.tensor(fisher_trace(m, b).value),
     "pacgen": lambda m, b: torch.tensor(pacgen(m, b, num_probes=5, generator=1).value),
+    "adaptive_sharpness": lambda m, b: torch.tensor(adaptive_sharpness(m, b, num_draws=4, generator=1).value),
+    "fisher_rao": lambda m, b: torch.tensor(fisher_rao_norm(m, b).value),
 }
 # ... and every estimator, including those that depend on the mini-batches or draw labels.
 ALL_ESTIMATORS = dict(
@@ -33,3 +37,4 @@ ALL_ESTIMATORS = dict(
 )
 # The plain functions, for argument checks.
 FUNCTIONS = [hessian_eigenvalues, hessian_trace, hessian_diagonal, grad_cosine_regret, fisher_trace, pacgen]
+FUNCTIONS += [adaptive_sharpness, fisher_rao_norm]

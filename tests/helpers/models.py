@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -75,3 +77,21 @@ def random_symmetric(dim: int, seed: int = 5, shift: float = 0.0) -> torch.Tenso
     g = torch.Generator().manual_seed(seed)
     m = torch.randn(dim, dim, generator=g, dtype=torch.float64)
     return (m + m.T) / 2 + shift * torch.eye(dim, dtype=torch.float64)
+
+
+def relu_mlp(bias: bool = True) -> nn.Module:
+    """``4 → 6 → 3`` with a ReLU: positively homogeneous in each layer's weights (and biases)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6, bias=bias), nn.ReLU(), nn.Linear(6, 3, bias=bias)).double()
+
+
+def rescaled_twin(model: nn.Sequential, alpha: float) -> nn.Sequential:
+    """The same function with other weights (Dinh et al. 2017): layer 0's weights and bias times
+    ``alpha``, layer 2's weights divided by it (ReLU(αz) = αReLU(z) for α > 0)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].weight.mul_(alpha)
+        if twin[0].bias is not None:
+            twin[0].bias.mul_(alpha)
+        twin[2].weight.div_(alpha)
+    return twin
