@@ -5,6 +5,7 @@ from ._preflight import LossFnError, UnsupportedStrategyError
 from .callback import FlatnessCallback
 from .landscape import LandscapeOptions
 from .metrics import FisherTrace, FlatnessMetric, GradCosineRegret, HessianEigenvalues, LocalEntropy, PACGen
+from .metrics import GradientNoiseScale
 from .optim import EntropySGD
 from .perturbation import PACGenPerturbation
 
@@ -23,5 +24,6 @@ __all__ = [
     "PACGenPerturbation",
     "UnsupportedStrategyError",
     "functional",
+    "GradientNoiseScale",
     "metrics",
 ]

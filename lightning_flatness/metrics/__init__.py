@@ -14,6 +14,7 @@ from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, execution_order, resolve_metrics
 from .regret import GradCosineRegret
+from .grad_noise_scale import GradientNoiseScale
 
 __all__ = [
     "BUILTIN",
@@ -32,4 +33,5 @@ __all__ = [
     "measurement_seed",
     "resolve_metrics",
     "samples_needed",
+    "GradientNoiseScale",
 ]

@@ -10,9 +10,10 @@ from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .regret import GradCosineRegret
+from .grad_noise_scale import GradientNoiseScale
 
 BUILTIN: dict[str, type[FlatnessMetric]] = {
-    cls.name: cls for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy)
+    cls.name: cls for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy, GradientNoiseScale)
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
 # local_entropy is measured only when asked for: far more expensive than the defaults.
