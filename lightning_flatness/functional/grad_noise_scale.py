@@ -3,6 +3,7 @@ McCandlish, Kaplan, Amodei et al. (2018), from per-sample squared gradient norms
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -93,9 +94,10 @@ def grad_noise_scale(
         >>> r.trace_cov > 0 and r.num_samples == 64
         True
     """
-    with measurement_mode(model):
+    passes = int(gradient is None) + int(sample_sq_norms is None) + int(batch_gradient_dots is None)
+    # With every input given nothing evaluates the model: skip the mode switch (most of the cost then).
+    with measurement_mode(model) if passes else contextlib.nullcontext():
         objective = Objective(model, batches, loss_fn, params, dtype)
-        passes = int(gradient is None) + int(sample_sq_norms is None) + int(batch_gradient_dots is None)
         mean = (objective.gradient() if gradient is None else _checked_gradient(gradient, objective)).to(torch.float64)
         counts, sq_means = _sq_norm_means(objective, sample_sq_norms)
         dots = _projections(objective, mean, counts, batch_gradient_dots)
@@ -117,7 +119,7 @@ def _sq_norm_means(objective: Objective, given: Sequence[Tensor] | None) -> tupl
     if len(norms) == 0:
         raise ValueError("batches is empty: pass at least one batch.")
     counts = torch.tensor([float(t.numel()) for t in norms], dtype=torch.float64)
-    sums = torch.stack([t.detach().sum(dtype=torch.float64).cpu() for t in norms])
+    sums = torch.stack([t.detach().sum(dtype=torch.float64) for t in norms]).cpu()
     return counts, sums / counts
 
 

@@ -15,8 +15,9 @@ from .grad_noise_scale import GradientNoiseScale
 BUILTIN: dict[str, type[FlatnessMetric]] = {
     cls.name: cls for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy, GradientNoiseScale)
 }
-DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
-# local_entropy is measured only when asked for: far more expensive than the defaults.
+DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen", "grad_noise_scale")
+# local_entropy is measured only when asked for: far more expensive than the defaults. grad_noise_scale
+# reuses the regret's and the Fisher's passes: ~0.05 gradient on top of them.
 
 MetricSpec = Union[str, FlatnessMetric]
 
