@@ -39,6 +39,22 @@ def test_equals_the_per_sample_loop(model_and_batches):
         assert not r.resolved and r.value == math.inf and math.isnan(r.se)
 
 
+def test_resolved_value_equals_the_loop_ratio():
+    model, x, y = tiny_mlp(), *mostly_zero_labels(48)  # the fixtures above are noise-dominated: |G|² < 0
+    batches = [(x[s : s + 16], y[s : s + 16]) for s in range(0, 48, 16)]
+    trace, sq_norm = loop_estimates(model, batches)
+    r = grad_noise_scale(model, batches)
+    assert sq_norm > 0 and r.resolved
+    assert r.value == pytest.approx(trace / sq_norm, rel=1e-10) and r.grad_sq_norm == pytest.approx(sq_norm, rel=1e-10)
+
+
+def mostly_zero_labels(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels that are 0 for about half the samples: a mean gradient above the noise."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return x, torch.where(torch.rand(n, generator=g) < 0.5, 0, torch.randint(0, 3, (n,), generator=g))
+
+
 def test_shared_inputs_give_the_same_result_without_a_pass():
     model, batches = tiny_mlp(), mlp_batches((8, 8, 8, 8))
     reg, fis = grad_cosine_regret(model, batches), fisher_trace(model, batches)
@@ -60,12 +76,14 @@ def test_float32_agrees_with_float64():
 # ------------------------------------------------------------- a pool with known values
 @pytest.fixture(scope="module")
 def pool():
+    return make_pool()
+
+
+def make_pool():
     """512 samples whose labels are mostly 0, so the mean gradient stands out of the noise
     (B_simple ≈ 7), their exact per-sample gradients, and the population tr Σ and |G|²."""
     model = tiny_mlp()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 4, generator=g, dtype=torch.float64)
-    y = torch.where(torch.rand(512, generator=g) < 0.5, 0, torch.randint(0, 3, (512,), generator=g))
+    x, y = mostly_zero_labels(512)
     grads = per_sample_grads_loop(model, x, y)
     mean = grads.mean(0)
     return model, x, y, grads, ((grads - mean) ** 2).sum(1).mean().item(), (mean @ mean).item()
