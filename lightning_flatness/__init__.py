@@ -16,6 +16,7 @@ __all__ = [
     "FlatnessCallback",
     "FlatnessMetric",
     "GradCosineRegret",
+    "GradientNoiseScale",
     "HessianEigenvalues",
     "LandscapeOptions",
     "LocalEntropy",
@@ -24,6 +25,5 @@ __all__ = [
     "PACGenPerturbation",
     "UnsupportedStrategyError",
     "functional",
-    "GradientNoiseScale",
     "metrics",
 ]

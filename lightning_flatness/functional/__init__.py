@@ -35,6 +35,7 @@ __all__ = [
     "EigenResult",
     "EigenvectorSlice",
     "FisherResult",
+    "GradNoiseScaleResult",
     "HessianOperator",
     "LanczosResult",
     "LandscapeResult",
@@ -50,6 +51,7 @@ __all__ = [
     "fisher_trace",
     "flatten",
     "grad_cosine_regret",
+    "grad_noise_scale",
     "hessian_diagonal",
     "hessian_eigenvalues",
     "hessian_top_eigenvalue",
@@ -66,6 +68,4 @@ __all__ = [
     "pacgen_perturbation_scale",
     "per_sample_sq_norms",
     "unflatten",
-    "GradNoiseScaleResult",
-    "grad_noise_scale",
 ]

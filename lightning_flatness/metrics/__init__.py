@@ -9,12 +9,12 @@ objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement_seed, samples_needed
 from .fisher import FisherTrace
 from .gap import GapMeter
+from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, execution_order, resolve_metrics
 from .regret import GradCosineRegret
-from .grad_noise_scale import GradientNoiseScale
 
 __all__ = [
     "BUILTIN",
@@ -23,6 +23,7 @@ __all__ = [
     "FlatnessMetric",
     "GapMeter",
     "GradCosineRegret",
+    "GradientNoiseScale",
     "HessianEigenvalues",
     "LocalEntropy",
     "MeasurementContext",
@@ -33,5 +34,4 @@ __all__ = [
     "measurement_seed",
     "resolve_metrics",
     "samples_needed",
-    "GradientNoiseScale",
 ]

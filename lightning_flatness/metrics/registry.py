@@ -6,11 +6,11 @@ from typing import Sequence, Union
 
 from .base import FlatnessMetric
 from .fisher import FisherTrace
+from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .regret import GradCosineRegret
-from .grad_noise_scale import GradientNoiseScale
 
 BUILTIN: dict[str, type[FlatnessMetric]] = {
     cls.name: cls for cls in (HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy, GradientNoiseScale)

@@ -186,10 +186,11 @@ def _noise_scale_table(report: Report) -> list[str]:
         ratio = size / compared.mean if size and compared.mean > 0 else math.nan
         regime = "—" if not math.isfinite(ratio) else "below it: noise-dominated" if ratio < 1 else "above it"
         se = f" ± {compared.se:.2g}" if math.isfinite(compared.se) else ""
-        lines.append(f"| {c.name} | {size or '—'} | {fmt(first)} | {fmt(compared.mean)}{se} | {_short(ratio)} | {regime} |")
-    lines += ["", "A run whose batch size is well below the noise scale takes noise-dominated steps (a larger batch "
-              "would cut the steps nearly in proportion); well above it, extra samples per step buy little. "
-              "Missing values: the subsample did not resolve the mean gradient (see docs/study.md)."]  # fmt: skip
+        cells = [c.name, str(size or "—"), fmt(first), fmt(compared.mean) + se, _short(ratio), regime]
+        lines.append(f"| {' | '.join(cells)} |")
+    lines += ["", ("A run whose batch size is well below the noise scale takes noise-dominated steps (a larger batch "
+                   "would cut the steps nearly in proportion); well above it, extra samples per step buy little. "
+                   "Missing values: the subsample did not resolve the mean gradient (see docs/study.md).")]  # fmt: skip
     return lines
 
 

@@ -9,7 +9,11 @@ import math
 import pytest
 import torch
 
-from lightning_flatness.functional import fisher_trace, grad_cosine_regret, grad_noise_scale
+from lightning_flatness.functional import (
+    fisher_trace,
+    grad_cosine_regret,
+    grad_noise_scale,
+)
 from tests.helpers.models import mlp_batches, tiny_mlp
 from tests.helpers.oracles import per_sample_grads_loop
 
@@ -107,7 +111,10 @@ def test_trace_and_sq_norm_are_unbiased(pool):
     *_, trace, sq_norm = pool
     gen = torch.Generator().manual_seed(1)
     runs = [draw(pool, 32, gen) for _ in range(600)]
-    for got, want in ((torch.tensor([r.trace_cov for r in runs]), trace), (torch.tensor([r.grad_sq_norm for r in runs]), sq_norm)):
+    for got, want in (
+        (torch.tensor([r.trace_cov for r in runs]), trace),
+        (torch.tensor([r.grad_sq_norm for r in runs]), sq_norm),
+    ):
         mc = got.std().item() / math.sqrt(len(got))
         assert abs(got.mean().item() - want) < 3.5 * mc, (got.mean().item(), want, mc)
     # the plug-in |Ḡ|² is biased by tr Σ / n, far beyond the Monte Carlo error: the test can tell

@@ -10,9 +10,22 @@ import warnings
 import pytest
 import torch
 
-from lightning_flatness import FisherTrace, FlatnessCallback, GradCosineRegret, GradientNoiseScale
-from lightning_flatness.functional import fisher_trace, grad_noise_scale, measurement_mode
-from lightning_flatness.metrics import DEFAULT_METRICS, MeasurementContext, execution_order
+from lightning_flatness import (
+    FisherTrace,
+    FlatnessCallback,
+    GradCosineRegret,
+    GradientNoiseScale,
+)
+from lightning_flatness.functional import (
+    fisher_trace,
+    grad_noise_scale,
+    measurement_mode,
+)
+from lightning_flatness.metrics import (
+    DEFAULT_METRICS,
+    MeasurementContext,
+    execution_order,
+)
 from tests.helpers.lightning_models import Classifier, DataModule, trainer
 from tests.helpers.models import mlp_batches, tiny_mlp
 
@@ -20,7 +33,9 @@ KEY = "flatness/grad_noise_scale"
 
 
 def context(model, batches) -> MeasurementContext:
-    return MeasurementContext(model, batches, "cross_entropy", epoch=0, seed=0, num_samples=sum(len(b[1]) for b in batches))
+    return MeasurementContext(
+        model, batches, "cross_entropy", epoch=0, seed=0, num_samples=sum(len(b[1]) for b in batches)
+    )
 
 
 def test_shared_results_give_the_functional_value_and_leave_the_fisher_unchanged():

@@ -50,7 +50,9 @@ def test_noise_scale_table_and_figure_mark_the_batch_sizes(logdir, tmp_path):
 
 
 def test_batch_size_from_hparams_else_the_run_name(tmp_path):
-    run = lambda name, hp: Run(name, tmp_path, {}, hp)  # noqa: E731
+    def run(name, hp):
+        return Run(name, tmp_path, {}, hp)
+
     assert batch_size_of(run("whatever", {"batch_size": 32})) == 32
     assert batch_size_of(run("bs64_lr0.1_s2", {})) == 64
     assert batch_size_of(run("sweep/bs8_lr0.3", {})) == 8
