@@ -27,7 +27,7 @@ class FisherResult:
     n_grad: int
     se: float = float("nan")
     # kind="empirical": ‖∇ℓ_i‖² of every sample, one tensor per batch of this process (for grad_noise_scale)
-    sample_sq_norms: tuple[Tensor, ...] | None = field(default=None, repr=False)
+    sample_sq_norms: tuple[Tensor, ...] | None = field(default=None, repr=False, compare=False)
 
 
 def fisher_trace(

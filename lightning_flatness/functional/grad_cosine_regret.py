@@ -32,7 +32,7 @@ class RegretResult:
     cosine_se: float = math.nan
     gradient: Tensor | None = field(default=None, repr=False)  # ∇L over all of ``batches`` (flat), from the same pass
     # ḡ_b·∇L for each mini-batch of this process, from the standard errors' pass (for grad_noise_scale)
-    batch_gradient_dots: tuple[float, ...] | None = field(default=None, repr=False)
+    batch_gradient_dots: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
 
 
 def grad_cosine_regret(
