@@ -16,6 +16,8 @@ PACGEN = "flatness/pacgen"
 # Fraction of coordinates whose PACGen curvature factor is above its 1/N_i floor (0: Psi measures only |w|).
 PACGEN_CURVED_FRACTION = "flatness/pacgen_curved_fraction"
 LOCAL_ENTROPY = "flatness/local_entropy"
+# The gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish et al. 2018), the critical batch size estimate.
+GRAD_NOISE_SCALE = "flatness/grad_noise_scale"
 SECONDS = "flatness/seconds"
 ADAPTIVE_SHARPNESS = "flatness/adaptive_sharpness"
 FISHER_RAO_NORM = "flatness/fisher_rao_norm"

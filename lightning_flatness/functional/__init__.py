@@ -17,6 +17,7 @@ from ._per_sample import per_sample_sq_norms
 from ._restore import measurement_mode
 from .fisher_trace import FisherResult, fisher_trace
 from .grad_cosine_regret import RegretResult, grad_cosine_regret
+from .grad_noise_scale import GradNoiseScaleResult, grad_noise_scale
 from .hessian_eigenvalues import EigenResult, hessian_eigenvalues, hessian_top_eigenvalue
 from .hutchinson import TraceResult, hessian_diagonal, hessian_trace, hutchinson_diagonal, hutchinson_trace
 from .lanczos import LanczosResult, lanczos, lanczos_tridiagonal
@@ -38,6 +39,7 @@ __all__ = [
     "EigenResult",
     "EigenvectorSlice",
     "FisherResult",
+    "GradNoiseScaleResult",
     "HessianOperator",
     "LanczosResult",
     "LandscapeResult",
@@ -53,6 +55,7 @@ __all__ = [
     "fisher_trace",
     "flatten",
     "grad_cosine_regret",
+    "grad_noise_scale",
     "hessian_diagonal",
     "hessian_eigenvalues",
     "hessian_top_eigenvalue",

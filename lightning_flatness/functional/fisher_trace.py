@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -26,6 +26,8 @@ class FisherResult:
     value: float
     n_grad: int
     se: float = float("nan")
+    # kind="empirical": ‖∇ℓ_i‖² of every sample, one tensor per batch of this process (for grad_noise_scale)
+    sample_sq_norms: tuple[Tensor, ...] | None = field(default=None, repr=False, compare=False)
 
 
 def fisher_trace(
@@ -74,7 +76,7 @@ def fisher_trace(
                 'kind="mc" samples labels from the model, which needs loss_fn="cross_entropy" or "mse"; '
                 "use kind=\"empirical\" with a custom loss_fn."
             )
-        total, count, spread = _sq_norm_sums(objective, kind, num_samples, gen)
+        total, count, spread, norms = _sq_norm_sums(objective, kind, num_samples, gen)
         se = spread.result(objective.reduce_sum)[1].item()
     if count == 0:
         raise ValueError("batches is empty: pass at least one sample.")
@@ -82,17 +84,18 @@ def fisher_trace(
     value = total.item() / (count * (1 if kind == "empirical" else num_samples))
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError("loss_fn produced non-finite per-sample gradients (NaN or inf).")
-    return FisherResult(value, n_grad, se)
+    return FisherResult(value, n_grad, se, tuple(norms) if kind == "empirical" else None)
 
 
 def _sq_norm_sums(
     objective: Objective, kind: str, num_samples: int, gen: torch.Generator
-) -> tuple[Tensor, int, MeanAccumulator]:
+) -> tuple[Tensor, int, MeanAccumulator, list[Tensor]]:
     """``Σ ‖∇ℓ‖²`` over every sample (and label draw), in float64, and the number of inputs, over
-    processes; and the per-input values' sums for the standard error (not yet reduced)."""
+    processes; the per-input values' sums for the standard error (not yet reduced); and each
+    batch's per-sample values (this process's)."""
     total = torch.zeros((), dtype=torch.float64, device=objective.device)
     spread = MeanAccumulator(device=objective.device)
-    count = 0
+    count, norms = 0, []
     for batch in objective.iter_batches():
         if kind == "empirical":
             sq = per_sample_sq_norms(objective, batch)
@@ -103,8 +106,9 @@ def _sq_norm_sums(
             count += sq.numel() // num_samples
             spread.add(sq.reshape(num_samples, -1).mean(0))  # per input: the mean over its label draws
         total += sq.sum(dtype=torch.float64)
+        norms.append(sq)
     total, count = objective.reduce(total, count)
-    return total, count, spread
+    return total, count, spread, norms
 
 
 def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.Generator) -> Tensor:

@@ -31,6 +31,8 @@ class RegretResult:
     regret_sgd_se: float = math.nan
     cosine_se: float = math.nan
     gradient: Tensor | None = field(default=None, repr=False)  # ∇L over all of ``batches`` (flat), from the same pass
+    # ḡ_b·∇L for each mini-batch of this process, from the standard errors' pass (for grad_noise_scale)
+    batch_gradient_dots: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
 
 
 def grad_cosine_regret(
@@ -88,10 +90,13 @@ def grad_cosine_regret(
             raise ValueError(f"{int(zeros)} mini-batch gradient(s) are exactly zero; their cosine is undefined.")
         dots = ((sum_unit @ sum_unit).item(), (sum_unit @ sum_g).item(), (sum_g @ sum_g).item())
         values = _pair_means(count, sum_norm, sum_sq_norm, *dots)
-        se = _hoeffding_se(objective, sum_unit, sum_g, count, sum_norm, sum_sq_norm) if stderr else (math.nan,) * 3
+        se, projections = (math.nan,) * 3, None
+        if stderr:
+            se, projections = _hoeffding_se(objective, sum_unit, sum_g, count, sum_norm, sum_sq_norm, gradient)
     return RegretResult(
-        *values, n_grad=2 if stderr else 1, regret_se=se[0], regret_sgd_se=se[1], cosine_se=se[2], gradient=gradient
-    )
+        *values, n_grad=2 if stderr else 1, regret_se=se[0], regret_sgd_se=se[1], cosine_se=se[2], gradient=gradient,
+        batch_gradient_dots=projections,
+    )  # fmt: skip
 
 
 def _pair_means(
@@ -109,9 +114,11 @@ def _pair_means(
 
 
 def _hoeffding_se(
-    objective: Objective, sum_unit: Tensor, sum_g: Tensor, count: int, sum_norm: float, sum_sq_norm: float
-) -> tuple[float, float, float]:
-    """Standard errors of ``(regret, regret_sgd, cosine)`` over the draw of the mini-batches.
+    objective: Objective, sum_unit: Tensor, sum_g: Tensor, count: int, sum_norm: float, sum_sq_norm: float,
+    gradient: Tensor,
+) -> tuple[tuple[float, float, float], tuple[float, ...]]:  # fmt: skip
+    """Standard errors of ``(regret, regret_sgd, cosine)`` over the draw of the mini-batches, and
+    each mini-batch gradient's projection ``ḡ_b·∇L`` (this process's; the noise scale's error bar).
 
     Each is a U-statistic over pairs of mini-batches, whose variance is, to first order,
     ``4 Var_j(h₁(j)) / M`` with ``h₁(j)`` the mean of the symmetrized pair term over the pairs
@@ -120,8 +127,10 @@ def _hoeffding_se(
     """
     m = count
     acc = MeanAccumulator(3)
+    mean, dots = gradient.to(torch.float64), []
     for summed, size in objective.batch_gradient_sums():
         g = summed.to(torch.float64) / size
+        dots.append((g @ mean).item())
         n = g.norm()
         u = g / n
         gu, ug, gg = (g @ sum_unit).item(), (u @ sum_g).item(), (g @ sum_g).item()
@@ -133,7 +142,7 @@ def _hoeffding_se(
         )
         acc.add(torch.tensor([h1], dtype=torch.float64) / (m - 1))
     se = acc.result(lambda sums: objective.reduce_sum(sums.to(objective.device)).cpu())[1]  # s(h₁) / √M
-    return tuple((2 * se).tolist())
+    return tuple((2 * se).tolist()), tuple(dots)
 
 
 def _pair_sums(objective: Objective) -> tuple[Tensor, int, Tensor]:

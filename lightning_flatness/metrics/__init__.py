@@ -10,6 +10,7 @@ from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement
 from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
 from .gap import GapMeter
+from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
@@ -26,6 +27,7 @@ __all__ = [
     "FlatnessMetric",
     "GapMeter",
     "GradCosineRegret",
+    "GradientNoiseScale",
     "HessianEigenvalues",
     "LocalEntropy",
     "MeasurementContext",

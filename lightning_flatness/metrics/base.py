@@ -87,12 +87,20 @@ class SharedResults:
             :class:`~lightning_flatness.metrics.GradCosineRegret` from its mini-batch gradients);
             :class:`~lightning_flatness.metrics.HessianEigenvalues` starts Lanczos from it on a
             cold start instead of taking its own gradient pass.
+        sample_sq_norms: ``‖∇ℓ_i‖²`` of every sample of this process's shard, one tensor per
+            mini-batch, in order (set by :class:`~lightning_flatness.metrics.FisherTrace` with
+            ``kind="empirical"``); :class:`~lightning_flatness.metrics.GradientNoiseScale` reads them.
+        batch_gradient_dots: ``ḡ_b·∇L`` for every mini-batch ``b`` of this process's shard, in
+            order (set by :class:`~lightning_flatness.metrics.GradCosineRegret` beside
+            ``gradient``); :class:`~lightning_flatness.metrics.GradientNoiseScale`'s error bar.
     """
 
     eigenvalues: Tensor | None = None
     eigenvectors: Tensor | None = None
     hessian_max: float | None = None
     gradient: Tensor | None = None
+    sample_sq_norms: tuple[Tensor, ...] | None = None
+    batch_gradient_dots: tuple[float, ...] | None = None
 
 
 @dataclass

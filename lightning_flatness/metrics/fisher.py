@@ -19,10 +19,13 @@ class FisherTrace(FlatnessMetric):
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
 
     With ``flatness/fisher_trace_se``, the standard error over the draw of the samples (per-sample
-    values). Cost: about one gradient pass (``mc_samples`` with ``kind="mc"``).
+    values). Cost: about one gradient pass (``mc_samples`` with ``kind="mc"``). With
+    ``kind="empirical"`` it provides the per-sample norms to later metrics
+    (``SharedResults.sample_sq_norms``: :class:`~lightning_flatness.metrics.GradientNoiseScale`).
     """
 
     name = "fisher_trace"
+    provides = ("sample_sq_norms",)  # with kind="empirical": the noise scale's per-sample norms
     sample_weighted = True
 
     def __init__(self, kind: str = "empirical", mc_samples: int = 1, every_n_epochs: int | None = None) -> None:
@@ -36,4 +39,5 @@ class FisherTrace(FlatnessMetric):
             ctx.model, ctx.batches, ctx.loss_fn, kind=self.kind, num_samples=self.mc_samples,
             generator=ctx.seed_for(self.name), dtype=ctx.dtype,
         )  # fmt: skip
+        ctx.shared.sample_sq_norms = fis.sample_sq_norms  # None with kind="mc"
         return {keys.FISHER_TRACE: fis.value, keys.se(keys.FISHER_TRACE): fis.se}

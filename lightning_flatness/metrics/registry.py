@@ -9,6 +9,7 @@ from .base import FlatnessMetric
 from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
 from .fisher_rao import FisherRaoNorm
+from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
@@ -18,15 +19,16 @@ from .spectral_density import HessianDensity
 BUILTIN: dict[str, type[FlatnessMetric]] = {
     cls.name: cls
     for cls in (
-        HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy,
+        HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, GradientNoiseScale, LocalEntropy,
         BlockCurvature, HessianDensity, AdaptiveSharpness, FisherRaoNorm,
     )  # fmt: skip
 }
-DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
-# The others are measured only when asked for, being far more expensive than the defaults: local_entropy
-# (a Langevin chain), block_curvature (a Lanczos run and a trace per block), hessian_density (probes x
-# Lanczos steps products), adaptive_sharpness (num_draws + 1 forward passes: ~8.5 gradients at 16 draws);
-# fisher_rao_norm (~1.5 gradients) is a different question than the defaults answer.
+DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen", "grad_noise_scale")
+# grad_noise_scale reuses the regret's and the Fisher's passes: ~0.06 gradient on top of them. The others
+# are measured only when asked for, being far more expensive than the defaults: local_entropy (a Langevin
+# chain), block_curvature (a Lanczos run and a trace per block), hessian_density (probes x Lanczos steps
+# products), adaptive_sharpness (num_draws + 1 forward passes: ~8.5 gradients at 16 draws); fisher_rao_norm
+# (~1.5 gradients) answers a different question than the defaults.
 
 MetricSpec = Union[str, FlatnessMetric]
 

@@ -15,11 +15,12 @@ class GradCosineRegret(FlatnessMetric):
     ``flatness/grad_cosine``, the mean cosine (:func:`~lightning_flatness.functional.grad_cosine_regret`).
     Needs at least 2 mini-batches. Each with its standard error ``<key>_se`` over the draw of the
     mini-batches (Hoeffding's first-order U-statistic variance). Cost: two gradient passes; the
-    first also gives ``∇L``, which it provides to later metrics (``SharedResults.gradient``).
+    first also gives ``∇L``, which it provides to later metrics (``SharedResults.gradient``), the
+    second each mini-batch gradient's projection on it (``SharedResults.batch_gradient_dots``).
     """
 
     name = "grad_cosine_regret"
-    provides = ("gradient",)
+    provides = ("gradient", "batch_gradient_dots")
     min_batches = 2
 
     def __init__(self, every_n_epochs: int | None = None) -> None:
@@ -29,6 +30,7 @@ class GradCosineRegret(FlatnessMetric):
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         reg = grad_cosine_regret(ctx.model, ctx.batches, ctx.loss_fn, dtype=ctx.dtype)
         ctx.shared.gradient = reg.gradient
+        ctx.shared.batch_gradient_dots = reg.batch_gradient_dots
         return {
             keys.GRAD_COSINE_REGRET: reg.regret, keys.GRAD_COSINE: reg.cosine,
             keys.se(keys.GRAD_COSINE_REGRET): reg.regret_se, keys.se(keys.GRAD_COSINE): reg.cosine_se,

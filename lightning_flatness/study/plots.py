@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .._figures import colors, figure, wants_log_scale
-from ..keys import GAP_PREFIX, OVERVIEW, SECONDS, TRAIN_LOSS
+from ..keys import GAP_PREFIX, GRAD_NOISE_SCALE, OVERVIEW, SECONDS, TRAIN_LOSS
+from .runs import batch_size_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .runs import Row, Run
@@ -115,8 +116,24 @@ def _draw(ax: Any, configs: Sequence[Configuration], key: str, x_key: str | None
         ys += _draw_config(ax, config, key, x_key, color)
     if not ys:
         return False
+    if key == GRAD_NOISE_SCALE:
+        ys += _batch_size_lines(ax, configs)
     _axes(ax, key, x_key, ys)
     return True
+
+
+def _batch_size_lines(ax: Any, configs: Sequence[Configuration]) -> list[float]:  # noqa: ANN401
+    """A dashed line at each configuration's training batch size, in its color: where its noise
+    scale curve runs above the line, that run trained below the critical batch size."""
+    sizes = []
+    for config, color in zip(configs, colors(len(configs))):
+        size = batch_size_of(config.runs[0])
+        if size is not None:
+            ax.axhline(size, color=color, linestyle="--", linewidth=0.9, alpha=0.8)
+            ax.annotate(f"B={size}", (1.0, size), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                        textcoords="offset points", ha="right", fontsize=6, color=color)  # fmt: skip
+            sizes.append(float(size))
+    return sizes
 
 
 def plot_all(configs: Sequence[Configuration], keys: Sequence[str], out: Path) -> list[Path]:
@@ -136,7 +153,8 @@ def plot_all(configs: Sequence[Configuration], keys: Sequence[str], out: Path) -
             if not _draw(ax, configs, key, x_key):
                 continue
             ax.set_title(f"{key} vs {'epoch' if x_key is None else 'training loss'}")
-            ax.legend(fontsize=7, title=legend, title_fontsize=7)
+            dashed = "; dashed: its batch size" if key == GRAD_NOISE_SCALE else ""
+            ax.legend(fontsize=7, title=legend + dashed, title_fontsize=7)
             path = out / f"{file_stem(key)}_vs_{suffix}.png"
             fig.savefig(path, dpi=110)
             written.append(path)

@@ -143,6 +143,16 @@ def ordered_keys(runs: Sequence[Run]) -> list[str]:
     return [x for k in known for x in (k, *followers[k])] + [r for r in rest if r not in placed]
 
 
+def batch_size_of(run: Run) -> int | None:
+    """The run's training batch size: its ``hparams.yaml``'s ``batch_size``, else a ``bs<B>`` in its
+    name (as the sweep names runs), else None."""
+    value = run.hparams.get("batch_size")
+    if isinstance(value, int) and value > 0:
+        return value
+    found = re.search(r"(?:^|[_/])bs(\d+)(?:_|$)", run.name)
+    return int(found.group(1)) if found else None
+
+
 # --------------------------------------------------------------------------- selecting
 def comparison_row(run: Run, keys: Sequence[str], at_train_loss: float | None = None) -> Row:
     """The run at the end of training, or at its first measurement with ``gap/train_loss <= at_train_loss``."""

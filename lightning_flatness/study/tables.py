@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import keys
-from .runs import Row
+from .runs import Row, batch_size_of
 from .seeds import BOOTSTRAP_RESAMPLES, CONFIDENCE, Configuration, Correlation, GuideRow, split_seed, spread
 
 TARGET = keys.LOSS_GAP
@@ -166,6 +166,34 @@ def _guide(report: Report) -> list[str]:
     return lines
 
 
+def _noise_scale_table(report: Report) -> list[str]:
+    """Each configuration's batch size beside its gradient noise scale (first and compared measurement)."""
+    key = keys.GRAD_NOISE_SCALE
+    if key not in report.keys:
+        return []
+    lines = [
+        f"Gradient noise scale `{key}` (B_simple, the critical batch size estimate; McCandlish et al. 2018) vs "
+        "each configuration's batch size B: at the first measurement and at the compared point (mean over seeds).",
+        "",
+        "| configuration | batch size B | noise scale, first | noise scale, compared | B / noise scale | regime |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for c in report.configurations:
+        size = batch_size_of(c.runs[0])
+        firsts = [run.series(key)[0][1] for run in c.runs if run.series(key)]
+        first = sum(firsts) / len(firsts) if firsts else math.nan
+        compared = spread(c, key)
+        ratio = size / compared.mean if size and compared.mean > 0 else math.nan
+        regime = "—" if not math.isfinite(ratio) else "below it: noise-dominated" if ratio < 1 else "above it"
+        se = f" ± {compared.se:.2g}" if math.isfinite(compared.se) else ""
+        cells = [c.name, str(size or "—"), fmt(first), fmt(compared.mean) + se, _short(ratio), regime]
+        lines.append(f"| {' | '.join(cells)} |")
+    lines += ["", ("A run whose batch size is well below the noise scale takes noise-dominated steps (a larger batch "
+                   "would cut the steps nearly in proportion); well above it, extra samples per step buy little. "
+                   "Missing values: the subsample did not resolve the mean gradient (see docs/study.md).")]  # fmt: skip
+    return lines
+
+
 def to_markdown(report: Report) -> str:
     """``summary.md``: the values table, the correlations (with intervals for several seeds), the guide."""
     configs = report.configurations
@@ -179,6 +207,8 @@ def to_markdown(report: Report) -> str:
         lines += [*_multi_seed_table(report), "", *_correlation_table(report)]
     else:
         lines += _single_seed_table(report)
+    noise = _noise_scale_table(report)
+    lines += ["", *noise] if noise else []
     guide = _guide(report)
     lines += ["", *guide] if guide else []
     notes = [f"- {r.run}: {r.note}" for r in report.rows if r.note]

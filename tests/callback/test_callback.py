@@ -225,7 +225,7 @@ def test_failing_metric_warns_once_and_training_goes_on(tmp_path):
     with pytest.warns(UserWarning, match="failed and is skipped") as record:
         t, _, _ = fit(tmp_path, cb, max_epochs=3)
     messages = [str(w.message) for w in record if "failed and is skipped" in str(w.message)]
-    assert len(messages) == 5  # once per metric (4) and the gap, not once per epoch
+    assert len(messages) == 6  # once per metric (5) and the gap, not once per epoch
     assert t.current_epoch == 3
     assert all(set(v) == {"flatness/seconds"} for _, v in cb.history)
 

@@ -18,6 +18,7 @@ from lightning_flatness import FlatnessCallback, HessianEigenvalues, LandscapeOp
 from lightning_flatness.functional import (
     fisher_trace,
     grad_cosine_regret,
+    grad_noise_scale,
     hessian_eigenvalues,
     pacgen,
 )
@@ -32,6 +33,7 @@ KEYS = (
     "flatness/hessian_top_eig", "flatness/grad_cosine_regret", "flatness/grad_cosine", "flatness/fisher_trace",
     "flatness/pacgen", "gap/train_loss", "gap/test_loss", "gap/train_acc", "gap/test_acc",
     "flatness/perturbed_loss", "flatness/shard_mean_loss",  # user-defined metrics, one of each kind
+    "flatness/grad_noise_scale", "flatness/grad_noise_scale_se",  # from the regret's and the Fisher's shards
 )  # fmt: skip
 
 
@@ -53,6 +55,8 @@ def single_process(model, dm, x):
     out["flatness/pacgen"] = pacgen(model, batches, num_train=256, hessian_max=bound, generator=seed).value
     reg = grad_cosine_regret(model, batches)
     out["flatness/grad_cosine_regret"], out["flatness/grad_cosine"] = reg.regret, reg.cosine
+    noise = grad_noise_scale(model, batches)
+    out["flatness/grad_noise_scale"], out["flatness/grad_noise_scale_se"] = noise.value, noise.se
     with measurement_mode(model):
         context = MeasurementContext(model, batches, "cross_entropy", x, 0, 96)
         out.update(PerturbedLoss().compute(context))
@@ -74,7 +78,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     initial = copy.deepcopy(model)
     dm = DataModule(shuffle=False)
     metrics = [HessianEigenvalues(tol=1e-8, max_iter=400), "grad_cosine_regret", "fisher_trace", "pacgen",
-               PerturbedLoss(), ShardMeanLoss()]  # fmt: skip
+               PerturbedLoss(), ShardMeanLoss(), "grad_noise_scale"]  # fmt: skip
     cb = FlatnessCallback(
         metrics, num_samples=96, batch_size=16, gap_num_samples=100, measure_at_start=True, every_n_epochs=2,
         landscape=LandscapeOptions(every_n_epochs=2, steps=3),

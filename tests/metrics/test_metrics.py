@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_flatness import FisherTrace, FlatnessCallback, GradCosineRegret, HessianEigenvalues, LocalEntropy, PACGen
+from lightning_flatness import GradientNoiseScale
 from lightning_flatness.metrics import (
     BUILTIN,
     DEFAULT_METRICS,
@@ -22,11 +23,14 @@ SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=0)
 
 def test_names_stand_for_default_configured_objects_with_the_same_keys():
     metrics = resolve_metrics(list(DEFAULT_METRICS) + ["local_entropy"])
-    assert [type(m) for m in metrics] == [HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, LocalEntropy]
+    assert [type(m) for m in metrics] == [
+        HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, GradientNoiseScale, LocalEntropy,
+    ]  # fmt: skip
     assert [m.name for m in metrics] == list(BUILTIN)[: len(metrics)]  # later entries: tested in their own files
     assert [[k for k in m.keys if not k.endswith("_se")] for m in metrics] == [
         ["flatness/hessian_top_eig"], ["flatness/grad_cosine_regret", "flatness/grad_cosine"],
-        ["flatness/fisher_trace"], ["flatness/pacgen", "flatness/pacgen_curved_fraction"], ["flatness/local_entropy"],
+        ["flatness/fisher_trace"], ["flatness/pacgen", "flatness/pacgen_curved_fraction"],
+        ["flatness/grad_noise_scale"], ["flatness/local_entropy"],
     ]  # fmt: skip
     for metric in metrics:  # every value with its standard error
         values = {k for k in metric.keys if not k.endswith("_se") and k != "flatness/pacgen_curved_fraction"}
@@ -120,6 +124,7 @@ def test_deprecated_flat_options_still_work_and_show_the_new_spelling():
         cb = FlatnessCallback(k=3, eps=0.5, pacgen_screen=False, landscape_every_n_epochs=2, **SMALL)
     assert [repr(m) for m in cb.metrics] == [
         "HessianEigenvalues(k=3)", "GradCosineRegret()", "FisherTrace()", "PACGen(eps=0.5, screen=False)",
+        "GradientNoiseScale()",
     ]  # fmt: skip
     assert cb._landscape.options.every_n_epochs == 2
     with pytest.raises(ValueError, match="k"):
