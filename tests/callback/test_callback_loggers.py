@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_flatness import FlatnessCallback
 from tests.helpers.lightning_models import Classifier, DataModule, trainer
+from tests.helpers.loggers import offline_wandb
 
 SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=96)
 ALL_KEYS = {
@@ -82,17 +83,10 @@ def test_no_logger(tmp_path):
 
 def test_wandb_offline_uses_epoch_step_metric(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from lightning.pytorch.loggers import WandbLogger
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    wb = WandbLogger(save_dir=str(tmp_path), offline=True, project="flatness-test")
+    wb, experiment, logged = offline_wandb(tmp_path, monkeypatch)
     tb = TensorBoardLogger(str(tmp_path), name="tb")
-    experiment = wb.experiment
-    defined, logged = [], []
-    real_define, real_log = experiment.define_metric, experiment.log
+    defined, real_define = [], experiment.define_metric
     monkeypatch.setattr(experiment, "define_metric", lambda *a, **k: defined.append((a, k)) or real_define(*a, **k))
-    monkeypatch.setattr(experiment, "log", lambda data, *a, **k: logged.append(dict(data)) or real_log(data, *a, **k))
     cb = FlatnessCallback(metrics=["hessian_top_eig", "fisher_trace"], measure_at_start=True, **SMALL)
     try:
         fit(tmp_path, cb, [wb, tb], max_epochs=2)

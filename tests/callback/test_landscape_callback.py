@@ -16,6 +16,7 @@ from lightning_flatness.landscape import read_final, views_from_json
 from lightning_flatness.landscape import views as _landscape
 from lightning_flatness.metrics import measurement_seed
 from tests.helpers.lightning_models import Classifier, DataModule, trainer
+from tests.helpers.loggers import offline_wandb
 
 torch.set_num_threads(1)
 SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=96)
@@ -129,16 +130,9 @@ def test_invalid_landscape_arguments(kwargs, name):
 
 def test_wandb_offline_gets_images_at_epochs(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from lightning.pytorch.loggers import WandbLogger
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    wb = WandbLogger(save_dir=str(tmp_path), offline=True, project="flatness-test")
-    experiment = wb.experiment
-    defined, logged = [], []
-    real_define, real_log = experiment.define_metric, experiment.log
+    wb, experiment, logged = offline_wandb(tmp_path, monkeypatch)
+    defined, real_define = [], experiment.define_metric
     monkeypatch.setattr(experiment, "define_metric", lambda *a, **k: defined.append((a, k)) or real_define(*a, **k))
-    monkeypatch.setattr(experiment, "log", lambda data, *a, **k: logged.append(dict(data)) or real_log(data, *a, **k))
     views = LandscapeOptions(every_n_epochs=1, steps=3, two_d=True, steps_2d=2)
     cb = FlatnessCallback(metrics=["hessian_top_eig"], measure_at_start=True, landscape=views, **SMALL)
     try:

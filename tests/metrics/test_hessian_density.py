@@ -16,6 +16,7 @@ from lightning_flatness.metrics import BUILTIN, DEFAULT_METRICS, measurement_see
 from lightning_flatness.metrics import spectral_density as density_module
 from lightning_flatness.metrics.spectral_density import read_final_density
 from tests.helpers.lightning_models import Classifier, DataModule, trainer
+from tests.helpers.loggers import offline_wandb
 
 torch.set_num_threads(1)
 SMALL = {"num_samples": 32, "batch_size": 16, "gap_num_samples": 0}
@@ -102,14 +103,7 @@ def test_registered_opt_in_and_bad_arguments():
 
 def test_wandb_offline_gets_image_and_histogram_at_epochs(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from lightning.pytorch.loggers import WandbLogger
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    wb = WandbLogger(save_dir=str(tmp_path), offline=True, project="flatness-test")
-    experiment = wb.experiment
-    logged, real_log = [], experiment.log
-    monkeypatch.setattr(experiment, "log", lambda data, *a, **k: logged.append(dict(data)) or real_log(data, *a, **k))
+    wb, experiment, logged = offline_wandb(tmp_path, monkeypatch)
     try:
         fit(tmp_path, HessianDensity(num_probes=2, lanczos_steps=3, every_n_epochs=2), wb)
     finally:
