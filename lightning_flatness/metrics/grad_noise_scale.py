@@ -49,7 +49,10 @@ class GradientNoiseScale(FlatnessMetric):
                 self._warned = True
                 warnings.warn(_unresolved(result, ctx.epoch), stacklevel=2)
             return {}
-        return {keys.GRAD_NOISE_SCALE: result.value, keys.se(keys.GRAD_NOISE_SCALE): result.se}
+        out = {keys.GRAD_NOISE_SCALE: result.value}
+        if result.se == result.se:  # NaN on one mini-batch: no spread to measure, so no error bar
+            out[keys.se(keys.GRAD_NOISE_SCALE)] = result.se
+        return out
 
 
 def _unresolved(result: GradNoiseScaleResult, epoch: int) -> str:

@@ -14,7 +14,7 @@ from lightning_flatness.functional import (
     grad_cosine_regret,
     grad_noise_scale,
 )
-from tests.helpers.models import mlp_batches, tiny_mlp
+from tests.helpers.models import mlp_batches, mostly_zero_labels, tiny_mlp
 from tests.helpers.oracles import per_sample_grads_loop
 
 BATCH = 16
@@ -50,13 +50,6 @@ def test_resolved_value_equals_the_loop_ratio():
     r = grad_noise_scale(model, batches)
     assert sq_norm > 0 and r.resolved
     assert r.value == pytest.approx(trace / sq_norm, rel=1e-10) and r.grad_sq_norm == pytest.approx(sq_norm, rel=1e-10)
-
-
-def mostly_zero_labels(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and labels that are 0 for about half the samples: a mean gradient above the noise."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    return x, torch.where(torch.rand(n, generator=g) < 0.5, 0, torch.randint(0, 3, (n,), generator=g))
 
 
 def test_shared_inputs_give_the_same_result_without_a_pass():

@@ -95,3 +95,10 @@ def rescaled_twin(model: nn.Sequential, alpha: float) -> nn.Sequential:
             twin[0].bias.mul_(alpha)
         twin[2].weight.div_(alpha)
     return twin
+
+
+def mostly_zero_labels(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels that are 0 for about half the samples: a mean gradient above the noise."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return x, torch.where(torch.rand(n, generator=g) < 0.5, 0, torch.randint(0, 3, (n,), generator=g))

@@ -27,7 +27,7 @@ from lightning_flatness.metrics import (
     execution_order,
 )
 from tests.helpers.lightning_models import Classifier, DataModule, trainer
-from tests.helpers.models import mlp_batches, tiny_mlp
+from tests.helpers.models import mlp_batches, mostly_zero_labels, tiny_mlp
 
 KEY = "flatness/grad_noise_scale"
 
@@ -78,3 +78,11 @@ def test_in_the_defaults_it_is_logged_by_the_callback(tmp_path):
     trainer(tmp_path, [cb], max_epochs=1).fit(Classifier(dropout=0.0), DataModule())
     logged = [v for _, v in cb.history if KEY in v]
     assert logged and all(v[KEY] > 0 and math.isfinite(v[KEY + "_se"]) for v in logged)
+
+
+def test_one_mini_batch_logs_the_value_without_an_error_bar():
+    model, x, y = tiny_mlp(), *mostly_zero_labels(48)  # a mean gradient above the noise
+    batches = [(x, y)]
+    with measurement_mode(model):
+        out = GradientNoiseScale().compute(context(model, batches))
+    assert set(out) == {KEY} and math.isfinite(out[KEY]) and out[KEY] > 0
