@@ -15,6 +15,9 @@ from ._losses import BUILTIN_LOSSES, cross_entropy_loss, mse_loss
 from ._params import flatten, unflatten
 from ._per_sample import per_sample_sq_norms
 from ._restore import measurement_mode
+from .adaptive_sharpness import AdaptiveSharpnessResult, adaptive_sharpness, without_normalization
+from .block_curvature import BlockCurvatureResult, block_curvature, resolve_blocks
+from .fisher_rao import FisherRaoResult, fisher_rao_norm
 from .fisher_trace import FisherResult, fisher_trace
 from .grad_cosine_regret import RegretResult, grad_cosine_regret
 from .grad_noise_scale import GradNoiseScaleResult, grad_noise_scale
@@ -26,10 +29,7 @@ from .loss_landscape import EigenvectorSlice, LandscapeResult, eigenvector_slice
 from .objective import CrossProcess, HessianOperator, Objective, cross_process_reduction
 from .operator import CurvatureOperator, DenseOperator
 from .pacgen import PACGenResult, estimate_rho, pacgen, pacgen_perturbation_scale
-from .block_curvature import BlockCurvatureResult, block_curvature, resolve_blocks
 from .spectral_density import SpectralDensityResult, hessian_spectral_density, spectral_density
-from .adaptive_sharpness import AdaptiveSharpnessResult, adaptive_sharpness, without_normalization
-from .fisher_rao import FisherRaoResult, fisher_rao_norm
 
 __all__ = [
     "BUILTIN_LOSSES",

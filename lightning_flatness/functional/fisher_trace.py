@@ -8,12 +8,12 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_choice, check_generator, check_int
 from ._losses import LossArg
 from ._per_sample import per_sample_sq_norms
+from ._restore import measurement_mode
 from ._stats import MeanAccumulator
 from .objective import Objective
-from ._restore import measurement_mode
-from ..validation import check_choice, check_generator, check_int
 
 KINDS = ("empirical", "mc")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -11,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from ._losses import LossArg
-from .objective import Objective
 from ._restore import measurement_mode
 from ._stats import MeanAccumulator
+from .objective import Objective
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -12,12 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from ..validation import check_choice, check_float, check_generator, check_int
+from ._losses import LossArg
+from ._restore import measurement_mode
 from ._rows import Rows
 from ._stats import MeanAccumulator
 from .lanczos import LanczosResult, lanczos
-from ._losses import LossArg
 from .objective import HessianOperator, Objective
-from ._restore import measurement_mode
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
+from .adaptive_sharpness import AdaptiveSharpness
 from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement_seed, samples_needed
 from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
+from .fisher_rao import FisherRaoNorm
 from .gap import GapMeter
 from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
@@ -17,8 +19,6 @@ from .pacgen import PACGen
 from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, check_keys, execution_order, resolve_metrics
 from .regret import GradCosineRegret
 from .spectral_density import HessianDensity
-from .adaptive_sharpness import AdaptiveSharpness
-from .fisher_rao import FisherRaoNorm
 
 __all__ = [
     "BUILTIN",

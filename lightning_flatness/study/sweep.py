@@ -36,10 +36,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from lightning.pytorch import Trainer
 
-from .training import MODELS, OPTIMIZERS, Classifier, TargetTrainLoss
-from .data import DATASETS, Data, load_dataset
 from ..landscape import LandscapeOptions
 from ..metrics import BUILTIN, DEFAULT_METRICS
+from .data import DATASETS, Data, load_dataset
+from .training import MODELS, OPTIMIZERS, Classifier, TargetTrainLoss
 
 # The callback's defaults and the reparametrization-invariant sharpness, whose tau the report sets
 # beside theirs (about 10% of the measurement's cost on the MLP).

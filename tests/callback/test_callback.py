@@ -21,15 +21,15 @@ from lightning_flatness import (
     LocalEntropy,
     PACGen,
 )
-from lightning_flatness.metrics import hessian as hessian_metric_module
-from lightning_flatness.metrics import pacgen as pacgen_metric_module
 from lightning_flatness.functional import (
     fisher_trace,
     grad_cosine_regret,
     hessian_eigenvalues,
     pacgen,
 )
+from lightning_flatness.metrics import hessian as hessian_metric_module
 from lightning_flatness.metrics import measurement_seed
+from lightning_flatness.metrics import pacgen as pacgen_metric_module
 from tests.helpers.lightning_models import (
     Classifier,
     DataModule,

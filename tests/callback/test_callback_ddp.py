@@ -20,9 +20,9 @@ from lightning_flatness.functional import (
     grad_cosine_regret,
     grad_noise_scale,
     hessian_eigenvalues,
+    measurement_mode,
     pacgen,
 )
-from lightning_flatness.functional import measurement_mode
 from lightning_flatness.metrics import MeasurementContext, measurement_seed
 from tests.helpers.custom_metrics import PerturbedLoss, ShardMeanLoss
 from tests.helpers.lightning_models import Classifier, DataModule, trainer

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_flatness import FisherTrace, FlatnessCallback, GradCosineRegret, HessianEigenvalues, LocalEntropy, PACGen
-from lightning_flatness import GradientNoiseScale
+from lightning_flatness import (
+    FisherTrace,
+    FlatnessCallback,
+    GradCosineRegret,
+    GradientNoiseScale,
+    HessianEigenvalues,
+    LocalEntropy,
+    PACGen,
+)
 from lightning_flatness.metrics import (
     BUILTIN,
     DEFAULT_METRICS,
