@@ -55,7 +55,9 @@ class FlatnessCallback(Callback):
         metrics: metric objects from :mod:`lightning_flatness.metrics` (or your own
             :class:`~lightning_flatness.metrics.FlatnessMetric`), or their names as shorthand
             for the default-configured ones: ``"hessian_top_eig"``, ``"grad_cosine_regret"``,
-            ``"fisher_trace"``, ``"pacgen"`` (the default: these four), ``"local_entropy"``.
+            ``"fisher_trace"``, ``"pacgen"``, ``"grad_noise_scale"`` (the default: these five), and
+            the opt-in ``"local_entropy"``, ``"block_curvature"``, ``"hessian_density"``,
+            ``"adaptive_sharpness"``, ``"fisher_rao_norm"`` (``metrics.BUILTIN``).
         every_n_epochs: measure after every n-th epoch; 0 measures only the final weights.
         num_samples: size of the measurement subsample.
         batch_size: mini-batch size of the measurement subsample (the regret's mini-batches) and
