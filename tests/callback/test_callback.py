@@ -415,3 +415,27 @@ def test_eigenvalue_on_one_mini_batch_logs_its_value_without_an_error_bar(tmp_pa
     row = cb.history[-1][1]
     assert math.isfinite(row["flatness/hessian_top_eig"]) and row["flatness/hessian_top_eig"] > 0
     assert "flatness/hessian_top_eig_se" not in row
+
+
+def test_every_builtin_metric_at_once_leaves_training_bit_identical(tmp_path):
+    # The opt-in measures too (cheap settings), with their figures and files: nothing fails, every
+    # key is logged at the final weights, and the weights and BatchNorm statistics are untouched.
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_flatness import AdaptiveSharpness, BlockCurvature, HessianDensity, LocalEntropy
+    from lightning_flatness.metrics import BUILTIN, DEFAULT_METRICS
+
+    _, plain, _ = fit(tmp_path / "a", None, max_epochs=2)
+    opt_in = [
+        LocalEntropy(num_steps=4), BlockCurvature(blocks="by_module", trace_probes=4, max_iter=5),
+        HessianDensity(num_probes=2, lanczos_steps=4), AdaptiveSharpness(num_draws=4), "fisher_rao_norm",
+    ]  # fmt: skip
+    cb = FlatnessCallback(metrics=[*DEFAULT_METRICS, *opt_in], on_error="raise", **SMALL)
+    assert {m.name for m in cb.metrics} == set(BUILTIN)
+    t, measured, _ = fit(tmp_path / "b", cb, max_epochs=2, logger=TensorBoardLogger(str(tmp_path), name="tb"))
+    final = cb.history[-1][1]
+    missing = [key for m in cb.metrics for key in m.keys if key not in final]
+    assert not missing, missing
+    a, b = plain.state_dict(), measured.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
