@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lightning_flatness.functional import measurement_mode
+from lightning_flatness.metrics import DEFAULT_METRICS
 
 from ._common import (
     Config, Row, Section, error_text, fmt_ratio, fmt_time, middle, model_label, plain_gradient, sync, timed,
@@ -33,7 +34,7 @@ TARGET_TOTAL = 10.0  # gradient-equivalents of one warm measurement
 TARGET_PROJECTED = 1.10  # fit time with / without on a 50k-sample epoch
 TARGET_PACGEN = 4.0  # gradient-equivalents of PACGen at its defaults
 PROJECTED_EPOCH = 50_000
-METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen")
+METRICS = DEFAULT_METRICS  # every part of the default measurement is clocked
 PARTS = (*METRICS, "gap", "other")
 
 
