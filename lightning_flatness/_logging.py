@@ -10,14 +10,19 @@ without user setup; ``gap/train_loss`` can be picked as x-axis as well.
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Iterable
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 log = logging.getLogger("lightning_flatness")
 
 EPOCH_AXIS = "epoch"
+_EPOCH_FILE = re.compile(r"epoch_(\d+)\.json")
+T = TypeVar("T")
 
 
 def is_wandb(logger: Logger) -> bool:
@@ -75,6 +80,72 @@ class LoggerWriter:
                 logger.hparams.update(params)
             else:
                 logger.log_hyperparams(params)
+
+
+class FigureWriter:
+    """Writes one measurement's figures to every logger (call on rank 0 only): TensorBoard images
+    at ``step = epoch``, W&B ``wandb.Image`` rows with an ``epoch`` value, and for TensorBoard and
+    CSV loggers the measurement's numbers as a file in the logger's ``log_dir``."""
+
+    def __init__(self) -> None:
+        self._wandb_keys: dict[int, set[str]] = {}  # per W&B experiment: keys bound to the epoch axis
+
+    def write(
+        self, loggers: Sequence[Logger], epoch: int, pictures: Callable[[], Mapping[str, Any]],
+        save: Callable[[str], object], tensorboard: Callable[[Any], None] | None = None,
+        wandb_row: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:  # fmt: skip
+        """``pictures()``: ``{tag: HWC image}``, rendered once and only if a logger takes images;
+        ``save(log_dir)`` writes the file; ``tensorboard(writer)`` and ``wandb_row()`` add what
+        is not an image (e.g. a histogram) to the same step."""
+        from lightning.pytorch.loggers import CSVLogger
+
+        images = None
+        for logger in loggers:
+            if isinstance(logger, TensorBoardLogger):
+                images = images if images is not None else pictures()
+                writer = logger.experiment
+                for tag, image in images.items():
+                    writer.add_image(tag, image, global_step=epoch, dataformats="HWC")
+                if tensorboard is not None:
+                    tensorboard(writer)
+                writer.flush()
+                save(logger.log_dir)
+            elif is_wandb(logger):
+                import wandb
+
+                images = images if images is not None else pictures()
+                row = {tag: wandb.Image(image, caption=f"epoch {epoch}") for tag, image in images.items()}
+                row.update(wandb_row() if wandb_row is not None else {})
+                experiment = logger.experiment
+                epoch_axis(experiment, row, self._wandb_keys.setdefault(id(experiment), set()))
+                experiment.log({**row, EPOCH_AXIS: epoch})
+            elif isinstance(logger, CSVLogger):
+                save(logger.log_dir)
+
+
+def write_epoch_json(log_dir: str | Path, subdir: str, epoch: int, data: Mapping[str, Any]) -> Path:
+    """``<log_dir>/<subdir>/epoch_<x>.json`` with ``data``, replaced whole (a reader never sees half a file)."""
+    folder = Path(log_dir) / subdir
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"epoch_{epoch:06d}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+    return path
+
+
+def read_latest_epoch_json(run_dir: str | Path, subdir: str, parse: Callable[[Any], T]) -> T | None:
+    """``parse`` of the latest epoch's file under ``run_dir/<subdir>/`` that reads and parses
+    (``parse`` raises ``ValueError``, ``KeyError`` or ``TypeError`` to reject one); ``None`` if none does."""
+    files = sorted(((int(m.group(1)), p) for p in (Path(run_dir) / subdir).glob("epoch_*.json")
+                    if (m := _EPOCH_FILE.fullmatch(p.name))), reverse=True)  # fmt: skip
+    for _, path in files:
+        try:
+            return parse(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _plain(value: Any) -> Any:

@@ -10,41 +10,9 @@ import torch
 from torch import Tensor
 
 from .._failures import FailurePolicy
-from .._logging import EPOCH_AXIS, epoch_axis, is_wandb
+from .._logging import FigureWriter
 from ..validation import check_bool, check_float, check_int
 from .views import LandscapeViews, compute_views, write_json
-
-
-class LandscapeWriter:
-    """Writes one epoch's views to every logger (call on rank 0 only)."""
-
-    def __init__(self) -> None:
-        self._wandb_keys: dict[int, set[str]] = {}
-
-    def write(self, loggers: Sequence[Any], views: LandscapeViews) -> None:
-        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-        from .plots import images
-
-        pictures = None
-        for logger in loggers:
-            if isinstance(logger, TensorBoardLogger):
-                pictures = pictures if pictures is not None else images(views)
-                writer = logger.experiment
-                for tag, image in pictures.items():
-                    writer.add_image(tag, image, global_step=views.epoch, dataformats="HWC")
-                writer.flush()
-                write_json(logger.log_dir, views)
-            elif is_wandb(logger):
-                import wandb
-
-                pictures = pictures if pictures is not None else images(views)
-                experiment = logger.experiment
-                epoch_axis(experiment, pictures, self._wandb_keys.setdefault(id(experiment), set()))
-                experiment.log({**{t: wandb.Image(p, caption=f"epoch {views.epoch}") for t, p in pictures.items()},
-                                EPOCH_AXIS: views.epoch})  # fmt: skip
-            elif isinstance(logger, CSVLogger):
-                write_json(logger.log_dir, views)
 
 
 @dataclass
@@ -93,7 +61,13 @@ class LandscapeRecorder:
         self.options, self.seed, self.failures = options, seed, failures
         self.views: list[LandscapeViews] = []  # rank 0: every epoch's views, in order
         self.last_x: int | None = None
-        self._writer = LandscapeWriter()
+        self._writer = FigureWriter()
+
+    def _write(self, loggers: Sequence[Any], views: LandscapeViews) -> None:
+        """The views' images to every logger, their numbers to ``<log_dir>/landscape/epoch_<x>.json``."""
+        from .plots import images  # matplotlib only once a figure is drawn
+
+        self._writer.write(loggers, views.epoch, lambda: images(views), lambda log_dir: write_json(log_dir, views))
 
     def record(
         self, trainer: Any, model: torch.nn.Module, data: dict, x: int, loss_fn: Any,
@@ -109,7 +83,7 @@ class LandscapeRecorder:
                 steps=opts.steps, span=opts.span, two_d=opts.two_d, steps_2d=opts.steps_2d, eig_span=opts.eig_span,
                 seed=self.seed, vector=vector, eigenvalue=eigenvalue, eigen_kwargs=eigen_kwargs,
             )  # fmt: skip
-            self._writer.write(trainer.loggers, views)
+            self._write(trainer.loggers, views)
         except Exception as err:  # noqa: BLE001 - a failing view must not stop training
             self.failures.handle("the loss-landscape views", err)
             return None

@@ -22,9 +22,7 @@ numerically to ``<log_dir>/landscape/epoch_<epoch>.json`` for every TensorBoard 
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +31,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .._logging import read_latest_epoch_json, write_epoch_json
 from ..functional import eigenvector_slice, hessian_eigenvalues, loss_landscape
 
 FORMAT = "lightning-flatness/landscape"
 VERSION = 1
 SUBDIR = "landscape"
-_FILE = re.compile(r"epoch_(\d+)\.json")
 
 
 @dataclass
@@ -125,25 +123,13 @@ def views_from_json(obj: dict) -> LandscapeViews:
 
 
 def write_json(log_dir: str | Path, views: LandscapeViews) -> Path:
-    folder = Path(log_dir) / SUBDIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"epoch_{views.epoch:06d}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(views_to_json(views)))
-    tmp.replace(path)  # a reader never sees half a file
-    return path
+    """``<log_dir>/landscape/epoch_<x>.json`` with the views' numbers."""
+    return write_epoch_json(log_dir, SUBDIR, views.epoch, views_to_json(views))
 
 
 def read_final(run_dir: str | Path) -> LandscapeViews | None:
     """The views of the latest epoch under ``run_dir/landscape/`` (None if none is readable)."""
-    files = sorted(((int(m.group(1)), p) for p in (Path(run_dir) / SUBDIR).glob("epoch_*.json")
-                    if (m := _FILE.fullmatch(p.name))), reverse=True)  # fmt: skip
-    for _, path in files:
-        try:
-            return views_from_json(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
+    return read_latest_epoch_json(run_dir, SUBDIR, views_from_json)
 
 
 # ------------------------------------------------------------------------- computing

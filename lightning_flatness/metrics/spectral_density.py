@@ -11,8 +11,6 @@ e.g. for the study report's overlay ``hessian_density.png``).
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,14 +19,13 @@ import torch
 
 from .. import keys
 from .._figures import figure, render
-from .._logging import EPOCH_AXIS, epoch_axis, is_wandb
+from .._logging import FigureWriter, read_latest_epoch_json, write_epoch_json
 from ..functional import SpectralDensityResult, hessian_spectral_density
 from ..functional.spectral_density import PROBES
 from ..validation import check_bool, check_choice, check_float, check_int
 from .base import FlatnessMetric, MeasurementContext
 
 SUBDIR = "hessian_density"
-_FILE = re.compile(r"epoch_(\d+)\.json")
 GRID_POINTS = 512
 HISTOGRAM_BINS = 60
 LOG_FLOOR = 1e-6  # the figure's y-axis spans six decades below the density's peak
@@ -82,7 +79,7 @@ class HessianDensity(FlatnessMetric):
         values = (keys.HESSIAN_DENSITY_NEGATIVE_MASS, keys.HESSIAN_TRACE_SLQ)
         self.keys = values + tuple(keys.se(key) for key in values)
         self.result: SpectralDensityResult | None = None  # the last measurement's quadrature
-        self._writer = DensityWriter()
+        self._writer = FigureWriter()
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         self.result = res = hessian_spectral_density(
@@ -101,41 +98,25 @@ class HessianDensity(FlatnessMetric):
         res, self.result = self.result, None  # logged once
         if res is None or not self.log_density:
             return
-        self._writer.write(loggers, res, epoch, self.sigma)
+        _write(self._writer, loggers, res, epoch, self.sigma)
 
 
-class DensityWriter:
-    """Writes one measurement's density to every logger (call on rank 0 only)."""
+def _write(writer: FigureWriter, loggers: Sequence[Any], res: SpectralDensityResult, epoch: int,
+           sigma: float | None) -> None:  # fmt: skip
+    """One measurement's density to every logger (call on rank 0 only)."""
+    grid, density = res.density(GRID_POINTS, sigma)
+    counts, edges = res.histogram(HISTOGRAM_BINS)
 
-    def __init__(self) -> None:
-        self._wandb_keys: dict[int, set[str]] = {}  # per W&B experiment: keys bound to the epoch axis
+    def wandb_histogram() -> dict[str, Any]:
+        import wandb
 
-    def write(self, loggers: Sequence[Any], res: SpectralDensityResult, epoch: int, sigma: float | None) -> None:
-        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+        return {keys.HESSIAN_DENSITY_HISTOGRAM: wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy()))}
 
-        grid, density = res.density(GRID_POINTS, sigma)
-        counts, edges = res.histogram(HISTOGRAM_BINS)
-        image = None
-        for logger in loggers:
-            if isinstance(logger, TensorBoardLogger):
-                image = image if image is not None else render(density_figure(grid, density, epoch))
-                writer = logger.experiment
-                writer.add_image(keys.HESSIAN_DENSITY_IMAGE, image, global_step=epoch, dataformats="HWC")
-                _add_histogram(writer, res, counts, edges, epoch)
-                writer.flush()
-                write_json(logger.log_dir, res, grid, density, epoch)
-            elif is_wandb(logger):
-                import wandb
-
-                image = image if image is not None else render(density_figure(grid, density, epoch))
-                tags = (keys.HESSIAN_DENSITY_IMAGE, keys.HESSIAN_DENSITY_HISTOGRAM)
-                experiment = logger.experiment
-                epoch_axis(experiment, tags, self._wandb_keys.setdefault(id(experiment), set()))
-                experiment.log({tags[0]: wandb.Image(image, caption=f"epoch {epoch}"),
-                                tags[1]: wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy())),
-                                EPOCH_AXIS: epoch})  # fmt: skip
-            elif isinstance(logger, CSVLogger):
-                write_json(logger.log_dir, res, grid, density, epoch)
+    writer.write(
+        loggers, epoch, lambda: {keys.HESSIAN_DENSITY_IMAGE: render(density_figure(grid, density, epoch))},
+        lambda log_dir: write_json(log_dir, res, grid, density, epoch),
+        tensorboard=lambda tb: _add_histogram(tb, res, counts, edges, epoch), wandb_row=wandb_histogram,
+    )  # fmt: skip
 
 
 def _add_histogram(
@@ -170,27 +151,18 @@ def write_json(
 ) -> Path:
     """``<log_dir>/hessian_density/epoch_<x>.json``: the quadrature (``nodes``, ``weights`` per
     probe), ``num_params``, and the smoothed density on ``grid``."""
-    folder = Path(log_dir) / SUBDIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"epoch_{epoch:06d}.json"
     data = {"epoch": epoch, "num_params": res.num_params, "n_products": res.n_products,
             "nodes": res.nodes.tolist(), "weights": res.weights.tolist(), "grid": grid.tolist(),
             "density": density.tolist()}  # fmt: skip
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)  # a reader never sees half a file
-    return path
+    return write_epoch_json(log_dir, SUBDIR, epoch, data)
 
 
 def read_final_density(run_dir: str | Path) -> dict[str, Any] | None:
     """The latest epoch's file under ``run_dir/hessian_density/`` as a dict (``None`` if none is readable)."""
-    files = sorted(((int(m.group(1)), p) for p in (Path(run_dir) / SUBDIR).glob("epoch_*.json")
-                    if (m := _FILE.fullmatch(p.name))), reverse=True)  # fmt: skip
-    for _, path in files:
-        try:
-            data = json.loads(path.read_text())
-            if len(data["grid"]) == len(data["density"]):
-                return data
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
+    return read_latest_epoch_json(run_dir, SUBDIR, _checked_density)
+
+
+def _checked_density(data: Any) -> dict[str, Any]:
+    if len(data["grid"]) != len(data["density"]):
+        raise ValueError("grid and density differ in length")
+    return data
