@@ -118,7 +118,7 @@ def adaptive_sharpness(
         >>> result.num_draws, result.n_forward
         (8, 9)
     """
-    opts = _checked(rho, num_draws, antithetic, eta)
+    opts = checked_options(rho, num_draws, antithetic, eta)
     gen = check_generator(generator)
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
@@ -134,7 +134,8 @@ def adaptive_sharpness(
     )
 
 
-def _checked(rho: object, num_draws: object, antithetic: object, eta: object) -> dict[str, Any]:
+def checked_options(rho: object, num_draws: object, antithetic: object, eta: object) -> dict[str, Any]:
+    """The options of :func:`adaptive_sharpness`, validated (also by the metric, at construction)."""
     antithetic = check_bool("antithetic", antithetic)
     num_draws = check_int("num_draws", num_draws, 2 if antithetic else 1)
     if antithetic and num_draws % 2:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..validation import BY_MODULE, check_block_name, check_blocks, check_float, check_generator, check_int
 from ._losses import LossArg
+from ._params import resolve_params
 from ._restore import measurement_mode
 from .hessian_eigenvalues import _cold_start, _start_vector, lanczos_with_errors
 from .hutchinson import hutchinson_trace
@@ -172,10 +173,9 @@ def block_curvature(
 def _flat_slices(model: nn.Module) -> dict[str, slice]:
     """Where each trainable parameter lies in the flat vector of them all (:class:`Objective`'s layout)."""
     out, offset = {}, 0
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            out[n] = slice(offset, offset + p.numel())
-            offset += p.numel()
+    for n, p in resolve_params(model, None):
+        out[n] = slice(offset, offset + p.numel())
+        offset += p.numel()
     return out
 
 

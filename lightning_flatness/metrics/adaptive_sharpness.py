@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .. import keys
 from ..functional import adaptive_sharpness, without_normalization
-from ..validation import check_bool, check_float, check_int
+from ..functional.adaptive_sharpness import checked_options
+from ..validation import check_bool
 from .base import FlatnessMetric, MeasurementContext
 
 
@@ -35,12 +36,9 @@ class AdaptiveSharpness(FlatnessMetric):
         exclude_normalization: bool = False, every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
-        self.rho = check_float("rho", rho, inclusive=False)
-        self.antithetic = check_bool("antithetic", antithetic)
-        self.num_draws = check_int("num_draws", num_draws, 2 if self.antithetic else 1)
-        if self.antithetic and self.num_draws % 2:
-            raise ValueError(f"num_draws must be even with antithetic=True (pairs of draws), got {num_draws}.")
-        self.eta = check_float("eta", eta)
+        opts = checked_options(rho, num_draws, antithetic, eta)
+        self.rho, self.num_draws = opts["rho"], opts["num_draws"]
+        self.antithetic, self.eta = opts["antithetic"], opts["eta"]
         self.exclude_normalization = check_bool("exclude_normalization", exclude_normalization)
         self.keys = (keys.ADAPTIVE_SHARPNESS, keys.se(keys.ADAPTIVE_SHARPNESS))
 
