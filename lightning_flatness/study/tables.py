@@ -180,7 +180,7 @@ def _noise_scale_table(report: Report) -> list[str]:
     ]
     for c in report.configurations:
         size = batch_size_of(c.runs[0])
-        firsts = [run.series(key)[0][1] for run in c.runs if run.series(key)]
+        firsts = [series[0][1] for run in c.runs if (series := run.series(key))]
         first = sum(firsts) / len(firsts) if firsts else math.nan
         compared = spread(c, key)
         ratio = size / compared.mean if size and compared.mean > 0 else math.nan
