@@ -187,7 +187,7 @@ def _fit_cells(work: Workload, cfg: Config, train_size: int, batch_size: int, gr
 def _notes(num_samples: int, batch_size: int, train_size: int, rounds: int) -> list[str]:
     return [
         "Each metric column = its time as `FlatnessCallback` runs it (`FlatnessMetric.compute` on a "
-        "`MeasurementContext`, default options: tol=0.0001, max_iter=100, num_probes=16, ρ estimated) / one "
+        "`MeasurementContext`, default options: tol=0.0001, max_iter=100, num_probes=None (first order when accurate), ρ estimated) / one "
         f"gradient of the whole subsample (plain autograd, same chunks), the median over {rounds} interleaved rounds "
         "of the ratio within a round; `hessian_top_eig` is cold (first measurement), `warm` is started from the "
         "eigenvector of one SGD step earlier, as every later measurement is. total = the four metrics with the warm "

@@ -18,6 +18,8 @@ from .objective import HessianOperator, Objective
 # Which loss Ψ's H_ii and ρ are of (docs/metrics.md derives both from the PAC-Bayes bound):
 # "sum", the summed training loss n·L (the bound's KL/n multiplied through by n), or "mean", L.
 NORMALIZATIONS = ("sum", "mean")
+# Hutchinson probes of the diagonal when ``num_probes=None`` cannot take the diagonal to first order.
+DIAGONAL_PROBES = 16
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,19 @@ class _PACGenInputs:
     n_hvp: int
     diag_terms: Tensor | None = None  # (S, P) float32: each Hutchinson probe's z ⊙ Hz, when the diagonal was estimated
     rho_draws: Tensor | None = None  # the finite-difference ratios whose maximum is rho, when rho was estimated
+    linear_terms: Tensor | None = None  # (K,) float64: each ρ probe's estimate of Ψ's first-order diagonal term
 
 
-def rho_draws(objective: Objective, noise: Tensor, num_probes: int, gen: torch.Generator) -> Tensor:
-    """The ``num_probes`` finite-difference ratios of :func:`estimate_rho` (float64, on the CPU)."""
+@dataclass(frozen=True)
+class _RhoDraws:
+    """The finite-difference ratios whose maximum is ``ρ̂``, and the unit vectors ``v_k`` with their products ``H(w) v_k``."""
+
+    ratios: Tensor  # (K,) float64, CPU
+    vectors: Tensor  # (K, P)
+    products: Tensor  # (K, P)
+
+
+def _rho_draws(objective: Objective, noise: Tensor, num_probes: int, gen: torch.Generator) -> _RhoDraws:
     dim, like = objective.num_params, objective.w0
     v = torch.randn(num_probes, dim, generator=gen, dtype=torch.float64)
     v = (v / v.norm(dim=1, keepdim=True)).to(device=like.device, dtype=like.dtype)
@@ -73,7 +84,12 @@ def rho_draws(objective: Objective, noise: Tensor, num_probes: int, gen: torch.G
         ((objective.hessian_operator(at=like + deltas[j]) @ v[j] - at_w[j]).norm() / deltas[j].norm()).item()
         for j in range(num_probes)
     ]
-    return torch.tensor(ratios, dtype=torch.float64)
+    return _RhoDraws(torch.tensor(ratios, dtype=torch.float64), v, at_w)
+
+
+def rho_draws(objective: Objective, noise: Tensor, num_probes: int, gen: torch.Generator) -> Tensor:
+    """The ``num_probes`` finite-difference ratios of :func:`estimate_rho` (float64, on the CPU)."""
+    return _rho_draws(objective, noise, num_probes, gen).ratios
 
 
 def estimate_rho(objective: Objective, noise: Tensor, num_probes: int, gen: torch.Generator) -> float:
@@ -109,6 +125,39 @@ def _estimated_diagonal(operator: HessianOperator, num_probes: int, gen: torch.G
         total += part.sum(0)
         terms.append(part.float())
     return (total / num_probes).to(torch.float64), torch.cat(terms)
+
+
+def _linear_diagonal_terms(
+    draws: _RhoDraws, noise: Tensor, rho: float, hessian_max: float | None, scale: float
+) -> Tensor | None:  # fmt: skip
+    """Each ρ probe's estimate of Ψ's diagonal term to first order, or ``None`` where that is not accurate.
+
+    At ``H = 0`` the curvature factor is ``c_i = sqrt(s ρ√m N_i)``; where it is above its floor,
+    ``∂Ψ/∂H_ii = d_i = s / (2c_i²)`` and ``Ψ(H) = Ψ(0) + Σ_i d_i H_ii − R`` with
+    ``0 ≤ R ≲ Σ_i d_i² H_ii² ≤ ‖DH‖_F²``. A unit ``v`` uniform on the sphere has ``E[P v vᵀ] = I``,
+    so ``P·vᵀ D H v`` (the products ``H v`` of ρ's draws) is unbiased for ``Σ_i d_i H_ii`` and
+    ``P‖D H v‖²`` for ``‖DH‖_F²``. ``None`` (the caller then estimates the diagonal) when a
+    coordinate at its floor could leave it (no ``hessian_max`` to show it cannot), when the
+    bound on ``R`` exceeds the error ρ̂ already carries (one standard deviation of its draws
+    times ``|∂Ψ/∂ρ|``), or with a single draw (no spread to compare with).
+    """
+    k = draws.ratios.numel()
+    curvature = scale * rho * math.sqrt(noise.numel()) * noise  # c_i², of H = 0
+    curved = curvature > noise.pow(-2)
+    if k < 2 or not curved.any():
+        return None
+    if not curved.all():
+        if hessian_max is None or bool((scale * hessian_max + curvature[~curved] > noise[~curved].pow(-2)).any()):
+            return None
+    d = torch.where(curved, scale / (2 * curvature), torch.zeros_like(curvature))
+    hv = draws.products.to(d)
+    dim = noise.numel()
+    terms = dim * (draws.vectors.to(d) * hv * d).sum(1)
+    remainder_bound = dim * (hv * d).pow(2).sum(1).mean().item()
+    dpsi_drho = (d * math.sqrt(dim) * noise).sum().item()
+    if not remainder_bound <= abs(dpsi_drho) * draws.ratios.std().item():
+        return None
+    return terms.cpu()
 
 
 def _screened_diagonal(
@@ -154,7 +203,8 @@ def _checked_options(
         "num_train": None if num_train is None else check_int("num_train (the number of training samples n, or None)", num_train),
         "gamma": check_float("gamma", gamma), "eps": check_float("eps", eps, inclusive=False),
         "rho": None if rho is None else check_float("rho", rho),
-        "num_probes": check_int("num_probes", num_probes), "rho_probes": check_int("rho_probes", rho_probes),
+        "num_probes": None if num_probes is None else check_int("num_probes (Hutchinson probes, or None)", num_probes),
+        "rho_probes": check_int("rho_probes", rho_probes),
     }  # fmt: skip
 
 
@@ -169,32 +219,51 @@ def _pacgen_inputs(
     rho: float | None,
     hessian_diag: Tensor | None,
     hessian_max: float | None,
-    num_probes: int,
+    num_probes: int | None,
     rho_probes: int,
     generator: torch.Generator | int | None,
     params: Iterable[Tensor] | None,
     dtype: torch.dtype | None,
+    first_order: bool = True,
 ) -> _PACGenInputs:
     opts = _checked_options(normalization, num_train, gamma, eps, rho, hessian_max, num_probes, rho_probes)
     gen = check_generator(generator)
+    # None: Ψ's diagonal term to first order from ρ's own products when that is accurate (no product of its own).
+    linear = first_order and opts["num_probes"] is None and hessian_diag is None and opts["rho"] is None
+    probes = opts["num_probes"] or DIAGONAL_PROBES
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
         weights = objective.w0.to(torch.float64).abs()
         noise = opts["gamma"] * weights + opts["eps"]
-        diag, n_hvp, terms = _given_or_estimated_diagonal(objective, hessian_diag, hessian_max, opts["num_probes"], gen)
+        diag, n_hvp, terms = (None, 0, None) if linear else _given_or_estimated_diagonal(
+            objective, hessian_diag, hessian_max, probes, gen)  # fmt: skip
         draws, rho = None, opts["rho"]
         if rho is None:
-            draws = rho_draws(objective, noise, opts["rho_probes"], gen)
-            rho, n_hvp = draws.max().item(), n_hvp + 2 * opts["rho_probes"]
+            draws = _rho_draws(objective, noise, opts["rho_probes"], gen)
+            rho, n_hvp = draws.ratios.max().item(), n_hvp + 2 * opts["rho_probes"]
         # H(nL) = n H(L) and rho(nL) = n rho(L): the sum is the mean's numbers times n, exactly.
         # n defaults to the samples in `batches` (counted by the products above; one loss pass if none ran).
         scale = 1.0 if opts["normalization"] == "mean" else float(opts["num_train"] or objective.num_samples)
-        if diag is None:  # the bound: rho first, then only the coordinates it cannot settle
-            diag, used, terms = _screened_diagonal(objective, noise, rho, hessian_max, scale, opts["num_probes"], gen)
+        linear_terms = _linear_diagonal_terms(draws, noise, rho, hessian_max, scale) if linear else None
+        if linear_terms is not None:
+            diag = torch.zeros_like(noise)
+        elif diag is None:  # rho first, then only the diagonal entries the bound (if any) cannot settle
+            diag, used, terms = _diagonal_given_rho(objective, noise, rho, hessian_max, scale, probes, gen)
             n_hvp += used
     if not (torch.isfinite(diag).all() and math.isfinite(rho)):
         raise ValueError("the Hessian diagonal or rho is not finite; PACGen is undefined here.")
-    return _PACGenInputs(weights, noise, diag, float(rho), scale, n_hvp, terms, draws)
+    ratios = None if draws is None else draws.ratios
+    return _PACGenInputs(weights, noise, diag, float(rho), scale, n_hvp, terms, ratios, linear_terms)
+
+
+def _diagonal_given_rho(
+    objective: Objective, noise: Tensor, rho: float, hessian_max: float | None, scale: float, num_probes: int,
+    gen: torch.Generator,
+) -> tuple[Tensor, int, Tensor | None]:  # fmt: skip
+    if hessian_max is None:
+        diag, terms = _estimated_diagonal(objective.hessian_operator(), num_probes, gen)
+        return diag, num_probes, terms
+    return _screened_diagonal(objective, noise, rho, hessian_max, scale, num_probes, gen)
 
 
 def _given_or_estimated_diagonal(
@@ -217,7 +286,8 @@ def _standard_error(inputs: _PACGenInputs, curvature: Tensor, curved: Tensor) ->
     ``∂Ψ/∂H_ii = s / (2c_i)`` and ``∂Ψ/∂ρ = Σ_i s√m N_i / (2c_i)`` over the curved coordinates
     (``c_i = s(H_ii + ρ√m N_i)``; at the floor Ψ does not depend on either). The Hutchinson
     diagonal is a mean over probes, so its part is the spread of the probes' linearized Ψ over
-    ``√S`` (cross-coordinate covariances included). ``ρ̂`` is the maximum of its draws; its
+    ``√S`` (cross-coordinate covariances included); so is the first-order diagonal term's, over
+    ρ's probes. ``ρ̂`` is the maximum of its draws; its
     part uses their standard deviation (``s/c₄``), a draw's spread, which is what the maximum of
     a few right-skewed draws spreads like (``docs/metrics.md``).
     """
@@ -234,6 +304,8 @@ def _standard_error(inputs: _PACGenInputs, curvature: Tensor, curved: Tensor) ->
         c4 = math.sqrt(2 / (k - 1)) * math.exp(math.lgamma(k / 2) - math.lgamma((k - 1) / 2))
         dpsi_drho = (dpsi_dh * math.sqrt(inputs.weights.numel()) * inputs.noise).sum().item()
         var += (dpsi_drho * inputs.rho_draws.std().item() / c4) ** 2
+    if inputs.linear_terms is not None:  # the first-order diagonal term: a mean over ρ's probes
+        var += (inputs.linear_terms.var() / inputs.linear_terms.numel()).item()
     return math.sqrt(var)
 
 
@@ -249,7 +321,7 @@ def pacgen(
     rho: float | None = None,
     hessian_diag: Tensor | None = None,
     hessian_max: float | None = None,
-    num_probes: int = 16,
+    num_probes: int | None = None,
     rho_probes: int = 3,
     generator: torch.Generator | int | None = None,
     params: Iterable[Tensor] | None = None,
@@ -264,9 +336,22 @@ def pacgen(
         \Psi = \sum_i \log\Big((|w_i| + N_i)\,\max\big(\sqrt{\max(0, s(H_{ii} + \rho\sqrt m\,N_i))},\ 1/N_i\big)\Big)
 
     where :math:`H_{ii}` and :math:`\rho` are of the mean loss :math:`L` over ``batches``:
-    :math:`H_{ii}` is ``hessian_diag`` if given, else a Hutchinson estimate with ``num_probes``
-    probes (:func:`hessian_diagonal`), and :math:`\rho` is ``rho`` if given, else the
-    finite-difference estimate of :func:`estimate_rho` with ``rho_probes`` draws.
+    :math:`\rho` is ``rho`` if given, else the finite-difference estimate of
+    :func:`estimate_rho` with ``rho_probes`` draws; :math:`H_{ii}` is ``hessian_diag`` if
+    given, else a Hutchinson estimate with ``num_probes`` probes (:func:`hessian_diagonal`).
+
+    ``num_probes=None`` (default), with :math:`\rho` estimated: where :math:`\rho\sqrt m N_i`
+    dominates :math:`H_{ii}` (the rule on large models), the diagonal enters Ψ to first order,
+    :math:`\Psi(H) \approx \Psi(0) + \sum_i H_{ii}\,\partial\Psi/\partial H_{ii}|_{H=0}`, a weighted
+    trace estimated without a product of its own from :math:`\rho`'s: each of its unit vectors
+    :math:`v_k` (uniform on the sphere, so :math:`E[P\,v v^\top] = I`) and its product
+    :math:`H v_k` make one unbiased Hutchinson probe of it. The remainder of the expansion is at
+    most about :math:`\|DH\|_F^2` (:math:`D` the weights :math:`\partial\Psi/\partial H_{ii}`),
+    estimated from the same products; only when that bound is within the error :math:`\hat\rho`
+    already carries (and no coordinate at its floor could leave it, which ``hessian_max`` must
+    show) is the first order used. Otherwise, and when ``rho`` is given, the diagonal is
+    estimated with 16 probes. The result's ``n_hvp`` tells which: ``2 * rho_probes`` alone
+    means first order.
 
     ``normalization`` says which loss the bound behind Ψ takes these of (derived in
     ``docs/metrics.md``): ``"sum"`` (default), the summed training loss :math:`nL`, so
@@ -278,9 +363,8 @@ def pacgen(
 
     Larger :math:`\Psi` means a sharper minimum relative to the weights' scale. Cost
     (``n_hvp``): ``num_probes`` if the diagonal is estimated (with ``hessian_max``: 0 to
-    ``num_probes``, see below) ``+ 2 * rho_probes`` (if :math:`\rho` is estimated)
-    Hessian-vector products. Note that :math:`\rho\sqrt m N_i` dominates :math:`H_{ii}` on
-    large models unless :math:`\rho` is small.
+    ``num_probes``, see below; 0 at first order) ``+ 2 * rho_probes`` (if :math:`\rho` is
+    estimated) Hessian-vector products.
 
     ``hessian_max``, an upper bound on every :math:`H_{ii}` of the *mean* loss whatever the
     normalization (the top eigenvalue bounds them: :math:`H_{ii} = e_i^\top H e_i \le
@@ -303,6 +387,8 @@ def pacgen(
         >>> batches = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
         >>> pacgen(model, batches, num_train=1000, rho=0.0, num_probes=8).n_hvp
         8
+        >>> pacgen(model, batches, num_train=1000).n_hvp  # ρ: 6 products; H_ii not small against ρ here: 16 probes
+        22
         >>> pacgen(model, batches, normalization="mean", rho=0.0, hessian_max=1.0).n_hvp  # 1 <= 1/N_i² everywhere
         0
     """
@@ -314,6 +400,8 @@ def pacgen(
     curvature = torch.clamp(inputs.scale * (h + inputs.rho * math.sqrt(w.numel()) * n), min=0).sqrt()
     floor = 1 / n
     psi = torch.log((w + n) * torch.maximum(curvature, floor)).sum().item()
+    if inputs.linear_terms is not None:
+        psi += inputs.linear_terms.mean().item()
     curved = curvature > floor
     se = _standard_error(inputs, curvature, curved)
     return PACGenResult(psi, inputs.rho, inputs.n_hvp, int(curved.sum().item()), w.numel(), normalization, inputs.scale, se)
@@ -346,7 +434,7 @@ def pacgen_perturbation_scale(
     """
     inputs = _pacgen_inputs(
         model, batches, loss_fn, normalization, num_train, gamma, eps, rho, hessian_diag, hessian_max, num_probes,
-        rho_probes, generator, params, dtype,
+        rho_probes, generator, params, dtype, first_order=False,  # each σ_i needs its own H_ii
     )  # fmt: skip
     tiny = torch.finfo(torch.float64).tiny
     curvature = torch.clamp(inputs.scale * (inputs.diag + inputs.rho * inputs.noise), min=tiny)

@@ -21,7 +21,9 @@ class PACGen(FlatnessMetric):
         num_train: ``n`` for ``"sum"``; ``None``: the size of the trainer's training set.
         gamma, eps: the perturbation box ``N_i = gamma·|w_i| + eps``.
         rho: the Hessian-Lipschitz constant; ``None`` estimates it (``2 * rho_probes`` HVPs).
-        num_probes: Hutchinson probes of the Hessian's diagonal.
+        num_probes: Hutchinson probes of the Hessian's diagonal; ``None`` (default): the diagonal
+            to first order from ``rho``'s own products when that is accurate (no product of its
+            own; on large models the rule), else 16 probes (``docs/metrics.md``).
         rho_probes: finite-difference draws of the ``rho`` estimate.
         screen: use ``hessian_max`` from :class:`~lightning_flatness.metrics.HessianEigenvalues`
             (when it runs in the same measurement and converged) as a bound on every ``H_ii``:
@@ -34,7 +36,7 @@ class PACGen(FlatnessMetric):
 
     def __init__(
         self, normalization: str = "sum", num_train: int | None = None, gamma: float = 0.1, eps: float = 0.1,
-        rho: float | None = None, num_probes: int = 16, rho_probes: int = 3, screen: bool = True,
+        rho: float | None = None, num_probes: int | None = None, rho_probes: int = 3, screen: bool = True,
         every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
@@ -43,7 +45,7 @@ class PACGen(FlatnessMetric):
         self.gamma = check_float("gamma", gamma)
         self.eps = check_float("eps", eps, inclusive=False)
         self.rho = None if rho is None else check_float("rho", rho)
-        self.num_probes = check_int("num_probes", num_probes)
+        self.num_probes = None if num_probes is None else check_int("num_probes (probes, or None)", num_probes)
         self.rho_probes = check_int("rho_probes", rho_probes)
         self.screen = check_bool("screen", screen)
         self.keys = (keys.PACGEN, keys.se(keys.PACGEN), keys.PACGEN_CURVED_FRACTION)

@@ -384,7 +384,7 @@ def test_pacgen_gets_twice_the_top_eigenvalue_as_its_diagonal_bound(tmp_path, mo
 
     monkeypatch.setattr(pacgen_metric_module, "pacgen", spy)
     # pacgen listed first still runs after the eigenvalue that bounds its diagonal
-    cb = FlatnessCallback(metrics=(PACGen(screen=screen, eps=3.0), "hessian_top_eig"), **SMALL)
+    cb = FlatnessCallback(metrics=(PACGen(screen=screen, eps=3.0, num_probes=16), "hessian_top_eig"), **SMALL)
     _, model, dm = fit(tmp_path, cb, max_epochs=1)
     x, last = cb.history[-1]
     assert len(seen) == 1
@@ -394,7 +394,8 @@ def test_pacgen_gets_twice_the_top_eigenvalue_as_its_diagonal_bound(tmp_path, mo
     assert seen[0] == 2 * last["flatness/hessian_top_eig"] > 0
     # eps = 3 puts the floor 1/N_i² below the bound, so the diagonal is estimated after ρ
     batches = subsample(dm.train_set, 0, 64, 16)
-    expected = pacgen(model, batches, num_train=256, eps=3.0, hessian_max=seen[0], generator=measurement_seed(0, x, "pacgen"))
+    seed = measurement_seed(0, x, "pacgen")
+    expected = pacgen(model, batches, num_train=256, eps=3.0, num_probes=16, hessian_max=seen[0], generator=seed)
     assert expected.n_hvp == 16 + 6
     assert close(last["flatness/pacgen"], expected.value, 1e-6)
 

@@ -219,3 +219,54 @@ def test_normalization_arguments_are_validated(kwargs, error, match):
     for fn in (pacgen, pacgen_perturbation_scale):
         with pytest.raises(error, match=match):
             fn(model, batches, rho=0.0, **kwargs)
+
+
+def test_first_order_diagonal_term_is_unbiased_with_an_honest_error_and_remainder(model_and_batches):
+    """Each ρ probe's ``P·vᵀDHv`` against the dense oracle's ``Σ d_i H_ii``; the expansion's remainder against its bound."""
+    from lightning_flatness.functional.pacgen import _linear_diagonal_terms, _RhoDraws
+
+    model, batches = model_and_batches
+    hessian = dense_hessian(model, batches)
+    w = flat_weights(model).double()
+    noise, n, rho, dim = 0.1 * w.abs() + 1.0, float(num_samples(batches)), 0.05, w.numel()
+    curvature = n * rho * math.sqrt(dim) * noise
+    assert (curvature > noise.pow(-2)).all()  # every coordinate off its floor at H = 0
+    d = n / (2 * curvature)
+    exact = (d * hessian.diagonal()).sum().item()
+    v = torch.randn(3000, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v = v / v.norm(dim=1, keepdim=True)
+    spread_out = torch.tensor([0.0, 10 * rho], dtype=torch.float64)  # ρ's draws: a wide spread lets any remainder pass
+    terms = _linear_diagonal_terms(_RhoDraws(spread_out, v, v @ hessian), noise, rho, None, n)
+    mc_error = terms.std().item() / math.sqrt(terms.numel())
+    assert abs(terms.mean().item() - exact) <= 4 * mc_error and abs(exact) > 10 * mc_error
+    # The reported variance of a 3-probe mean (the default) is the spread of such means.
+    triples = terms.reshape(-1, 3)
+    reported = (triples.var(dim=1) / 3).mean().sqrt().item()
+    assert reported == pytest.approx(triples.mean(dim=1).std().item(), rel=0.15)
+    # Ψ(H) = Ψ(0) + Σ d_i H_ii − R with 0 <= R <= ‖DH‖_F², ``num_train`` scaling H and ρ.
+    remainder = direct_psi(w, torch.zeros_like(w), n * rho, 0.1, 1.0) + exact - direct_psi(w, n * hessian.diagonal(), n * rho, 0.1, 1.0)
+    assert 0 <= remainder <= (d[:, None] * hessian).pow(2).sum().item()
+    # Without the spread the same remainder bound is too large: the diagonal must be estimated.
+    assert _linear_diagonal_terms(_RhoDraws(torch.tensor([rho, rho]), v[:3], v[:3] @ hessian), noise, rho, None, n) is None
+
+
+def test_default_takes_the_diagonal_to_first_order_where_rho_dominates(model_and_batches):
+    model, batches = model_and_batches
+    diag = dense_hessian(model, batches).diagonal()
+    result = pacgen(model, batches, eps=1.0, generator=0)
+    assert result.n_hvp == 6 and result.curved_fraction == 1  # ρ's products, none for the diagonal
+    assert result == pacgen(model, batches, eps=1.0, generator=0)
+    exact = pacgen(model, batches, eps=1.0, rho=result.rho, hessian_diag=diag)  # the same ρ, the exact diagonal
+    without = pacgen(model, batches, eps=1.0, rho=result.rho, hessian_diag=torch.zeros_like(diag))
+    assert abs(result.value - exact.value) <= 2 * result.se and result.value != without.value
+
+
+def test_default_estimates_the_diagonal_where_first_order_would_not_be_accurate(model_and_batches):
+    model, batches = model_and_batches
+    # eps = 0.1: coordinates at their floor that H_ii could lift (no hessian_max) or H_ii large against ρ√m N_i.
+    for kwargs in ({}, MEAN, {"num_train": 4000}):
+        assert pacgen(model, batches, generator=0, **kwargs).n_hvp == 6 + 16
+    assert pacgen(model, batches, eps=1.0, rho_probes=1, generator=0).n_hvp == 2 + 16  # one draw: no spread to judge by
+    assert pacgen(model, batches, eps=1.0, rho=0.05, generator=0).n_hvp == 16  # ρ given: no products to reuse
+    explicit = pacgen(model, batches, eps=1.0, num_probes=16, generator=0)
+    assert explicit.n_hvp == 16 + 6  # an explicit num_probes always estimates the diagonal

@@ -49,8 +49,19 @@ ESTIMATORS = {
     "gap_loss": lambda b: gap_loss_and_se(b),
     # PACGen's own randomness (probes, rho's draws) is redrawn with the subsample: a new seed each time
     "pacgen": lambda b: (lambda r: (r.value, r.se))(pacgen(MODEL, b, num_train=1000, num_probes=8, generator=next(SEEDS))),
+    "pacgen_first_order": lambda b: pacgen_first_order(b),
     "pacgen_rho_given": lambda b: (lambda r: (r.value, r.se))(pacgen(MODEL, b, num_train=1000, num_probes=8, rho=0.05, generator=next(SEEDS))),
 }
+
+
+FIRST_ORDER_PRODUCTS: list[int] = []
+
+
+def pacgen_first_order(batches) -> tuple[float, float]:
+    """The default ``num_probes=None`` where the diagonal mostly enters to first order (a wide box: ρ√m N_i dominates)."""
+    result = pacgen(MODEL, batches, num_train=1000, eps=1.0, generator=next(SEEDS))
+    FIRST_ORDER_PRODUCTS.append(result.n_hvp)
+    return result.value, result.se
 
 
 def gap_loss_and_se(batches) -> tuple[float, float]:
@@ -64,6 +75,8 @@ def gap_loss_and_se(batches) -> tuple[float, float]:
 def test_reported_error_matches_the_spread_over_redrawn_subsamples(name):
     spread, reported = draws(128, ESTIMATORS[name])
     assert reported == pytest.approx(spread, rel=0.25), (name, spread, reported)
+    if name == "pacgen_first_order":  # the path under test was taken (ρ's 6 products alone) in most draws
+        assert FIRST_ORDER_PRODUCTS.count(6) >= 0.6 * len(FIRST_ORDER_PRODUCTS), FIRST_ORDER_PRODUCTS
 
 
 @pytest.mark.parametrize("name", ["hessian_top_eig", "grad_cosine_regret", "fisher_trace"])
