@@ -187,7 +187,7 @@ def _fit_cells(work: Workload, cfg: Config, train_size: int, batch_size: int, gr
 def _notes(num_samples: int, batch_size: int, train_size: int, rounds: int) -> list[str]:
     return [
         "Each metric column = its time as `FlatnessCallback` runs it (`FlatnessMetric.compute` on a "
-        "`MeasurementContext`, default options: tol=0.0001, max_iter=100, num_probes=None (first order when accurate), ρ estimated) / one "
+        "`MeasurementContext`, default options: tol=0.0001, max_iter=100, num_probes=None, ρ estimated) / one "
         f"gradient of the whole subsample (plain autograd, same chunks), the median over {rounds} interleaved rounds "
         "of the ratio within a round; `hessian_top_eig` is cold (first measurement), `warm` is started from the "
         "eigenvector of one SGD step earlier, as every later measurement is. total = the four metrics with the warm "
@@ -198,10 +198,9 @@ def _notes(num_samples: int, batch_size: int, train_size: int, rounds: int) -> l
         "4000 training samples); its model and data size are used here with synthetic 40-dimensional inputs, at "
         "batch 64 (the study runs 16 to 1024: the fraction scales with the number of steps per epoch).",
         "As in the callback, `pacgen` runs after `hessian_top_eig` and gets twice the converged top eigenvalue as "
-        "`hessian_max` (`PACGen(screen=True)`): the 16 products of the Hessian diagonal are skipped when that bound "
-        "shows no `H_ii` can move Ψ off its `1/N_i` floor (0 coordinates left on the MLP and the transformer, so "
-        "PACGen costs the 6 products of ρ; 69 on the CNN, whose BatchNorm scales are large, so its diagonal is still "
-        "estimated).",
+        "`hessian_max` (`PACGen(screen=True)`). At its default `num_probes=None` the Hessian diagonal enters Ψ to "
+        "first order from ρ's own products where a bound shows that is accurate (PACGen then costs ρ's 6 products); "
+        "otherwise it is estimated after ρ with 16 more (fewer where the bound settles most coordinates).",
     ]
 
 

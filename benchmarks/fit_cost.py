@@ -36,6 +36,7 @@ TARGET_PACGEN = 4.0  # gradient-equivalents of PACGen at its defaults
 PROJECTED_EPOCH = 50_000
 METRICS = DEFAULT_METRICS  # every part of the default measurement is clocked
 PARTS = (*METRICS, "gap", "other")
+PRODUCTS_COLUMN = "HVPs: eigenvalue / PACGen (warm)"
 
 
 @dataclass
@@ -110,6 +111,36 @@ def _clocked(metrics: list[Any], parts: dict[str, float], device: torch.device) 
             del metric.compute
 
 
+# The estimators whose Hessian-vector products each measurement counts: (module the metric calls it from, name).
+COUNTED = {"hessian_top_eig": ("lightning_flatness.metrics.hessian", "hessian_eigenvalues"),
+           "pacgen": ("lightning_flatness.metrics.pacgen", "pacgen")}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _counted(products: dict[str, float]) -> Iterator[None]:
+    """Adds the ``n_hvp`` of every eigenvalue and PACGen call the metrics make to ``products["<name> products"]``."""
+    import importlib
+
+    saved = []
+    for name, (module_name, attr) in COUNTED.items():
+        module = importlib.import_module(module_name)
+        estimator = getattr(module, attr)
+
+        def counting(*args: Any, _estimator: Callable[..., Any] = estimator, _name: str = name, **kwargs: Any) -> Any:
+            result = _estimator(*args, **kwargs)
+            key = f"{_name} products"
+            products[key] = products.get(key, 0) + result.n_hvp
+            return result
+
+        setattr(module, attr, counting)
+        saved.append((module, attr, estimator))
+    try:
+        yield
+    finally:
+        for module, attr, estimator in saved:
+            setattr(module, attr, estimator)
+
+
 def _gradient_clock(flatness: Any, parts: dict[str, float], batches: list, repeats: int, device: torch.device) -> Any:
     """A callback, placed after ``flatness``, closing each measurement's record at the epoch's end.
 
@@ -131,6 +162,7 @@ def _gradient_clock(flatness: Any, parts: dict[str, float], batches: list, repea
                 record = {name: parts.pop(name, 0.0) for name in PARTS[:-1]}
                 record["seconds"] = flatness.history[-1][1]["flatness/seconds"]
                 record["other"] = record["seconds"] - sum(record[name] for name in PARTS[:-1])
+                record.update({f"{name} products": parts.pop(f"{name} products", 0) for name in COUNTED})
                 with measurement_mode(pl_module):  # restores weights, gradients and RNG: training goes on untouched
                     gradient = plain_gradient(pl_module, batches)
                     record["gradient"] = middle([timed(gradient, device)[0] for _ in range(repeats)])
@@ -154,12 +186,12 @@ def _fits(plan: Plan, cfg: Config, repeats: int) -> FitResult:
     options = flatness.config
     batches = plan.work.batches(options["num_samples"], options["batch_size"], cfg.seed + 3, cfg.device)
     clock = _gradient_clock(flatness, parts, batches, repeats, cfg.device)
-    with _clocked(flatness.metrics, parts, cfg.device):
+    with _clocked(flatness.metrics, parts, cfg.device), _counted(parts):
         wall, caught = fit_module(copy.deepcopy(start), cfg, data, [_epoch_timer(), flatness, clock], plan.epochs)
     return FitResult(wall - clock.spent, without, bare.seconds, clock.records, _skipped(flatness, caught))
 
 
-def _summary(plan: Plan, result: FitResult) -> dict[str, float]:
+def _summary(plan: Plan, result: FitResult) -> dict[str, Any]:
     """The row's numbers. Parts and ``total`` in gradients: the median over the warm measurements (all but
     the first, whose eigenvalue starts cold) of each one's ratio to the gradient timed right after it."""
     warm, cold = result.measurements[1:] or result.measurements, result.measurements[0]
@@ -168,13 +200,16 @@ def _summary(plan: Plan, result: FitResult) -> dict[str, float]:
     out["cold"] = cold["seconds"] / cold["gradient"]
     out["seconds"] = statistics.median(r["seconds"] for r in warm)
     out["gradient"] = statistics.median(r["gradient"] for r in warm)
+    for name in COUNTED:  # the range over the warm measurements
+        counts = [int(r[f"{name} products"]) for r in warm]
+        out[f"{name} products"] = f"{min(counts)}–{max(counts)}" if min(counts) != max(counts) else str(counts[0])
     out["epoch"], out["fit"] = middle(result.epochs), result.with_callback / result.without
     # a 50k-sample epoch takes 50k / train_size of these epochs; the measurement's size does not change
     out["projected"] = 1 + out["seconds"] / (out["epoch"] * PROJECTED_EPOCH / plan.train_size)
     return out
 
 
-def _row(plan: Plan, result: FitResult, num: dict[str, float]) -> Row:
+def _row(plan: Plan, result: FitResult, num: dict[str, Any]) -> Row:
     """One workload's cells; ``Row.met``: its three targets met."""
     cells = {"model": model_label(plan.work.label, plan.work.num_params),
              "fit": f"{plan.train_size} samples, batch {plan.batch_size}, {plan.epochs} epochs",
@@ -182,6 +217,7 @@ def _row(plan: Plan, result: FitResult, num: dict[str, float]) -> Row:
     cells.update({name: fmt_ratio(num[name], 1) for name in PARTS})
     total = f"{fmt_ratio(num['total'], 1)} ({fmt_time(num['seconds'])})" + (" †" if result.skipped else "")
     fit = f"{fmt_ratio(num['fit'])} ({fmt_time(result.with_callback)} / {fmt_time(result.without)})"
+    cells[PRODUCTS_COLUMN] = " / ".join(num[f"{name} products"] for name in COUNTED)
     cells.update({"total (warm)": total, "first (cold)": fmt_ratio(num["cold"], 1), "fit with / without": fit,
                   "epoch": fmt_time(num["epoch"]),
                   "projected 50k-sample epoch": fmt_ratio(num["projected"], 3)})  # fmt: skip
@@ -189,7 +225,7 @@ def _row(plan: Plan, result: FitResult, num: dict[str, float]) -> Row:
     return Row(cells, num["total"], f"≤ {TARGET_TOTAL:g}", met)
 
 
-def _targets(label: str, num: dict[str, float]) -> list[tuple[str, str, str, str, bool | None]]:
+def _targets(label: str, num: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
     """The section's three targets for one workload."""
     return [
         ("in `Trainer.fit`: one warm measurement / subsample gradient", label, fmt_ratio(num["total"], 1),
@@ -218,7 +254,9 @@ def _notes(cfg: Config, repeats: int) -> list[str]:
         "callback calls them; `other` = the rest of the logged seconds: `measurement_mode`, torchmetrics) / that "
         "gradient; total = the logged `flatness/seconds` / that gradient: the median over the warm measurements "
         "(all but the first; the eigenvalue starts from the previous epoch's vectors). first (cold) = the first "
-        "measurement's total.",
+        "measurement's total. HVPs = the Hessian-vector products (full passes over the subsample's mini-batches) "
+        "of the warm measurements, range: the eigenvalue's Lanczos iterations from the previous epoch's vector, and "
+        "PACGen's (6: ρ's draws, the diagonal to first order; 22: with 16 Hutchinson probes of the diagonal).",
         "fit with / without = wall time of `Trainer.fit` with the callback (the gradient timings taken off) / "
         "without. epoch = the middle training epoch without the callback (its validation included). projected = 1 + "
         f"warm measurement seconds / (epoch × {PROJECTED_EPOCH} / training samples): the fit time with / without on "
@@ -233,8 +271,8 @@ def run(cfg: Config) -> Section:
     repeats = 1 if cfg.quick else 3
     section = Section(
         "fit", "6. callback in Trainer.fit: one default measurement in gradients, fit time with / without",
-        ["model", "fit", "gradient (subsample)", *PARTS, "total (warm)", "first (cold)", "fit with / without", "epoch",
-         "projected 50k-sample epoch"],
+        ["model", "fit", "gradient (subsample)", *PARTS, PRODUCTS_COLUMN, "total (warm)", "first (cold)",
+         "fit with / without", "epoch", "projected 50k-sample epoch"],
     )  # fmt: skip
     section.notes.extend(_notes(cfg, repeats))
     for plan in _plans(cfg):
