@@ -66,7 +66,7 @@ class _PACGenInputs:
 
 @dataclass(frozen=True)
 class _RhoDraws:
-    """The finite-difference ratios whose maximum is ``ρ̂``, and the unit vectors ``v_k`` with their products ``H(w) v_k``."""
+    """The finite-difference ratios whose maximum is ``ρ̂``; the unit vectors ``v_k`` and their products ``H(w) v_k``."""
 
     ratios: Tensor  # (K,) float64, CPU
     vectors: Tensor  # (K, P)
@@ -116,15 +116,16 @@ def _coordinates_that_need_h(noise: Tensor, rho: float, hessian_max: float, scal
     return torch.nonzero(curvature > noise.pow(-2)).flatten()
 
 
-def _estimated_diagonal(operator: HessianOperator, num_probes: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Hutchinson's diagonal (float64) and each probe's own estimate ``z ⊙ Hz`` (float32, for the error)."""
+def _estimated_diagonal(operator: HessianOperator, num_probes: int, gen: torch.Generator) -> tuple[Tensor, int, Tensor]:
+    """``(diag, n_hvp, probe terms)``: Hutchinson's diagonal (float64), ``num_probes`` products, and each probe's
+    own estimate ``z ⊙ Hz`` (float32, for the error)."""
     total = torch.zeros(operator.num_params, dtype=operator.dtype, device=operator.device)
     terms = []
     for z, hz in probe_products(operator, num_probes, gen):
         part = z * hz
         total += part.sum(0)
         terms.append(part.float())
-    return (total / num_probes).to(torch.float64), torch.cat(terms)
+    return (total / num_probes).to(torch.float64), num_probes, torch.cat(terms)
 
 
 def _linear_diagonal_terms(
@@ -141,23 +142,26 @@ def _linear_diagonal_terms(
     bound on ``R`` exceeds the error ρ̂ already carries (one standard deviation of its draws
     times ``|∂Ψ/∂ρ|``), or with a single draw (no spread to compare with).
     """
-    k = draws.ratios.numel()
-    curvature = scale * rho * math.sqrt(noise.numel()) * noise  # c_i², of H = 0
+    dim = noise.numel()
+    curvature = scale * rho * math.sqrt(dim) * noise  # c_i², of H = 0
     curved = curvature > noise.pow(-2)
-    if k < 2 or not curved.any():
+    if draws.ratios.numel() < 2 or not curved.any():
         return None
-    if not curved.all():
-        if hessian_max is None or bool((scale * hessian_max + curvature[~curved] > noise[~curved].pow(-2)).any()):
+    if not curved.all():  # a floor coordinate the bound cannot keep there needs its H_ii
+        if hessian_max is None or not bool(curved[_coordinates_that_need_h(noise, rho, hessian_max, scale)].all()):
             return None
     d = torch.where(curved, scale / (2 * curvature), torch.zeros_like(curvature))
     hv = draws.products.to(d)
-    dim = noise.numel()
     terms = dim * (draws.vectors.to(d) * hv * d).sum(1)
     remainder_bound = dim * (hv * d).pow(2).sum(1).mean().item()
-    dpsi_drho = (d * math.sqrt(dim) * noise).sum().item()
-    if not remainder_bound <= abs(dpsi_drho) * draws.ratios.std().item():
+    if not remainder_bound <= abs(_dpsi_drho(d, noise)) * draws.ratios.std().item():
         return None
     return terms.cpu()
+
+
+def _dpsi_drho(dpsi_dh: Tensor, noise: Tensor) -> float:
+    """``∂Ψ/∂ρ = Σ_i ∂Ψ/∂H_ii · √m N_i``: ρ enters each curvature factor as ``ρ√m N_i`` beside ``H_ii``."""
+    return (dpsi_dh * math.sqrt(noise.numel()) * noise).sum().item()
 
 
 def _screened_diagonal(
@@ -173,8 +177,7 @@ def _screened_diagonal(
     needed = _coordinates_that_need_h(noise, rho, hessian_max, scale)
     operator = objective.hessian_operator()
     if needed.numel() > num_probes:
-        diag, terms = _estimated_diagonal(operator, num_probes, gen)
-        return diag, num_probes, terms
+        return _estimated_diagonal(operator, num_probes, gen)
     diag = torch.full_like(noise, float(hessian_max))
     if needed.numel():
         w0 = objective.w0
@@ -261,8 +264,7 @@ def _diagonal_given_rho(
     gen: torch.Generator,
 ) -> tuple[Tensor, int, Tensor | None]:  # fmt: skip
     if hessian_max is None:
-        diag, terms = _estimated_diagonal(objective.hessian_operator(), num_probes, gen)
-        return diag, num_probes, terms
+        return _estimated_diagonal(objective.hessian_operator(), num_probes, gen)
     return _screened_diagonal(objective, noise, rho, hessian_max, scale, num_probes, gen)
 
 
@@ -276,8 +278,7 @@ def _given_or_estimated_diagonal(
         return hessian_diag.detach().to(device=objective.device, dtype=torch.float64), 0, None
     if hessian_max is not None:
         return None, 0, None
-    diag, terms = _estimated_diagonal(objective.hessian_operator(), num_probes, gen)
-    return diag, num_probes, terms
+    return _estimated_diagonal(objective.hessian_operator(), num_probes, gen)
 
 
 def _standard_error(inputs: _PACGenInputs, curvature: Tensor, curved: Tensor) -> float:
@@ -302,8 +303,7 @@ def _standard_error(inputs: _PACGenInputs, curvature: Tensor, curved: Tensor) ->
         if k < 2:
             return math.nan
         c4 = math.sqrt(2 / (k - 1)) * math.exp(math.lgamma(k / 2) - math.lgamma((k - 1) / 2))
-        dpsi_drho = (dpsi_dh * math.sqrt(inputs.weights.numel()) * inputs.noise).sum().item()
-        var += (dpsi_drho * inputs.rho_draws.std().item() / c4) ** 2
+        var += (_dpsi_drho(dpsi_dh, inputs.noise) * inputs.rho_draws.std().item() / c4) ** 2
     if inputs.linear_terms is not None:  # the first-order diagonal term: a mean over ρ's probes
         var += (inputs.linear_terms.var() / inputs.linear_terms.numel()).item()
     return math.sqrt(var)
