@@ -53,6 +53,7 @@ def hessian_eigenvalues(
     cache_chunks: int = 1,
     start: str = "gradient",
     gradient: Tensor | None = None,
+    verify: bool = True,
 ) -> EigenResult:
     r"""The ``k`` algebraically largest eigenvalues of :math:`\nabla^2 L(w)` and their eigenvectors.
 
@@ -65,9 +66,15 @@ def hessian_eigenvalues(
 
     Convergence: after each iteration ``m > k``, every returned Ritz value's relative change
     since the previous iteration is at most ``tol`` *and* its residual
-    :math:`\|H y_i - \theta_i y_i\| \le \sqrt{tol}\,\max_j|\theta_j|` (the residual is read off
-    the tridiagonal matrix, at no extra cost). ``converged`` is ``False`` if ``max_iter``
-    iterations did not reach it; the values returned are then the current Ritz values.
+    :math:`\|H y_i - \theta_i y_i\| \le \sqrt{tol}\,|\theta_i|` (read off the tridiagonal
+    matrix, at no extra cost): a relative error of at most about ``tol·θ_i/δ_i``, ``δ_i`` the
+    distance to the rest of the spectrum (:func:`~lightning_flatness.functional.lanczos`).
+    ``converged`` is ``False`` if ``max_iter`` iterations did not reach it; the values returned
+    are then the current Ritz values. ``verify`` (default): once converged, Lanczos runs again
+    from a Gaussian vector in the orthogonal complement of the converged vectors, which finds
+    a repeated eigenvalue (one Krylov space holds one vector of it) and a top eigenvalue that
+    a warm start lacked (e.g. last epoch's eigenvector after the top two traded places); its
+    products count in ``n_hvp``.
 
     ``init``: a flat vector ``(P,)`` or a block ``(j, P)`` (e.g. last epoch's ``vectors``) to
     warm-start from; a block is summed into one start vector, whose Krylov space contains the
@@ -114,13 +121,15 @@ def hessian_eigenvalues(
         else:
             vector, n_grad = _start_vector(init, dim, objective.w0), 0
         operator = objective.hessian_operator(cache_chunks)
-        out, se = lanczos_with_errors(objective, operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen)
+        out, se = lanczos_with_errors(
+            objective, operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen, verify=verify
+        )
     return EigenResult(out.values, out.vectors, out.n_products, out.converged, n_grad, se)
 
 
 def lanczos_with_errors(
     objective: Objective, operator: HessianOperator, start: Tensor, *, k: int, tol: float, max_iter: int,
-    generator: torch.Generator,
+    generator: torch.Generator, verify: bool = True,
 ) -> tuple[LanczosResult, Tensor]:  # fmt: skip
     """:func:`lanczos` on ``operator`` (``objective``'s Hessian or a block of it) and each Ritz
     value's standard error ``(k,)`` over the mini-batches (:class:`ChunkRayleighQuotients`)."""
@@ -128,7 +137,7 @@ def lanczos_with_errors(
     observe = objective.cross_process or _length(objective.batches) != 1
     operator.chunk_observer = quotients = ChunkRayleighQuotients() if observe else None
     try:
-        out = lanczos(operator, start, k=k, tol=tol, max_iter=max_iter, generator=generator)
+        out = lanczos(operator, start, k=k, tol=tol, max_iter=max_iter, generator=generator, verify=verify)
     finally:
         operator.chunk_observer = None  # later products (e.g. Hutchinson's) are not Lanczos'
     se = torch.full_like(out.values, math.nan)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..validation import check_float, check_generator, check_int
+from ..validation import check_bool, check_float, check_generator, check_int
 from ._rows import Rows
 from .operator import CurvatureOperator
 
@@ -18,8 +18,13 @@ from .operator import CurvatureOperator
 class LanczosResult:
     """``values`` (k,) descending, ``vectors`` (k, P) unit-norm Ritz vectors, ``n_products`` made.
 
-    ``coefficients`` ``(m, k)`` (float64): the Ritz vectors in the Lanczos basis, i.e. in the
-    ``m`` vectors the operator was applied to, in order: ``vectors[j] = Σ_i coefficients[i, j] q_i``.
+    ``coefficients`` ``(m, k)`` (float64): the Ritz vectors in the vectors the operator was
+    applied to, in order (every run's Lanczos basis, the checks' included): ``vectors[j] =
+    Σ_i coefficients[i, j] q_i``. ``residuals`` ``(k,)`` (float64): ``‖A y_j − θ_j y_j‖`` of each
+    pair, read off the tridiagonal matrix (for a pair found by a check, a bound on it): an
+    eigenvalue of ``A`` lies within it of ``θ_j``.
+    ``n_checks``: the runs in the complement of the converged vectors that :func:`lanczos`
+    made after the first (``verify``).
     """
 
     values: Tensor
@@ -27,6 +32,8 @@ class LanczosResult:
     n_products: int
     converged: bool
     coefficients: Tensor
+    residuals: Tensor | None = None
+    n_checks: int = 0
 
 
 def lanczos(
@@ -37,19 +44,35 @@ def lanczos(
     tol: float = 1e-4,
     max_iter: int = 100,
     generator: torch.Generator | int | None = None,
+    verify: bool = True,
 ) -> LanczosResult:
     r"""The ``k`` algebraically largest eigenpairs of the symmetric ``operator``, from ``start``.
 
     Convergence criterion, checked after every iteration ``m > k``: for each of the top ``k``
     Ritz values ``θ_i``, (a) its relative change since iteration ``m - 1`` is at most ``tol``,
-    ``|θ_i^(m) − θ_i^(m−1)| ≤ tol·|θ_i^(m)|``, and (b) its residual bound
-    ``‖A y_i − θ_i y_i‖ = β_m |s_{m,i}| ≤ sqrt(tol)·max_j |θ_j|``. (b) guards against stagnating
-    iterations passing (a); because the eigenvalue error of a Ritz value is at most
-    ``residual² / gap``, it bounds the relative error by about ``tol·θ_1 / gap``.
-    The Krylov space is exhausted (exact answer) once ``m = P``. On a breakdown (``β ≈ 0``,
-    an invariant subspace) the iteration continues from a fresh random vector (from
-    ``generator``) orthogonal to the basis, so a start vector deficient in the top eigenvector
-    cannot go unnoticed.
+    ``|θ_i^(m) − θ_i^(m−1)| ≤ tol·|θ_i^(m)|``, and (b) its residual
+    ``r_i = ‖A y_i − θ_i y_i‖ = β_m |s_{m,i}| ≤ sqrt(tol)·|θ_i|``, scaled by ``θ_i``'s own size
+    (floored at ``sqrt(ε)·‖A‖`` for a value near 0), never by the largest ``|θ_j|``, which on a
+    strongly negative spectrum is the other end. The bound this keeps: an eigenvalue lies within
+    ``r_i`` of ``θ_i`` and, by Kato–Temple, within ``r_i² / δ_i ≤ tol·θ_i² / δ_i`` where ``δ_i``
+    is the distance from ``θ_i`` to the rest of the spectrum, i.e. a relative error of at most
+    ``tol·|θ_i| / δ_i`` (``residuals`` returns each ``r_i``). The Krylov space is exhausted
+    (exact answer) once ``m = P``. On a breakdown (``β ≈ 0``, an invariant subspace) the
+    iteration continues from a fresh random vector (from ``generator``) orthogonal to the basis.
+
+    ``verify`` (default): a Krylov space sees only what its start vector holds. It finds one
+    vector of a repeated eigenvalue, and a start deficient in the top eigenvector (e.g. last
+    epoch's eigenvector when the top two eigenvalues have traded places) converges to the
+    eigenvalue below it with a small residual. So, once the first run converges, Lanczos runs
+    again from a Gaussian vector in the orthogonal complement of the converged vectors (the
+    operator deflated there, :class:`_Krylov`'s ``locked``), as a cold start would: an
+    eigenvalue it finds above ``θ_k`` (beyond ``tol``) was missed and takes its place, and it runs
+    again until a run's top value is certified (the values above it are all held). A run whose
+    top Ritz value has settled (moved by at most ``tol·|θ_k|``) with ``θ + r ≤ θ_k`` stops
+    early. Such a check fails only when its own Gaussian start is deficient, with probability
+    of the order of a cold start's (Kuczyński & Woźniakowski 1992). Cost: one more run, usually
+    shorter than a cold start's (``n_checks``; counted in ``n_products``); ``verify=False``
+    spares it and leaves multiplicities and deficient starts unchecked.
 
     Orthogonality: partial reorthogonalization (Simon 1984). Each iteration subtracts only the
     three-term recurrence and carries Simon's estimate ``ω`` of the basis' loss of
@@ -62,39 +85,111 @@ def lanczos(
     reorthogonalized iterations. Memory: the basis, up to ``max_iter`` vectors (the rows of one
     matrix whose capacity doubles as needed).
     """
-    return _lanczos_run(operator, start, k=k, tol=tol, max_iter=max_iter, generator=generator)[0]
+    gen = check_generator(generator)
+    found = _lanczos_run(operator, start, k=k, tol=tol, max_iter=max_iter, generator=gen)[0]
+    # An unconverged run is flagged as it is; one that exhausted the space is exact.
+    if check_bool("verify", verify) and found.converged and found.n_products < start.numel():
+        found = _verified(operator, found, k=k, tol=tol, max_iter=max_iter, generator=gen)
+    return found
 
 
 def _lanczos_run(
     operator: CurvatureOperator, start: Tensor, *, k: int, tol: float, max_iter: int,
-    generator: torch.Generator | int | None,
+    generator: torch.Generator | int | None, locked: Tensor | None = None, ceiling: float | None = None,
 ) -> tuple[LanczosResult, _Krylov]:  # fmt: skip
-    """:func:`lanczos`, and its basis and reorthogonalization count (for the tests)."""
+    """One Lanczos run (:func:`lanczos` without ``verify``), and its basis and reorthogonalization count.
+
+    ``locked`` ``(j, P)``: orthonormal rows whose span is deflated: the run stays in their
+    orthogonal complement (start, products and restarts projected), where the operator's
+    dimension is ``P − j``. ``ceiling``: also stop once the top Ritz value has settled
+    (:func:`_settled_below`) with ``θ_1 + r_1 ≤ ceiling``: the complement holds nothing above it.
+    """
     k, max_iter = check_int("k", k), check_int("max_iter", max_iter)
     tol = check_float("tol", tol, inclusive=False)
-    dim = start.numel()
+    dim = start.numel() - (0 if locked is None else locked.shape[0])
     max_iter = min(max_iter, dim)
     if max_iter < k:
         raise ValueError(f"max_iter={max_iter} is smaller than k={k}; allow at least k iterations.")
     gen = check_generator(generator)
-    run = _Krylov(start, max_iter)
-    q, norm = start, start.norm()
+    run = _Krylov(start, max_iter, locked=locked)
+    q = start if locked is None else _orthogonalize(start, locked)
+    norm = q.norm()
     previous: Tensor | None = None
     converged = False
+    beta = 0.0
     for m in range(1, max_iter + 1):
         w, beta = run.residual(operator @ run.basis.append(q, norm))
         theta, last = _ritz_values(run.alphas, run.betas, k)
-        scale = theta.abs().max().item()
-        if m == dim or (m > k and previous is not None and _has_converged(theta[:k], previous, last, beta, tol, scale)):
+        top, residual = theta[: min(k, m)], beta * last.abs()
+        floor = math.sqrt(torch.finfo(start.dtype).eps) * run.norm
+        if m == dim or (m > k and previous is not None and _has_converged(top, previous, residual, tol, floor)):
             converged = True
             break
-        previous = theta[:k] if m >= k else None
+        if ceiling is not None and previous is not None and _settled_below(top, previous, residual, tol, ceiling):
+            converged = True
+            break
+        previous = top if m >= k else (top[:1] if ceiling is not None else None)
         if m < max_iter:
-            q, norm = run.next_vector(w, beta, scale, gen)
+            q, norm = run.next_vector(w, beta, abs(theta).max().item(), gen)
     theta, s = _tridiagonal_eigen(run.alphas, run.betas)
-    values = theta[:k].to(device=start.device, dtype=start.dtype)
-    vectors, coefficients = _ritz_vectors(s[:, :k], run.basis.view())
-    return LanczosResult(values, vectors, len(run.basis), converged, coefficients), run
+    kept = min(k, len(run.alphas))
+    values = theta[:kept].to(device=start.device, dtype=start.dtype)
+    vectors, coefficients = _ritz_vectors(s[:, :kept], run.basis.view())
+    residuals = beta * s[-1, :kept].abs()
+    return LanczosResult(values, vectors, len(run.basis), converged, coefficients, residuals), run
+
+
+def _verified(
+    operator: CurvatureOperator, found: LanczosResult, *, k: int, tol: float, max_iter: int, generator: torch.Generator
+) -> LanczosResult:
+    """``found`` checked by runs in the orthogonal complement of its vectors (:func:`lanczos`'s ``verify``)."""
+    like = found.vectors
+    for _ in range(k):
+        kth = found.values[-1].item()
+        bar = kth + tol * abs(kth)
+        if like.shape[1] - found.vectors.shape[0] < 1:
+            break  # nothing outside the held vectors
+        start = torch.randn(like.shape[1], generator=generator, dtype=like.dtype).to(like.device)
+        check = _lanczos_run(
+            operator, start, k=min(k, like.shape[1] - found.vectors.shape[0]), tol=tol, max_iter=max_iter,
+            generator=generator, locked=found.vectors, ceiling=bar,
+        )[0]  # fmt: skip
+        top = check.values[0].item()
+        if top <= bar:  # nothing above the k-th held value: every held value is certified
+            return _counted(found, check)
+        # Every value above `top` is held (the complement's largest is `top`): those and `top` are certified.
+        certified = int((found.values >= top - tol * abs(top)).sum()) + 1
+        found = _merged(found, check, k)
+        if certified >= k:
+            break
+    return found
+
+
+def _counted(found: LanczosResult, check: LanczosResult) -> LanczosResult:
+    """``found`` with a check's products and convergence added (its coefficients cover the first products only)."""
+    return replace(
+        found, n_products=found.n_products + check.n_products, converged=found.converged and check.converged,
+        n_checks=found.n_checks + 1,
+    )  # fmt: skip
+
+
+def _merged(found: LanczosResult, check: LanczosResult, k: int) -> LanczosResult:
+    """The ``k`` largest pairs of both; coefficients over both runs' products (``found``'s first)."""
+    m, n = found.coefficients.shape[0], check.coefficients.shape[0]
+    coefficients = torch.cat([
+        torch.cat([found.coefficients, found.coefficients.new_zeros(n, found.coefficients.shape[1])]),
+        torch.cat([check.coefficients.new_zeros(m, check.coefficients.shape[1]), check.coefficients]),
+    ], dim=1)  # fmt: skip
+    values = torch.cat([found.values, check.values])
+    order = torch.argsort(values, descending=True, stable=True)[:k]
+    # A check's pair is one of the deflated operator: against A itself, its residual gains the part of A y
+    # along the held vectors, Yᵀ A y = Rᵀ y (Yᵀ y = 0), at most the held pairs' residuals R together.
+    residuals = torch.cat([found.residuals, torch.sqrt(check.residuals**2 + found.residuals.square().sum())])
+    return LanczosResult(
+        values[order], torch.cat([found.vectors, check.vectors])[order], found.n_products + check.n_products,
+        found.converged and check.converged, coefficients[:, order.cpu()], residuals[order.cpu()],
+        found.n_checks + 1,
+    )  # fmt: skip
 
 
 class _Krylov:
@@ -104,9 +199,10 @@ class _Krylov:
     ``previous`` the same for ``q_{j−1}``; :func:`_next_omega` carries them one step on.
     """
 
-    def __init__(self, start: Tensor, limit: int, full: bool = False) -> None:
+    def __init__(self, start: Tensor, limit: int, full: bool = False, locked: Tensor | None = None) -> None:
         eps = torch.finfo(start.dtype).eps
         self.full = full  # orthogonalize every residual against the whole basis
+        self.locked = locked  # rows deflated from the operator (the run stays orthogonal to them)
         self.basis = Rows(start, limit)
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[i] couples q_i and q_{i+1}; 0 after a restart
@@ -127,6 +223,8 @@ class _Krylov:
         """``α_j`` from ``product = A q_j``; the residual ``w`` (semi-orthogonal to the basis) and ``β = ‖w‖``."""
         j = len(self.alphas)
         q = self.basis[j]
+        if self.locked is not None:  # (I − YᵀY) A on vectors orthogonal to Y: the deflated operator
+            product = product - self.locked.T @ (self.locked @ product)
         alpha = torch.dot(q, product).item()
         w = torch.add(product, q, alpha=-alpha)  # a new tensor: the operator's output may alias its input
         last = self.betas[-1] if j else 0.0
@@ -158,6 +256,8 @@ class _Krylov:
         like = self.basis[0]
         r = torch.randn(like.numel(), generator=gen, dtype=like.dtype).to(like.device)
         r = _orthogonalize(r, self.basis.view())
+        if self.locked is not None:
+            r = _orthogonalize(r, self.locked)
         self.betas.append(0.0)
         self.dropped = max(self.dropped, beta)
         self.omega[:-1] = self.unit  # orthogonalized against everything
@@ -250,11 +350,19 @@ def _tridiagonal_eigen(alphas: list[float], betas: list[float]) -> tuple[Tensor,
     return evals.flip(0), evecs.flip(1)
 
 
-def _has_converged(top: Tensor, previous: Tensor, last: Tensor, beta: float, tol: float, scale: float) -> bool:
-    """Criteria (a) and (b) of :func:`lanczos` for the top ``k`` Ritz values (``last``: ``s_{m,i}``)."""
-    change_ok = bool(((top - previous).abs() <= tol * top.abs()).all())
-    residual = beta * last.abs()
-    return change_ok and bool((residual <= math.sqrt(tol) * max(scale, 1e-300)).all())
+def _has_converged(top: Tensor, previous: Tensor, residual: Tensor, tol: float, floor: float) -> bool:
+    """Criteria (a) and (b) of :func:`lanczos` for the top ``k`` Ritz values, each on its own scale ``max(|θ_i|, floor)``."""
+    scale = top.abs().clamp(min=floor)
+    change_ok = bool(((top - previous).abs() <= tol * scale).all())
+    return change_ok and bool((residual[: top.numel()] <= math.sqrt(tol) * scale).all())
+
+
+def _settled_below(top: Tensor, previous: Tensor, residual: Tensor, tol: float, ceiling: float) -> bool:
+    """The top Ritz value lies, with its residual, at or below ``ceiling`` and has settled: it moved by at
+    most ``tol`` relative to the ``ceiling`` (the value it is checked against, not its own, which may be
+    far below) since the previous iteration."""
+    theta = top[0].item()
+    return abs(theta - previous[0].item()) <= tol * abs(ceiling) and theta + residual[0].item() <= ceiling
 
 
 def _ritz_vectors(s: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:

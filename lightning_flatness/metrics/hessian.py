@@ -36,9 +36,15 @@ class HessianEigenvalues(FlatnessMetric):
             at most this many mini-batches: each product is then one second backward pass,
             about half the cost, for that many mini-batches' graphs held in memory; 0 never.
         warm_start: start from the previous measurement's eigenvectors.
+        verify: after convergence, run Lanczos again from a Gaussian vector in the complement of
+            the converged eigenvectors, to find an eigenvalue they missed: a repeated eigenvalue
+            (``k > 1``), or, from a warm start, a top eigenvalue that overtook last epoch's
+            (:func:`~lightning_flatness.functional.lanczos`). Costs one more, usually shorter,
+            Lanczos run; ``False`` spares it and leaves both unchecked.
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
 
-    Cost: one Hessian-vector product per Lanczos iteration (+1 gradient on a cold start).
+    Cost: one Hessian-vector product per Lanczos iteration (+1 gradient on a cold start), the
+    check's (``verify``) included.
     """
 
     name = "hessian_top_eig"
@@ -47,7 +53,7 @@ class HessianEigenvalues(FlatnessMetric):
 
     def __init__(
         self, k: int = 1, tol: float = 1e-4, max_iter: int = 100, cache_chunks: int = 1, warm_start: bool = True,
-        every_n_epochs: int | None = None,
+        verify: bool = True, every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
         self.k = check_int("k", k)
@@ -57,6 +63,7 @@ class HessianEigenvalues(FlatnessMetric):
             raise ValueError(f"max_iter={max_iter} must be >= k={k}.")
         self.cache_chunks = check_int("cache_chunks", cache_chunks, 0)
         self.warm_start = check_bool("warm_start", warm_start)
+        self.verify = check_bool("verify", verify)
         eigs = tuple(keys.hessian_eig(j) for j in range(1, self.k + 1)) if self.k > 1 else ()
         values = (keys.HESSIAN_TOP_EIG, *eigs)
         self._se_keys = tuple(keys.se(key) for key in values)
@@ -71,6 +78,7 @@ class HessianEigenvalues(FlatnessMetric):
             ctx.model, ctx.batches, ctx.loss_fn, k=self.k, tol=self.tol, max_iter=self.max_iter, init=init,
             generator=ctx.seed_for(self.name), cache_chunks=self.cache_chunks, dtype=ctx.dtype,
             gradient=ctx.shared.gradient,  # the regret's, when it ran first: the cold start's pass saved
+            verify=self.verify,
         )  # fmt: skip
         values, errors = res.values.tolist(), res.se.tolist()
         self.vectors = res.vectors.detach()

@@ -13,7 +13,7 @@ import weakref
 import pytest
 import torch
 
-from lightning_flatness.functional import DenseOperator
+from lightning_flatness.functional import DenseOperator, lanczos
 from lightning_flatness.functional._rows import Rows
 from lightning_flatness.functional.hessian_eigenvalues import ChunkRayleighQuotients
 from lightning_flatness.functional.lanczos import _Krylov, _lanczos_run
@@ -64,8 +64,8 @@ def test_without_reorthogonalization_ghosts_appear(monkeypatch):
     """The control for the test above: plain Lanczos on the same matrix repeats its top value."""
     init = _Krylov.__init__
 
-    def never(self, *args):
-        init(self, *args)
+    def never(self, *args, **kwargs):
+        init(self, *args, **kwargs)
         self.threshold = math.inf
 
     monkeypatch.setattr(_Krylov, "__init__", never)
@@ -133,3 +133,86 @@ def test_rayleigh_observer_copies_each_vector_once_and_holds_no_reference():
     assert len(observer.basis) == 3 and observer.sizes == [1, 1]
     expected = torch.tensor([[3.0, 2.0, 1.0]] * 2, dtype=torch.float64)  # per chunk: the diagonal
     assert torch.equal(observer.quotients(torch.eye(3, dtype=torch.float64)), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# What one Krylov space cannot see: repeated eigenvalues, a start deficient in the top eigenvector.
+# ------------------------------------------------------------------------------------------------
+def _dense(values: torch.Tensor, seed: int) -> tuple[DenseOperator, torch.Tensor]:
+    """``values`` in a random orthonormal eigenbasis (its columns returned, in the order of ``values``)."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=g, dtype=torch.float64))
+    return DenseOperator((basis * values) @ basis.T), basis
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_a_repeated_top_eigenvalue_is_found_as_often_as_it_repeats(copies):
+    """One Krylov space holds a single vector of a repeated eigenvalue: before the check, k=2 gave [5, 3.98]."""
+    values = torch.cat([torch.full((copies,), 5.0), torch.linspace(0, 4, 200 - copies)]).double()
+    operator, _ = _dense(values, seed=0)
+    start = torch.randn(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = lanczos(operator, start, k=copies + 1, tol=1e-3)
+    assert out.converged and out.n_checks >= copies - 1
+    assert torch.allclose(out.values[:copies], torch.full((copies,), 5.0, dtype=torch.float64), rtol=1e-3)
+    assert abs(out.values[copies].item() - 4.0) <= out.residuals[copies].item()  # the bulk's edge, within its residual
+    residual = (out.vectors @ operator.matrix - out.values[:, None] * out.vectors).norm(dim=1)
+    assert (residual <= 1e-3**0.5 * out.values).all()  # criterion (b): each pair an eigenpair of A itself
+    assert (residual <= out.residuals * (1 + 1e-6) + 1e-12).all()  # as reported (a bound for the checks' pairs)
+    assert (out.vectors @ out.vectors.T - torch.eye(copies + 1, dtype=torch.float64)).abs().max() < 1e-6
+    # The control: the single run alone misses the second copy (the check finds it). At tol=1e-4 it runs
+    # long enough on this spectrum for rounding to bring the copy in: a matter of luck, not of design.
+    single = lanczos(operator, start, k=2, tol=1e-3, verify=False)
+    assert single.converged and single.values[1].item() < 4.5
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_start_near_the_second_eigenvector_still_finds_the_top(seed):
+    """Last epoch's eigenvector after the top two traded places: the run converges to λ₂; the check finds λ₁."""
+    g = torch.Generator().manual_seed(100 + seed)
+    dim = (60, 300, 1000)[seed % 3]
+    values = torch.cat([torch.tensor([1.0, 0.8, 0.75]), 0.5 * torch.rand(dim - 3, generator=g) - 0.2]).double()
+    operator, basis = _dense(values, seed)
+    start = basis[:, 1] + 1e-3 * torch.randn(dim, generator=g, dtype=torch.float64)
+    single = lanczos(operator, start, verify=False)
+    assert single.converged and single.values[0].item() == pytest.approx(0.8, rel=1e-3)  # the defect it guards
+    out = lanczos(operator, start)
+    assert out.converged and out.n_checks == 1
+    assert out.values[0].item() == pytest.approx(1.0, rel=1e-4)
+    assert abs(out.vectors[0] @ basis[:, 0]) > 1 - 1e-3
+
+
+def test_the_check_stops_early_below_a_well_separated_top():
+    """Nothing above: the check stops once its top Ritz value has settled below (long before it converges
+    to the bulk's edge, which a uniform bulk makes slow), and the values are unchanged."""
+    values = torch.cat([torch.tensor([10.0]), torch.linspace(-1, 1, 299)]).double()
+    operator, _ = _dense(values, seed=3)
+    start = torch.randn(300, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    single, out = lanczos(operator, start, verify=False), lanczos(operator, start)
+    assert out.n_checks == 1 and torch.equal(out.values, single.values) and torch.equal(out.vectors, single.vectors)
+    assert out.n_products - single.n_products < 25
+    tight = lanczos(operator, start, tol=1e-10, verify=False)
+    assert tight.values[0].item() == pytest.approx(10.0, rel=1e-12)
+    assert lanczos(DenseOperator(-operator.matrix), start, verify=False).n_products > 25  # the bulk's edge, converged
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stopping_rule_scaled_by_the_top_value_on_a_strongly_negative_spectrum(seed):
+    """Top 20 eigenvalues in [0.9, 1], the bulk down to −500: the residual test once scaled with
+    max|θ| = 500 and passed with a top-value error of 1.4e-2 to 5.6e-2 (bound 1e-4·θ₁²/gap ≈ 0.019).
+    Now ``converged`` keeps the stated bound, and the residuals are the pairs' true residuals."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.cat([torch.linspace(1.0, 0.9, 20), torch.linspace(0.5, -500, 280)]).double()
+    operator, _ = _dense(values, seed + 10)
+    out = lanczos(operator, torch.randn(300, generator=g, dtype=torch.float64), k=1, tol=1e-4)
+    bound = 1e-4 * 1.0**2 / (values[0] - values[1]).item()
+    assert not out.converged or 1.0 - out.values[0].item() <= bound
+    true_residual = (operator.matrix @ out.vectors[0] - out.values[0] * out.vectors[0]).norm()
+    assert out.residuals[0].item() == pytest.approx(true_residual.item(), rel=1e-6, abs=1e-10)
+
+
+def test_a_separated_top_over_a_strongly_negative_bulk_converges_within_the_bound():
+    values = torch.cat([torch.tensor([1.0, 0.5]), torch.linspace(0.4, -500, 298)]).double()
+    operator, _ = _dense(values, seed=5)
+    out = lanczos(operator, torch.randn(300, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    assert out.converged
+    assert 0 <= 1.0 - out.values[0].item() <= 1e-4 * 1.0**2 / 0.5

@@ -1,0 +1,42 @@
+"""``HessianEigenvalues`` across measurements: the warm start when the top two eigenvalues trade places."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_flatness import keys
+from lightning_flatness.metrics import HessianEigenvalues, MeasurementContext
+
+BULK = torch.linspace(1.2, 0.3, 38).tolist()
+
+
+def _batches(scales: list[float], angle: float, n: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs whose second moment is ``R diag(scales²) Rᵀ`` exactly, ``R`` a rotation by ``angle`` in the first
+    two coordinates: a linear MSE model's Hessian is ``2·`` that, with eigenvectors ``R e_j``."""
+    z, _ = torch.linalg.qr(torch.randn(n, len(scales), generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    rotation = torch.eye(len(scales), dtype=torch.float64)
+    rotation[:2, :2] = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    x = math.sqrt(n) * z * torch.tensor(scales, dtype=torch.float64) @ rotation.T
+    return [(x[i : i + 64], torch.zeros(64, 1, dtype=torch.float64)) for i in range(0, n, 64)]
+
+
+@pytest.mark.parametrize("angle", [1e-3, 1e-4])
+def test_the_top_eigenvalue_is_followed_when_the_top_two_swap(angle):
+    """Epoch 1: eigenvalues 8 (e₁) and 7.22 (e₂); epoch 2: 8 along ≈ e₂ and 7.22 along ≈ e₁. Warm-started from
+    epoch 1's vector, which is now the second eigenvector, the metric logged 7.22 (with ``verify=False``
+    still); with the check it logs 8."""
+    model = torch.nn.Linear(40, 1, bias=False).double()
+    epochs = [([2.0, 1.9] + BULK, 0.0), ([1.9, 2.0] + BULK, angle)]
+    logged = {}
+    for verify in (False, True):
+        metric = HessianEigenvalues(verify=verify)
+        for epoch, (scales, turn) in enumerate(epochs):
+            ctx = MeasurementContext(model=model, batches=_batches(scales, turn), loss_fn="mse", epoch=epoch, seed=0,
+                                     num_samples=512)  # fmt: skip
+            logged[verify, epoch] = metric.compute(ctx)[keys.HESSIAN_TOP_EIG]
+    assert logged[False, 0] == pytest.approx(8.0, rel=1e-4) and logged[True, 0] == pytest.approx(8.0, rel=1e-4)
+    assert logged[False, 1] == pytest.approx(7.22, rel=1e-4)  # the defect the check guards against
+    assert logged[True, 1] == pytest.approx(8.0, rel=1e-4)
