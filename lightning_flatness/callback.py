@@ -325,7 +325,8 @@ class FlatnessCallback(Callback):
     def _measure_and_log(
         self, trainer: Trainer, pl_module: LightningModule, x: int, use_module_log: bool, final: bool = False
     ) -> None:
-        self._prepare_data(trainer, pl_module)
+        with self._failures.guard("drawing the measurement subsample", refuse=False):  # warned once, at start
+            self._prepare_data(trainer, pl_module)
         if self._data is None:
             return
         values = self.measure(trainer, pl_module, x, final=final)
