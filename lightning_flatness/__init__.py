@@ -1,6 +1,7 @@
 """lightning-flatness: measure loss-landscape flatness and the generalization gap while training."""
 
 from . import functional, metrics
+from ._failures import ConfigurationError
 from ._preflight import LossFnError, UnsupportedStrategyError
 from .callback import FlatnessCallback
 from .landscape import LandscapeOptions
@@ -23,6 +24,7 @@ from .perturbation import PACGenPerturbation
 __version__ = "0.2.0"
 __all__ = [
     "BlockCurvature",
+    "ConfigurationError",
     "EntropySGD",
     "FisherTrace",
     "FlatnessCallback",

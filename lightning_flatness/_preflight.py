@@ -3,9 +3,10 @@
 * :func:`check_strategy` (in ``setup``): refuses strategies that shard the parameters or split
   the model, whose per-rank Hessian-vector products would be wrong.
 * :func:`probe_loss` (at ``on_train_start``): evaluates the loss on two samples, so that a
-  module without ``forward``, batches that are not ``(inputs, targets)`` and a loss that is
-  not per-sample are reported once, with what to do, instead of once per metric or deep
-  inside a training step.
+  module without ``forward``, batches that are not ``(inputs, targets)``, a loss that is not
+  per-sample and a built-in loss that does not fit the model's outputs (cross-entropy over one
+  output unit, which is 0 for every sample) are reported once, with what to do, instead of once
+  per metric, deep inside a training step, or not at all (zeros logged).
 
 A leaf module: it imports nothing from the callbacks or the metrics, which import it.
 """
@@ -17,10 +18,12 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .functional._losses import LossArg, LossFn, resolve_loss_fn
+from ._failures import ConfigurationError
+from .functional._losses import BuiltinLossError, LossArg, LossFn, resolve_loss_fn, split_output
 from .functional.objective import Objective
 from .functional._restore import measurement_mode
 
@@ -39,11 +42,11 @@ LOSS_FN_EXAMPLE = """\
         return F.cross_entropy(model.net(x), y, reduction="none")"""
 
 
-class LossFnError(TypeError):
+class LossFnError(TypeError, ConfigurationError):
     """The loss cannot be evaluated on the module and its batches; raised by :func:`probe_loss`."""
 
 
-class UnsupportedStrategyError(ValueError):
+class UnsupportedStrategyError(ConfigurationError):
     """The trainer's strategy shards the parameters or splits the model; raised by :func:`check_strategy`."""
 
 
@@ -68,9 +71,10 @@ def _describe(batch: Any) -> str:
 
 
 def _checked(fn: LossFn, name: str | None, who: str) -> LossFn:
-    """``fn`` with its two failure kinds (no ``forward``, not per-sample) turned into :class:`LossFnError`."""
+    """``fn`` with its failure kinds (no ``forward``, not per-sample, a built-in loss that does not fit)
+    turned into :class:`LossFnError`."""
 
-    def loss(model: nn.Module, batch: Any) -> Tensor:
+    def loss(model: nn.Module, batch: Any) -> Any:
         try:
             out = fn(model, batch)
         except NotImplementedError as err:
@@ -82,12 +86,12 @@ def _checked(fn: LossFn, name: str | None, who: str) -> LossFn:
                 "submodule often defines no forward. Either define forward (e.g. `def forward(self, x): return "
                 f"self.net(x)`), or call the submodule in your own loss. {_what_to_do(who)}"
             ) from err
-        if not isinstance(out, Tensor) or out.dim() != 1:
-            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
-            raise LossFnError(
-                f"{who}: loss_fn must return per-sample losses, a 1-D tensor of shape (B,), got {got}; use "
-                f'reduction="none" and do not average over the batch. {_what_to_do(who)}'
-            )
+        except BuiltinLossError as err:
+            raise LossFnError(f"{who}: {err}") from err
+        try:
+            split_output(out)
+        except ValueError as err:
+            raise LossFnError(f"{who}: {err} {_what_to_do(who)}") from err
         return out
 
     return loss
@@ -99,14 +103,16 @@ def probe_loss(model: nn.Module, batch: Any, loss_fn: LossArg, who: str) -> None
     Same evaluation as the estimators: eval mode, no gradients, autocast off, the batch moved to
     the model's device and compute dtype, the parameters substituted functionally. The model's
     train/eval flags, parameters, ``.grad`` and the global RNG are restored
-    (:func:`~lightning_flatness.functional.measurement_mode`).
+    (:func:`~lightning_flatness.functional.measurement_mode`). A loss that is exactly 0 for both
+    samples is warned about: its gradients and curvature are 0 too, and so would every value be.
 
     Raises:
         LossFnError: (a ``TypeError``) whose message names ``who``, what went wrong and what to
             do, when the module has no ``forward`` (the default losses call ``model(x)``), when
-            ``loss_fn`` is a built-in name and the batch is not ``(inputs, targets)``, or when
-            the loss is not a 1-D tensor of per-sample losses. Any other exception of the loss
-            propagates unchanged.
+            ``loss_fn`` is a built-in name and the batch is not ``(inputs, targets)`` or the
+            model's outputs do not fit it (e.g. ``"cross_entropy"`` on one output unit), or
+            when the loss returns neither per-sample losses ``(B,)`` nor ``(losses, correct)``.
+            Any other exception of the loss propagates unchanged.
     """
     fn, name = resolve_loss_fn(loss_fn)
     if name is not None and not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
@@ -116,7 +122,14 @@ def probe_loss(model: nn.Module, batch: Any, loss_fn: LossArg, who: str) -> None
         )
     with measurement_mode(model), torch.no_grad():
         objective = Objective(model, [head(batch, PROBE_SAMPLES)], _checked(fn, name, who))
-        objective.losses(objective.w0, next(objective.iter_batches()))
+        losses = objective.losses(objective.w0, next(objective.iter_batches()))
+    if losses.numel() and not losses.any():
+        rank_zero_warn(
+            f"{who}: the loss is exactly 0 for each of the {losses.numel()} samples probed at the start of training. "
+            "A loss that is 0 for every sample has zero gradients and curvature, so every flatness value and the "
+            "gap's loss would be logged as 0. Check loss_fn against how the model is trained (docs/faq.md, "
+            '"Every value is 0").'
+        )
 
 
 # Data-parallel strategies: every process holds all the parameters, on one device.

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from . import _legacy, keys
 from . import _subsample as sub
 from ._distributed import cross_process, rank_zero_buffers
-from ._failures import ON_ERROR, FailurePolicy
+from ._failures import ON_ERROR, ConfigurationError, FailurePolicy
 from ._logging import LoggerWriter, status
 from ._preflight import check_strategy, probe_loss
 from .functional import measurement_mode
@@ -34,7 +34,7 @@ from .metrics import (
     resolve_metrics,
     samples_needed,
 )
-from .validation import check_bool, check_choice, check_float, check_int
+from .validation import check_bool, check_choice, check_float, check_int, check_sample_dims
 
 SOURCES = ("train", "val")
 
@@ -63,7 +63,10 @@ class FlatnessCallback(Callback):
         batch_size: mini-batch size of the measurement subsample (the regret's mini-batches) and
             of every data pass (peak memory).
         source: ``"train"`` or ``"val"``: where the measurement subsample is drawn from.
-        loss_fn: ``"cross_entropy"``, ``"mse"`` or a callable ``loss_fn(model, batch) -> (B,)``.
+        loss_fn: ``"cross_entropy"``, ``"bce_with_logits"`` (one logit per sample), ``"mse"``, or a
+            callable ``loss_fn(model, batch)`` returning the per-sample losses ``(B,)``, or the pair
+            ``(losses, correct)`` with ``correct`` a bool ``(B,)`` tensor for the gap's accuracy
+            (a callable's accuracy is logged only then).
         gap_num_samples: size of the train and validation subsamples of the gap (all if fewer).
         seed: seeds the subsample draws and the stochastic estimators.
         measure_at_start: also measure in ``on_train_start`` so curves start at initialization.
@@ -74,6 +77,11 @@ class FlatnessCallback(Callback):
         log_hyperparams: log this configuration (and every metric's options) as hyperparameters.
         landscape: :class:`~lightning_flatness.landscape.LandscapeOptions` to log loss-landscape
             views (rank 0 only; ``docs/metrics.md``), or ``None`` (default): none.
+        sample_dims: where each tensor of a batch holds its samples: ``0`` (default: dim 0 of
+            every tensor), or a tuple, list or dict matching the batch, as ``torch.func.vmap``'s
+            ``in_dims``, e.g. ``(1, 0)`` for sequence-first batches ``(x, y)`` with ``x`` of shape
+            ``(T, B)``. The callback keeps its subsamples with the samples along dim 0 and hands
+            ``loss_fn`` every batch back in this layout.
         **legacy_options: the flat options of version 0.1 (``k``, ``tol``, ``kind``, ``gamma``,
             ``landscape_every_n_epochs``, ...), deprecated: each is passed to its metric (or to
             ``landscape``) with a ``FutureWarning`` that shows the new spelling.
@@ -94,6 +102,7 @@ class FlatnessCallback(Callback):
         on_error: str = "warn",
         log_hyperparams: bool = True,
         landscape: Union[LandscapeOptions, None] = None,
+        sample_dims: Any = 0,
         **legacy_options: Any,
     ) -> None:
         super().__init__()
@@ -102,16 +111,18 @@ class FlatnessCallback(Callback):
         self.config = _checked_config(
             self.metrics, every_n_epochs=every_n_epochs, num_samples=num_samples, batch_size=batch_size, source=source,
             loss_fn=loss_fn, gap_num_samples=gap_num_samples, seed=seed, measure_at_start=measure_at_start,
-            max_overhead=max_overhead, on_error=on_error, log_hyperparams=log_hyperparams,
+            max_overhead=max_overhead, on_error=on_error, log_hyperparams=log_hyperparams, sample_dims=sample_dims,
         )  # fmt: skip
         if landscape is not None and not isinstance(landscape, LandscapeOptions):
             raise TypeError(f"landscape must be a LandscapeOptions or None, got {landscape!r}.")
         self.loss_fn: LossArg = loss_fn
+        self._layout = sub.SampleLayout(self.config["sample_dims"])
+        self._loss = self._layout.loss(loss_fn)  # what the metrics and the gap evaluate: on samples-first batches
         self.values: MetricCollection = _collection(self.metrics, self.config["gap_num_samples"] > 0)
         self.history: list[tuple[int, dict[str, float]]] = []
         self._order = execution_order(self.metrics)
         self._failures = FailurePolicy(self.config["on_error"])
-        self._gap = GapMeter(self.values, loss_fn)
+        self._gap = GapMeter(self.values, self._loss)
         self._writer = LoggerWriter()
         self._indices: dict[str, Tensor] = {}
         self._data: dict[str, list[Any]] | None = None
@@ -122,7 +133,9 @@ class FlatnessCallback(Callback):
         self._spent = 0.0
         self._fit_start = 0.0
         self._train_size: int | None = None
+        self._train_path: tuple = ()  # where the measured loader's share sits in a combined training batch
         self._probe_pending = False
+        self._before_training = False  # until the first training step: a ConfigurationError refuses the fit
         self._noisy: set[str] = set()  # keys already warned about
         self._landscape = LandscapeRecorder(
             landscape or LandscapeOptions(every_n_epochs=0), seed=measurement_seed(self.config["seed"], 0, "landscape"),
@@ -140,7 +153,8 @@ class FlatnessCallback(Callback):
         self._setup_metrics(pl_module)
         self.values.to(pl_module.device)
         if stage == "fit" and self.config["log_hyperparams"]:  # before Lightning writes hparams.yaml
-            self._writer.write_hyperparams(trainer, self.hparams())
+            with self._failures.guard("logging the hyperparameters", refuse=False):
+                self._writer.write_hyperparams(trainer, self.hparams())
 
     def _setup_metrics(self, pl_module: LightningModule) -> None:
         """Hand the model to every metric (:meth:`FlatnessMetric.setup`); keys that depend on it are checked
@@ -154,34 +168,51 @@ class FlatnessCallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()
+        self._before_training = True
         self.values.to(pl_module.device)
-        self._prepare_data(trainer, pl_module)
+        self._check_start(trainer)
+        with self._failures.guard("drawing the measurement subsample", refuse=True):
+            self._prepare_data(trainer, pl_module)
         self._probe_pending = True
         if self._data is not None:  # else the first training batch is probed (an iterable dataset)
-            self._probe(pl_module, self._data["measure"][0])
+            self._probe(pl_module, self._data["measure"][0], refuse=True)
         if self.config["measure_at_start"] and self._last_step != trainer.global_step:
             if self._data is None:
                 rank_zero_warn("FlatnessCallback: measure_at_start skipped: the subsample of an iterable dataset "
                                "is copied from the first training batches, which have not been seen yet.")  # fmt: skip
             else:
-                self._measure_and_log(trainer, pl_module, trainer.current_epoch, use_module_log=False)
+                with self._failures.guard("the measurement", refuse=True):
+                    self._measure_and_log(trainer, pl_module, trainer.current_epoch, use_module_log=False)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._probe(pl_module, batch)
-        if self._recorder is not None and not self._recorder.full:
-            self._recorder.add(batch)
+        refuse, self._before_training = self._before_training, False
+        if not self._probe_pending and (self._recorder is None or self._recorder.full):
+            return
+        with self._failures.guard("copying the first training batches", refuse=refuse):
+            own = sub.part(batch, self._train_path)  # several training loaders: the measured one's share
+            if own is None:
+                return
+            if self._probe_pending:
+                self._probe(pl_module, self._layout.first(own), refuse)
+            if self._recorder is not None and not self._recorder.full:
+                self._recorder.add(own)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.config["every_n_epochs"]
         x = trainer.current_epoch + 1
         if n == 0 or x % n != 0:
             return
-        if not self._within_budget(trainer):
-            status(trainer, f"flatness: epoch {x} skipped (max_overhead={self.config['max_overhead']})")
-            return
-        self._measure_and_log(trainer, pl_module, x, use_module_log=True)
+        with self._failures.guard("the measurement", refuse=False):
+            if not self._within_budget(trainer):
+                status(trainer, f"flatness: epoch {x} skipped (max_overhead={self.config['max_overhead']})")
+                return
+            self._measure_and_log(trainer, pl_module, x, use_module_log=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with self._failures.guard("the measurement of the final weights", refuse=False):
+            self._measure_final(trainer, pl_module)
+
+    def _measure_final(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_step == trainer.global_step and self._last_x is not None:
             # the final weights were just measured; metrics on their own schedule and the landscape
             # views may still be due
@@ -204,12 +235,24 @@ class FlatnessCallback(Callback):
             out.update({f"landscape.{k}": v for k, v in vars(self._landscape.options).items()})
         return out
 
-    def _probe(self, pl_module: LightningModule, batch: Any) -> None:
-        """Once per fit: a module the loss cannot call, or batches it cannot read, fail here with one clear
-        message (and what to do) instead of once per metric."""
-        if self._probe_pending:
-            self._probe_pending = False
-            probe_loss(pl_module, batch, self.loss_fn, "FlatnessCallback")
+    def _probe(self, pl_module: LightningModule, batch: Any, refuse: bool) -> None:
+        """Once per fit, on a batch with its samples along dim 0: a module the loss cannot call, or batches it
+        cannot read or count, fail here with one clear message (and what to do) instead of once per metric."""
+        self._probe_pending = False
+        with self._failures.guard("the loss probe", refuse=refuse):
+            self._layout.count(batch)
+            probe_loss(pl_module, batch, self._loss, "FlatnessCallback")
+
+    def _check_start(self, trainer: Trainer) -> None:
+        """What the trainer's data shows about the configuration, refused before the first training step."""
+        train, self._train_path = sub.first_loader_path(trainer.train_dataloader)
+        self._train_size = sub.dataset_size(train)
+        source = self.config["source"]
+        if (train if source == "train" else sub.first_loader(trainer.val_dataloaders)) is None:
+            raise ConfigurationError(f'FlatnessCallback(source="{source}") needs a {source} DataLoader; the trainer '
+                                     "has none.")  # fmt: skip
+        for metric in self.metrics:
+            metric.check_setup(self._loss, self._train_size)
 
     # ------------------------------------------------------------ scheduling
     def _within_budget(self, trainer: Trainer) -> bool:
@@ -228,28 +271,33 @@ class FlatnessCallback(Callback):
         cfg = self.config
         train = sub.first_loader(trainer.train_dataloader)
         val = sub.first_loader(trainer.val_dataloaders)
-        self._train_size = sub.dataset_size(train)
         source = train if cfg["source"] == "train" else val
-        if source is None:
-            raise ValueError(f'FlatnessCallback(source="{cfg["source"]}") needs a {cfg["source"]} DataLoader; '
-                             "the trainer has none.")  # fmt: skip
+        assert source is not None, "checked in on_train_start"
         if cfg["source"] == "train" and not sub.is_indexable(source):
-            self._data = self._recorded_data(cfg)
+            data = self._recorded_data(cfg)
         else:
-            self._data = {"measure": self._draw(trainer, pl_module, "measure", source, cfg["num_samples"], 0)}
+            data = {"measure": self._draw(trainer, pl_module, "measure", source, cfg["num_samples"], 0)}
             if cfg["gap_num_samples"] > 0:
-                self._data["gap_train"] = self._draw(trainer, pl_module, "gap_train", train, cfg["gap_num_samples"], 1)
-        if self._data is not None and cfg["gap_num_samples"] > 0:
+                data["gap_train"] = self._draw(trainer, pl_module, "gap_train", train, cfg["gap_num_samples"], 1)
+        if data is None:
+            return
+        if cfg["gap_num_samples"] > 0:
             if val is None:
                 rank_zero_warn("FlatnessCallback: no validation data; the gap logs only its train side "
                                "(gap/train_loss, gap/train_acc).")  # fmt: skip
             else:
-                self._data["gap_val"] = self._draw(trainer, pl_module, "gap_val", val, cfg["gap_num_samples"], 2)
+                data["gap_val"] = self._draw(trainer, pl_module, "gap_val", val, cfg["gap_num_samples"], 2)
+        if len(data["measure"]) < trainer.world_size:
+            raise ConfigurationError(
+                f"FlatnessCallback: the measurement subsample has {len(data['measure'])} mini-batches of "
+                f"batch_size={cfg['batch_size']}, fewer than the {trainer.world_size} processes; lower batch_size."
+            )
+        self._data = data
 
     def _recorded_data(self, cfg: dict[str, Any]) -> dict[str, list[Any]] | None:
         """The subsamples of an iterable training set: copies of its first batches, once seen."""
         if self._recorder is None:
-            self._recorder = sub.BatchRecorder(max(cfg["num_samples"], cfg["gap_num_samples"]))
+            self._recorder = sub.BatchRecorder(max(cfg["num_samples"], cfg["gap_num_samples"]), self._layout)
         if not self._recorder.batches:
             return None  # copied from the first training batches once the loop yields them
         recorded = self._recorder.batches
@@ -263,19 +311,22 @@ class FlatnessCallback(Callback):
         size = self.config["batch_size"]
         if name != "measure":  # bigger chunks for the gap, but at least one per process
             size = max(size, min(256, -(-num // max(1, trainer.world_size))))
+        # Each batch goes through the module's transfer hooks as it came, then gets its samples along dim 0.
         if sub.is_indexable(loader):
             if name not in self._indices:
                 self._indices[name] = sub.draw_indices(len(loader.dataset), num, self.config["seed"] + offset)
             batches = sub.collate_indices(loader.dataset, self._indices[name].tolist(), loader.collate_fn, size)
-        else:  # an iterable validation set: its first batches, read without touching any RNG
-            batches = sub.rebatch(sub.first_batches(loader, num), size, num)
-        return [sub.to_device(pl_module, b) for b in batches]
+            return [self._layout.first(sub.to_device(pl_module, b)) for b in batches]
+        # an iterable validation set: its first batches, read without touching any RNG
+        taken = sub.first_batches(loader, num, self._layout)
+        return sub.rebatch([self._layout.first(sub.to_device(pl_module, b)) for b in taken], size, num)
 
     # --------------------------------------------------------------- measuring
     def _measure_and_log(
         self, trainer: Trainer, pl_module: LightningModule, x: int, use_module_log: bool, final: bool = False
     ) -> None:
-        self._prepare_data(trainer, pl_module)
+        with self._failures.guard("drawing the measurement subsample", refuse=False):  # warned once, at start
+            self._prepare_data(trainer, pl_module)
         if self._data is None:
             return
         values = self.measure(trainer, pl_module, x, final=final)
@@ -297,7 +348,7 @@ class FlatnessCallback(Callback):
         vectors = self._shared.eigenvectors if keys.HESSIAN_TOP_EIG in values else None  # this measurement's
         eig = next((m for m in self.metrics if isinstance(m, HessianEigenvalues)), HessianEigenvalues())
         self._landscape.record(
-            trainer, pl_module, self._data, x, self.loss_fn, vector=None if vectors is None else vectors[0],
+            trainer, pl_module, self._data, x, self._loss, vector=None if vectors is None else vectors[0],
             eigenvalue=values.get(keys.HESSIAN_TOP_EIG), eigen_kwargs={"tol": eig.tol, "max_iter": eig.max_iter},
         )  # fmt: skip
         self._spent += time.perf_counter() - start
@@ -367,14 +418,9 @@ class FlatnessCallback(Callback):
     def _context(self, trainer: Trainer, pl_module: LightningModule, x: int) -> MeasurementContext:
         assert self._data is not None, "the measurement subsample is drawn in on_train_start"
         rank, world = trainer.global_rank, trainer.world_size
-        if len(self._data["measure"]) < world:
-            raise ValueError(
-                f"FlatnessCallback: the measurement subsample has {len(self._data['measure'])} mini-batches of "
-                f"batch_size={self.config['batch_size']}, fewer than the {world} processes; lower batch_size."
-            )
         batches = sub.shard(self._data["measure"], rank, world)
         return MeasurementContext(
-            model=pl_module, batches=batches, loss_fn=self.loss_fn, epoch=x, seed=self.config["seed"],
+            model=pl_module, batches=batches, loss_fn=self._loss, epoch=x, seed=self.config["seed"],
             num_samples=sum(sub.batch_size_of(b) for b in batches), world_size=world, rank=rank,
             train_size=self._train_size,
         )  # fmt: skip
@@ -497,6 +543,7 @@ def _checked_config(metrics: list[FlatnessMetric], **cfg: Any) -> dict[str, Any]
     out["on_error"] = check_choice("on_error", cfg["on_error"], ON_ERROR)
     out["measure_at_start"] = check_bool("measure_at_start", cfg["measure_at_start"])
     out["log_hyperparams"] = bool(cfg["log_hyperparams"])
+    out["sample_dims"] = check_sample_dims("sample_dims", cfg["sample_dims"])
     return out
 
 

@@ -128,3 +128,25 @@ def check_blocks(blocks: Any) -> str | dict[str, tuple[str, ...]]:
                                     f"got {patterns!r}.")  # fmt: skip
         out[check_block_name(name)] = tuple(pats)
     return out
+
+
+SAMPLE_DIMS = (
+    "an integer >= 0 (the axis of every tensor of a batch that holds its samples), or a tuple, list or dict that "
+    "matches the batch's structure with one such integer per element, as torch.func.vmap's in_dims, e.g. (1, 0) "
+    "for batches (x, y) with x of shape (T, B) and y of shape (B,)"
+)
+
+
+def check_sample_dims(name: str, value: Any) -> Any:
+    """``value`` if it is an integer >= 0 or a (nested) tuple, list or dict of them (checked without a batch)."""
+
+    def valid(v: Any) -> bool:
+        if isinstance(v, (tuple, list)):
+            return bool(v) and all(valid(item) for item in v)
+        if isinstance(v, Mapping):
+            return bool(v) and all(valid(item) for item in v.values())
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+
+    if not valid(value):
+        raise ArgumentTypeError(f"{name} must be {SAMPLE_DIMS}; got {value!r}.")
+    return value

@@ -11,7 +11,7 @@ the algorithms that take any :class:`CurvatureOperator` (:func:`lanczos`,
 same parts.
 """
 
-from ._losses import BUILTIN_LOSSES, cross_entropy_loss, mse_loss
+from ._losses import BUILTIN_LOSSES, bce_with_logits_loss, cross_entropy_loss, mse_loss
 from ._params import flatten, unflatten
 from ._per_sample import per_sample_sq_norms
 from ._restore import measurement_mode
@@ -48,6 +48,7 @@ __all__ = [
     "PACGenResult",
     "RegretResult",
     "TraceResult",
+    "bce_with_logits_loss",
     "cross_entropy_loss",
     "cross_process_reduction",
     "eigenvector_slice",

@@ -9,13 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from ..validation import check_choice, check_generator, check_int
-from ._losses import LossArg
+from ._losses import LossArg, resolve_loss_fn
 from ._per_sample import per_sample_sq_norms
 from ._restore import measurement_mode
 from ._stats import MeanAccumulator
 from .objective import Objective
 
 KINDS = ("empirical", "mc")
+# The losses whose predictive distribution kind="mc" samples labels from.
+MC_LOSSES = ("cross_entropy", "bce_with_logits", "mse")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ def fisher_trace(
     * ``kind="mc"``: :math:`\frac1N\sum_n E_{\tilde y\sim p_w(\cdot|x_n)}\|\nabla\ell(x_n,\tilde y)\|^2`,
       the true Fisher's trace, estimated with ``num_samples`` labels per input drawn from the
       model's predictive distribution: categorical ``softmax(model(x))`` for
-      ``"cross_entropy"``; ``model(x) + N(0, I)`` for ``"mse"`` (with this package's ``mse``,
+      ``"cross_entropy"``; Bernoulli ``sigmoid(model(x))`` for ``"bce_with_logits"``;
+      ``model(x) + N(0, I)`` for ``"mse"`` (with this package's ``mse``,
       the mean over ``D`` output dims, this equals :math:`\frac{4}{D^2}\operatorname{tr}J^\top J`).
       Unbiased; other losses raise ``ValueError``.
 
@@ -71,11 +74,8 @@ def fisher_trace(
     gen = check_generator(generator)
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
-        if kind == "mc" and objective.loss_name not in ("cross_entropy", "mse"):
-            raise ValueError(
-                'kind="mc" samples labels from the model, which needs loss_fn="cross_entropy" or "mse"; '
-                "use kind=\"empirical\" with a custom loss_fn."
-            )
+        if kind == "mc":
+            check_mc_loss(loss_fn)
         total, count, spread, norms = _sq_norm_sums(objective, kind, num_samples, gen)
         se = spread.result(objective.reduce_sum)[1].item()
     if count == 0:
@@ -85,6 +85,15 @@ def fisher_trace(
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError("loss_fn produced non-finite per-sample gradients (NaN or inf).")
     return FisherResult(value, n_grad, se, tuple(norms) if kind == "empirical" else None)
+
+
+def check_mc_loss(loss_fn: LossArg) -> None:
+    """``kind="mc"`` draws labels from the model's outputs, which only the built-in losses define."""
+    if resolve_loss_fn(loss_fn)[1] not in MC_LOSSES:
+        raise ValueError(
+            f'kind="mc" samples labels from the model\'s outputs, which needs loss_fn= one of {list(MC_LOSSES)} '
+            '(and, in FlatnessCallback, sample_dims=0); use kind="empirical" with a custom loss_fn.'
+        )
 
 
 def _sq_norm_sums(
@@ -122,6 +131,11 @@ def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.
         labels = torch.multinomial(probs, num_samples, replacement=True, generator=gen).to(out.device)
         for s in range(num_samples):
             norms.append(per_sample_sq_norms(objective, (x, labels[:, s])))
+    elif objective.loss_name == "bce_with_logits":
+        probs = torch.sigmoid(out.detach().to(torch.float64).cpu())
+        for _ in range(num_samples):
+            labels = torch.bernoulli(probs, generator=gen).to(out.device, out.dtype)
+            norms.append(per_sample_sq_norms(objective, (x, labels)))
     else:
         for _ in range(num_samples):
             noise = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)

@@ -22,7 +22,8 @@ class LandscapeResult:
 
     ``coordinates``: one ``(steps,)`` tensor per direction; ``losses``/``accuracy``: shape
     ``(steps,)`` or ``(steps, steps)`` indexed ``[a, b]``; ``accuracy`` is ``None`` unless the
-    loss is the built-in ``"cross_entropy"``; ``directions``: ``(d, P)``, after normalization;
+    loss gives it (``"cross_entropy"`` with integer labels, ``"bce_with_logits"``, or a callable
+    returning ``(losses, correct)``); ``directions``: ``(d, P)``, after normalization;
     ``n_forward``: forward passes over all of ``batches`` (= grid points).
     """
 
@@ -64,14 +65,14 @@ def normalize_direction(direction: Tensor, weights: Tensor, shapes: Sequence[tor
 
 
 def _loss_and_accuracy(objective: Objective, at: Tensor) -> tuple[float, float | None]:
-    """Mean loss and, for the built-in cross-entropy on classification batches, accuracy."""
+    """Mean loss and, where the loss knows it (:meth:`Objective.losses_and_correct`), accuracy."""
     total = torch.zeros(2, dtype=torch.float64, device=objective.device)
-    count, classify = 0, objective.loss_name == "cross_entropy"
+    count, classify = 0, True
     for batch in objective.iter_batches():
-        losses, logits = objective.losses_and_logits(batch, at)
-        classify = classify and logits is not None
+        losses, correct = objective.losses_and_correct(batch, at)
+        classify = classify and correct is not None
         if classify:
-            total[1] += (logits.argmax(dim=1) == batch[1]).sum()
+            total[1] += correct.sum()
         total[0] += losses.sum(dtype=torch.float64)
         count += losses.numel()
     total, count = objective.reduce(total, count)
@@ -118,7 +119,7 @@ def loss_landscape(
     are Gaussian (from ``seed``; a fixed default when ``None``) and, like explicit ones, are
     rescaled by ``normalization`` (see :func:`normalize_direction`): with ``"filter"``, a step of
     1 moves every filter by its own norm, which makes slices comparable across networks, batch
-    sizes and ReLU rescalings. Accuracy is reported for the built-in ``"cross_entropy"``.
+    sizes and ReLU rescalings. Accuracy is reported where the loss gives it (see :class:`LandscapeResult`).
 
     Cost: loss only, no gradients: ``steps`` (1-D) or ``steps²`` (2-D) forward passes over
     ``batches``, one batch in memory at a time. The model is left exactly as it was.

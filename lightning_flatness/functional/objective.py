@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from ._affine_batch_norm import affine_batch_norm
-from ._losses import LossArg, resolve_loss_fn
+from ._losses import LossArg, LossFn, builtin_losses_and_correct, resolve_loss_fn, split_output
 from ._params import flatten, resolve_params, unflatten
 from .operator import CurvatureOperator
 
@@ -60,12 +59,15 @@ def cross_process_reduction(hook: CrossProcess) -> Iterator[None]:
 class _LossModule(nn.Module):
     """Wraps ``(model, loss_fn)`` so ``functional_call`` can substitute the model's tensors."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, builtin: str | None) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.builtin = builtin
 
-    def forward(self, batch: Any) -> Tensor:
+    def forward(self, batch: Any, with_correct: bool = False) -> Any:
+        if with_correct and self.builtin is not None:  # a built-in loss knows its accuracy from the same outputs
+            return builtin_losses_and_correct(self.builtin, self.model, batch)
         return self.loss_fn(self.model, batch)
 
 
@@ -114,7 +116,7 @@ class Objective:
         self.shapes = [p.shape for _, p in named]
         self.device = named[0][1].device
         measured = {id(p) for _, p in named}
-        self._module = _LossModule(model, self.loss_fn)
+        self._module = _LossModule(model, self.loss_fn, self.loss_name)
         # Every other tensor (frozen parameters, buffers) in the compute dtype, fixed.
         self._fixed = {
             "model." + n: self._cast(t.detach())
@@ -151,16 +153,13 @@ class Objective:
 
     def losses(self, w: Tensor | Sequence[Tensor], batch: Any) -> Tensor:
         """Per-sample losses ``(B,)`` at parameters ``w`` (flat vector or tensor list)."""
+        return self._evaluate(w, batch, with_correct=False)[0]
+
+    def _evaluate(self, w: Tensor | Sequence[Tensor], batch: Any, with_correct: bool) -> tuple[Tensor, Tensor | None]:
         tensors = unflatten(w, self.shapes) if isinstance(w, Tensor) else w
         state = dict(self._fixed)
         state.update(zip(self.names, tensors))
-        out = functional_call(self._module, state, (batch,))
-        if not isinstance(out, Tensor) or out.dim() != 1:
-            raise ValueError(
-                "loss_fn must return the per-sample losses as a 1-D tensor of shape (B,), got "
-                f"{getattr(out, 'shape', type(out).__name__)}; use reduction='none'."
-            )
-        return out
+        return split_output(functional_call(self._module, state, (batch,), {"with_correct": with_correct}))
 
     def outputs(self, inputs: Any, at: Tensor | None = None) -> Tensor:
         """``model(inputs)`` at parameters ``at`` (default ``w0``), without gradients."""
@@ -170,23 +169,16 @@ class Objective:
         with torch.no_grad():
             return functional_call(self.model, state, (inputs,))
 
-    def losses_and_logits(self, batch: Any, at: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Per-sample losses and, for a classification batch, the logits (no gradients).
+    def losses_and_correct(self, batch: Any, at: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Per-sample losses and whether each sample is classified correctly (bool ``(B,)``), without gradients.
 
-        A batch is a classification batch when it is ``(x, y)`` with integer labels ``y`` of
-        shape ``(B,)`` and the model returns logits of shape ``(B, C)``, ``C >= 2``. Then the
-        built-in cross-entropy is computed from those logits (one forward pass); any other
-        loss is evaluated by ``loss_fn`` as usual.
+        ``correct`` comes from the same evaluation as the losses, never from a second guess: for
+        a built-in loss, from its own outputs (``"cross_entropy"`` with integer labels: the
+        arg-max class; ``"bce_with_logits"``: the logit's sign; ``"mse"``: none); for a callable,
+        from the pair ``(losses, correct)`` it returns. ``None`` when unknown.
         """
-        w = self.w0 if at is None else at
         with torch.no_grad():
-            pair = _classification_pair(batch)
-            logits = self.outputs(pair[0], w) if pair is not None else None
-            if logits is None or logits.dim() != 2 or logits.shape[1] < 2:
-                return self.losses(w, batch), None
-            if self.loss_name == "cross_entropy":
-                return F.cross_entropy(logits, pair[1], reduction="none"), logits
-            return self.losses(w, batch), logits
+            return self._evaluate(self.w0 if at is None else at, batch, with_correct=True)
 
     def leaves(self, at: Tensor | None = None) -> list[Tensor]:
         """The parameters at ``at`` (default ``w0``) as fresh leaf tensors that require gradients."""
@@ -320,13 +312,6 @@ class Objective:
         if count == 0:
             total.zero_()  # no samples here (an empty shard): contribute zeros to the reduction
         return self.average(total, count, "Hessian-vector product")
-
-def _classification_pair(batch: Any) -> tuple[Any, Tensor] | None:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
-        y = batch[1]
-        if not y.is_floating_point() and not y.is_complex() and y.dim() == 1:
-            return batch[0], y
-    return None
 
 
 class HessianOperator(CurvatureOperator):

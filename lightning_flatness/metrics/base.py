@@ -111,7 +111,9 @@ class MeasurementContext:
         model: the module being trained (measure it, never modify it).
         batches: this process's shard of the fixed measurement subsample: whole mini-batches
             of the callback's ``batch_size``, on the model's device.
-        loss_fn: ``"cross_entropy"``, ``"mse"`` or a callable ``loss_fn(model, batch) -> (B,)``.
+        loss_fn: ``"cross_entropy"``, ``"bce_with_logits"``, ``"mse"`` or a callable
+            ``loss_fn(model, batch)`` returning ``(B,)`` losses or ``(losses, correct)``; always
+            on ``batches`` as they are here (samples along dim 0).
         epoch: the x-value of this measurement (epochs completed; 0 = initialization).
         seed: the callback's seed; :meth:`seed_for` derives a metric's own.
         num_samples: the number of samples in ``batches``.
@@ -177,6 +179,16 @@ class FlatnessMetric:
         A metric whose keys depend on the model (e.g. one per module) sets ``keys`` here, and may
         leave them empty in ``__init__``; the callback then checks them and logs them like the
         others. The default does nothing.
+        """
+
+    def check_setup(self, loss_fn: LossArg, train_size: int | None) -> None:
+        """Called by the callback when training starts, before the first training step, with the loss the
+        metric will get (:attr:`MeasurementContext.loss_fn`) and the training set's size (``None``: it
+        has no length, e.g. an iterable dataset).
+
+        Raise here, with a message that names the option to change, for a setup this metric can
+        never measure: the fit is refused at once, instead of the metric failing at every
+        measurement. The default accepts everything.
         """
 
     def compute(self, ctx: MeasurementContext) -> Mapping[str, float]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from .. import keys
+from .._failures import ConfigurationError
 from ..functional import fisher_trace
-from ..functional.fisher_trace import KINDS
+from ..functional._losses import LossArg
+from ..functional.fisher_trace import KINDS, check_mc_loss
 from ..validation import check_choice, check_int
 from .base import FlatnessMetric, MeasurementContext
 
@@ -14,7 +16,7 @@ class FisherTrace(FlatnessMetric):
 
     Args:
         kind: ``"empirical"`` (the data's labels) or ``"mc"`` (labels drawn from the model: the
-            true Fisher; cross-entropy and mse only).
+            true Fisher; the built-in losses only).
         mc_samples: labels drawn per input with ``kind="mc"``.
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
 
@@ -33,6 +35,13 @@ class FisherTrace(FlatnessMetric):
         self.kind = check_choice("kind", kind, KINDS)
         self.mc_samples = check_int("mc_samples", mc_samples)
         self.keys = (keys.FISHER_TRACE, keys.se(keys.FISHER_TRACE))
+
+    def check_setup(self, loss_fn: LossArg, train_size: int | None) -> None:
+        if self.kind == "mc":
+            try:
+                check_mc_loss(loss_fn)
+            except ValueError as err:
+                raise ConfigurationError(f"FisherTrace: {err}") from err
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         fis = fisher_trace(

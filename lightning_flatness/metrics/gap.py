@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric, MetricCollection
 
 from .. import keys
 from ..functional._stats import MeanAccumulator
@@ -19,9 +18,11 @@ from ..functional._losses import LossArg
 class GapMeter:
     """Eval-mode mean loss and accuracy on fixed subsamples, entered in ``collection``.
 
-    Accuracy is measured when a batch is ``(x, y)`` with integer labels ``y`` of shape ``(B,)``
-    and the model returns logits of shape ``(B, C)``; ``MulticlassAccuracy(C, average="micro")``
-    is created on first use (when ``C`` is known) and added to the collection.
+    Accuracy is measured where the loss gives each sample's correctness from its own evaluation
+    (:meth:`~lightning_flatness.functional.Objective.losses_and_correct`: the built-in
+    ``"cross_entropy"`` with integer labels and ``"bce_with_logits"``, or a callable returning
+    ``(losses, correct)``); its state, the mean of ``correct`` over the samples, is added to the
+    collection on first use.
     """
 
     def __init__(self, collection: MetricCollection, loss_fn: LossArg) -> None:
@@ -29,10 +30,10 @@ class GapMeter:
         self.loss_fn = loss_fn
         self.errors: dict[str, float] = {}  # {"gap/train_loss_se": ...}: per-sample s / √n, over processes
 
-    def _accuracy(self, split: str, num_classes: int, device: torch.device) -> MulticlassAccuracy:
+    def _accuracy(self, split: str, device: torch.device) -> MeanMetric:
         key = keys.split_acc(split)
         if key not in self.collection:
-            self.collection.add_metrics({key: MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)})
+            self.collection.add_metrics({key: MeanMetric(nan_strategy="error").to(device)})
         return self.collection[key]  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -43,13 +44,12 @@ class GapMeter:
             objective = Objective(model, batches, self.loss_fn)
             spread = MeanAccumulator(2, objective.device)  # per sample: loss, correct (1/0)
             for batch in objective.iter_batches() if batches else ():
-                losses, logits = objective.losses_and_logits(batch)
-                correct = torch.full_like(losses, math.nan)
-                if logits is not None:
-                    self._accuracy(split, logits.shape[1], logits.device).update(logits, batch[1])
-                    correct = (logits.argmax(1) == batch[1]).to(losses)
+                losses, correct = objective.losses_and_correct(batch)
+                hits = torch.full_like(losses, math.nan) if correct is None else correct.to(losses)
+                if correct is not None:
+                    self._accuracy(split, losses.device).update(hits.double())
                 loss_metric.update(losses.float())
-                spread.add(torch.stack([losses, correct], dim=1))
+                spread.add(torch.stack([losses, hits], dim=1))
             se = spread.result(objective.reduce_sum)[1].tolist()
         self.errors[keys.se(keys.split_loss(split))], self.errors[keys.se(keys.split_acc(split))] = se
 

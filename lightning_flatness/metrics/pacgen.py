@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from .. import keys
+from .._failures import ConfigurationError
 from ..functional import pacgen
+from ..functional._losses import LossArg
 from ..functional.pacgen import NORMALIZATIONS
 from ..validation import check_bool, check_choice, check_float, check_int
 from .base import FlatnessMetric, MeasurementContext
@@ -50,11 +52,20 @@ class PACGen(FlatnessMetric):
         self.screen = check_bool("screen", screen)
         self.keys = (keys.PACGEN, keys.se(keys.PACGEN), keys.PACGEN_CURVED_FRACTION)
 
-    def compute(self, ctx: MeasurementContext) -> dict[str, float]:
-        num_train = self.num_train or ctx.train_size
+    def check_setup(self, loss_fn: LossArg, train_size: int | None) -> None:
+        self._num_train(train_size)  # an iterable training set: ask for n now, not at every measurement
+
+    def _num_train(self, train_size: int | None) -> int | None:
+        num_train = self.num_train or train_size
         if self.normalization == "sum" and num_train is None:
-            raise ValueError('PACGen(normalization="sum") needs the number of training samples n: the training set '
-                             "has no length here (an iterable dataset); pass PACGen(num_train=...).")  # fmt: skip
+            raise ConfigurationError(
+                'PACGen(normalization="sum") needs the number of training samples n: the training set has no length '
+                'here (an iterable dataset); pass PACGen(num_train=...), or normalization="mean".'
+            )
+        return num_train
+
+    def compute(self, ctx: MeasurementContext) -> dict[str, float]:
+        num_train = self._num_train(ctx.train_size)
         pac = pacgen(
             ctx.model, ctx.batches, ctx.loss_fn, normalization=self.normalization, num_train=num_train,
             gamma=self.gamma, eps=self.eps, rho=self.rho, num_probes=self.num_probes, rho_probes=self.rho_probes,

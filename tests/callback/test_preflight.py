@@ -200,3 +200,99 @@ def test_flatness_callback_refuses_sharded_strategies_in_setup():
     fake = SimpleNamespace(strategy=FSDPStrategy(), is_global_zero=True, loggers=[])
     with pytest.raises(UnsupportedStrategyError, match="FlatnessCallback does not support FSDPStrategy.*DDP"):
         FlatnessCallback().setup(fake, Classifier(), "fit")
+
+
+# ------------------------------------------------- refused at start, before the first training step (issue 23)
+class _OneOutput(Classifier):
+    """One output unit, trained with a binary loss: cross-entropy over it would be 0 for every sample."""
+
+    def __init__(self) -> None:
+        super().__init__(classes=1, batchnorm=False)
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self(x), y.float())
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def _binary_loader(labels: str):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.helpers.lightning_models import make_data
+
+    data = make_data(64, classes=2)
+    y = data.tensors[1][:, None]
+    return DataLoader(TensorDataset(data.tensors[0], y.float() if labels == "float" else y), batch_size=16)
+
+
+@pytest.mark.parametrize("labels", ["float", "int"])
+def test_one_output_unit_under_the_default_cross_entropy_is_refused_at_start(tmp_path, labels):
+    from lightning_flatness import FlatnessCallback
+
+    module = _OneOutput()
+    with pytest.raises(LossFnError) as info:
+        trainer(tmp_path, [FlatnessCallback(num_samples=32, batch_size=16)], max_epochs=1).fit(module, _binary_loader(labels))
+    message = str(info.value)
+    assert message.startswith('FlatnessCallback: loss_fn="cross_entropy" needs one logit per class')
+    assert '"bce_with_logits"' in message and '"mse"' in message
+    assert module.steps == 0
+
+
+def test_bce_with_logits_measures_the_one_output_model(tmp_path):
+    from lightning_flatness import FlatnessCallback
+
+    cb = FlatnessCallback(loss_fn="bce_with_logits", num_samples=32, batch_size=16, gap_num_samples=32)
+    trainer(tmp_path, [cb], max_epochs=1).fit(_OneOutput(), _binary_loader("int"))
+    values = cb.history[-1][1]
+    for key in ("flatness/hessian_top_eig", "flatness/fisher_trace", "gap/train_loss"):
+        assert values[key] > 1e-4, key  # measured, not the 0 of cross-entropy over one logit
+    assert {"flatness/pacgen", "flatness/grad_noise_scale", "flatness/grad_cosine_regret"} <= set(values)
+
+
+def test_a_loss_that_is_zero_for_every_probed_sample_is_warned_about_at_start():
+    model = nn.Sequential(nn.Linear(4, 3))
+
+    def zero(model, batch):
+        return model(batch[0]).sum(1) * 0
+
+    with pytest.warns(UserWarning, match=r"FlatnessCallback: the loss is exactly 0 for each of the 2 samples probed"):
+        probe_loss(model, pair(), zero, "FlatnessCallback")
+
+
+def test_a_loss_that_returns_logits_for_correct_is_refused_with_the_expected_form():
+    def logits_instead(model, batch):
+        logits = model.net(batch[0])
+        return F.cross_entropy(logits, batch[1], reduction="none"), logits
+
+    with pytest.raises(LossFnError, match=r"correct must be a bool tensor of the losses' shape \(2,\).*torch.float32 of shape \(2, 3\)"):
+        probe_loss(NoForward(), pair(), logits_instead, "FlatnessCallback")
+
+
+def test_pacgen_sum_on_an_iterable_training_set_is_refused_at_start(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from lightning_flatness import ConfigurationError, FlatnessCallback, PACGen
+    from tests.helpers.lightning_models import Stream
+
+    module = _NoForwardClassifier()
+    cb = FlatnessCallback(metrics=[PACGen()], loss_fn=net_loss, num_samples=32, batch_size=16, gap_num_samples=0)
+    with pytest.raises(ConfigurationError, match=r'PACGen\(normalization="sum"\) needs .*PACGen\(num_train=\.\.\.\)'):
+        trainer(tmp_path, [cb], max_epochs=1).fit(module, DataLoader(Stream(), batch_size=16))
+    assert module.steps == 0
+    cb = FlatnessCallback(metrics=[PACGen(num_train=256)], loss_fn=net_loss, num_samples=32, batch_size=16, gap_num_samples=0)
+    trainer(tmp_path, [cb], max_epochs=1).fit(_NoForwardClassifier(), DataLoader(Stream(), batch_size=16))
+    assert "flatness/pacgen" in cb.history[-1][1]
+
+
+def test_monte_carlo_fisher_with_a_callable_loss_is_refused_at_start(tmp_path):
+    from lightning_flatness import ConfigurationError, FisherTrace, FlatnessCallback
+
+    module = _NoForwardClassifier()
+    cb = FlatnessCallback(metrics=[FisherTrace(kind="mc")], loss_fn=net_loss, num_samples=32, batch_size=16)
+    with pytest.raises(ConfigurationError, match=r'FisherTrace: kind="mc" samples labels .*kind="empirical"'):
+        trainer(tmp_path, [cb], max_epochs=1).fit(module, DataModule())
+    assert module.steps == 0
