@@ -376,7 +376,7 @@ class FlatnessCallback(Callback):
         return MeasurementContext(
             model=pl_module, batches=batches, loss_fn=self.loss_fn, epoch=x, seed=self.config["seed"],
             num_samples=sum(sub.batch_size_of(b) for b in batches), world_size=world, rank=rank,
-            train_size=self._train_size,
+            train_size=self._train_size, batch_indices=sub.shard(range(len(self._data["measure"])), rank, world),
         )  # fmt: skip
 
     def _measure_metrics(

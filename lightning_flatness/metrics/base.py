@@ -117,6 +117,9 @@ class MeasurementContext:
         num_samples: the number of samples in ``batches``.
         world_size, rank: the processes measuring together (1, 0 on a single device).
         train_size: the number of training samples the trainer sees (``None`` if unknown).
+        batch_indices: the position of each of ``batches`` among the whole subsample's
+            mini-batches (``None``: ``0, 1, 2, ...``, one process), for draws per mini-batch that do
+            not depend on the sharding (``fisher_trace(kind="mc")``).
         dtype: the compute dtype (``None``: the parameters' own, at least float32).
         shared: results handed between the metrics of this measurement.
     """
@@ -130,6 +133,7 @@ class MeasurementContext:
     world_size: int = 1
     rank: int = 0
     train_size: int | None = None
+    batch_indices: Sequence[int] | None = None
     dtype: torch.dtype | None = None
     shared: SharedResults = field(default_factory=SharedResults)
 
