@@ -67,6 +67,10 @@ LANDSCAPE_1D = "landscape/1d"
 LANDSCAPE_2D = "landscape/2d"
 LANDSCAPE_EIGENVECTOR = "landscape/eigenvector"
 
+# Keys logged without a `_se`: they are not estimates over the subsample's draw (a wall time; the
+# fraction of coordinates leaving PACGen's floor, a count at this measurement's estimates).
+NO_SE = (PACGEN_CURVED_FRACTION, SECONDS)
+
 # Keys whose relative standard error the callback watches (it warns once above RELATIVE_SE_WARNING):
 # positive by construction, so se / value is meaningful (unlike a cosine or a gap near 0).
 RELATIVE_SE_KEYS = (HESSIAN_TOP_EIG, GRAD_COSINE_REGRET, FISHER_TRACE, TRAIN_LOSS, TEST_LOSS)

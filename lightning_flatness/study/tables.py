@@ -178,19 +178,29 @@ def _noise_scale_table(report: Report) -> list[str]:
         "| configuration | batch size B | noise scale, first | noise scale, compared | B / noise scale | regime |",
         "|---|---:|---:|---:|---:|---|",
     ]
+    unknown_size = unresolved = False
     for c in report.configurations:
         size = batch_size_of(c.runs[0])
         firsts = [series[0][1] for run in c.runs if (series := run.series(key))]
         first = sum(firsts) / len(firsts) if firsts else math.nan
         compared = spread(c, key)
+        unknown_size |= size is None
+        unresolved |= not (math.isfinite(first) and math.isfinite(compared.mean))
         ratio = size / compared.mean if size and compared.mean > 0 else math.nan
-        regime = "—" if not math.isfinite(ratio) else "below it: noise-dominated" if ratio < 1 else "above it"
+        regime = ("batch size unknown" if size is None else "—" if not math.isfinite(ratio)
+                  else "below it: noise-dominated" if ratio < 1 else "above it")  # fmt: skip
         se = f" ± {compared.se:.2g}" if math.isfinite(compared.se) else ""
-        cells = [c.name, str(size or "—"), fmt(first), fmt(compared.mean) + se, _short(ratio), regime]
+        cells = [c.name, "unknown" if size is None else str(size), fmt(first), fmt(compared.mean) + se, _short(ratio), regime]
         lines.append(f"| {' | '.join(cells)} |")
     lines += ["", ("A run whose batch size is well below the noise scale takes noise-dominated steps (a larger batch "
-                   "would cut the steps nearly in proportion); well above it, extra samples per step buy little. "
-                   "Missing values: the subsample did not resolve the mean gradient (see docs/study.md).")]  # fmt: skip
+                   "would cut the steps nearly in proportion); well above it, extra samples per step buy little.")]
+    if unresolved:
+        lines[-1] += (" A noise scale of — was not logged: the measurement subsample did not resolve the mean "
+                      "gradient above its noise (see docs/study.md).")
+    if unknown_size:
+        lines[-1] += (" Batch size unknown: the run's hparams.yaml has no `batch_size` and its name no `bs<B>` (runs "
+                      "the sweep did not make); save it as a hyperparameter (`self.save_hyperparameters()` with a "
+                      "`batch_size` argument) or name the run `bs<B>_...`.")
     return lines
 
 

@@ -182,3 +182,24 @@ def test_a_noisy_value_warns_once_with_the_samples_it_would_need(tmp_path, monke
     noisy = [str(w.message) for w in record if "standard error over the draw" in str(w.message)]
     assert sorted(m.split(" = ")[0].split(": ")[1] for m in noisy) == ["flatness/fisher_trace", "gap/test_loss", "gap/train_loss"]
     assert any("(now 96, gap_num_samples=96)" in m for m in noisy)
+
+
+def test_every_logged_value_has_its_se_except_the_keys_the_readme_names():
+    """Issue 23, item 13: the README said every key has a ``_se``; ``flatness/pacgen_curved_fraction``
+    has none. The keys without one are ``keys.NO_SE``, and the README's ``<key>_se`` row names them."""
+    from pathlib import Path
+
+    from lightning_flatness import keys
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    metrics = resolve_metrics(list(BUILTIN))
+    for metric in metrics:
+        metric.setup(model)  # BlockCurvature("by_module") names its keys here
+    logged = {k for m in metrics for k in m.keys} | {keys.SECONDS}
+    logged |= {keys.split_loss(s) for s in ("train", "test")} | {keys.LOSS_GAP}
+    values = {k for k in logged if not k.endswith("_se")}
+    gap_se = {keys.se(k) for k in values if k.startswith(keys.GAP_PREFIX)}  # the gap's, from GapMeter.derived
+    assert {k for k in values if keys.se(k) not in logged | gap_se} == set(keys.NO_SE)
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `<key>_se` |")]
+    assert all(f"`{key}`" in row for key in keys.NO_SE), row
