@@ -309,13 +309,18 @@ class FlatnessCallback(Callback):
         """
         start = time.perf_counter()
         values = self._measure(trainer, pl_module, self._context(trainer, pl_module, x), self._order, final, gap=True)
+        values[keys.SECONDS] = self._seconds_since(start)
+        status(trainer, f"flatness: epoch {x} measured in {values[keys.SECONDS]:.1f}s")
+        self._warn_if_noisy(values)
+        return values
+
+    def _seconds_since(self, start: float) -> float:
+        """The wall time since ``start``, added to the time spent measuring; returned as the mean over
+        processes (every rank logs the same row). Call on every rank, after :meth:`_measure`."""
         seconds = time.perf_counter() - start
         self._spent += seconds
         self.values[keys.SECONDS].update(torch.tensor(seconds, dtype=torch.float64))
-        values[keys.SECONDS] = float(self.values[keys.SECONDS].compute())
-        status(trainer, f"flatness: epoch {x} measured in {seconds:.1f}s")
-        self._warn_if_noisy(values)
-        return values
+        return float(self.values[keys.SECONDS].compute())
 
     def _warn_if_noisy(self, values: dict[str, float]) -> None:
         """Once per key: its relative standard error is above ``keys.RELATIVE_SE_WARNING``, with the samples it would need."""
@@ -337,7 +342,8 @@ class FlatnessCallback(Callback):
 
     def _complete_final(self, trainer: Trainer, pl_module: LightningModule, x: int) -> None:
         """The final weights were measured at an epoch end, where metrics on their own schedule may
-        not have been due: measure those now, into the same row (and at the same step)."""
+        not have been due: measure those now, into the same row (and at the same step), whose
+        ``flatness/seconds`` then includes their time."""
         skipped = [m for m in self._order if not m.due(x, final=False)]
         if not skipped or self._data is None:
             return
@@ -345,8 +351,10 @@ class FlatnessCallback(Callback):
         ctx = self._context(trainer, pl_module, x)
         ctx.shared = self._shared  # what that measurement's metrics left, e.g. PACGen's bound
         values = self._measure(trainer, pl_module, ctx, skipped, final=True, gap=False)
-        self._spent += time.perf_counter() - start
-        self.history[-1][1].update(values)
+        row = self.history[-1][1]
+        # the row's seconds cover every metric of these weights: logged again, at the same step, with the total
+        values[keys.SECONDS] = row.get(keys.SECONDS, 0.0) + self._seconds_since(start)
+        row.update(values)
         self._writer.write(trainer, values, x)
 
     def _measure(
