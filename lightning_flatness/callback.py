@@ -15,7 +15,7 @@ from . import _legacy, keys
 from . import _subsample as sub
 from ._distributed import cross_process, rank_zero_buffers
 from ._failures import ON_ERROR, FailurePolicy
-from ._logging import LoggerWriter, status
+from ._logging import LoggerWriter, position, status
 from ._preflight import check_strategy, probe_loss
 from .functional import measurement_mode
 from .functional._losses import LossArg, check_loss_fn
@@ -48,8 +48,11 @@ class FlatnessCallback(Callback):
     training set, or the validation set with ``source="val"``) split into mini-batches of
     ``batch_size``, plus the eval-mode loss and accuracy on fixed train and validation subsamples
     of ``gap_num_samples`` (0 disables the gap). The final weights are always measured once in
-    ``on_train_end``. Values go to every logger at ``x = epochs completed`` (0 is the
-    initialization), to ``trainer.callback_metrics``, to :attr:`history` and to :attr:`values`.
+    ``on_train_end``. Values go to every logger where Lightning logs its own metrics of the same
+    weights (Lightning's ``step``, and ``epoch`` = its index of the epoch that produced them, ``-1``
+    for the initialization; ``docs/configuration.md``), to ``trainer.callback_metrics``, to
+    :attr:`history` (as ``(x, {key: value})``, ``x`` = epochs completed, 0 = initialization) and to
+    :attr:`values`.
 
     Args:
         metrics: metric objects from :mod:`lightning_flatness.metrics` (or your own
@@ -281,7 +284,7 @@ class FlatnessCallback(Callback):
         values = self.measure(trainer, pl_module, x, final=final)
         self._last_x, self._last_step = x, trainer.global_step
         self.history.append((x, values))
-        self._writer.write(trainer, values, x)
+        self._writer.write(trainer, values, position(trainer, x))
         self._draw_landscape(trainer, pl_module, x, values, final)
         if use_module_log:
             for key, value in values.items():
@@ -355,7 +358,7 @@ class FlatnessCallback(Callback):
         # the row's seconds cover every metric of these weights: logged again, at the same step, with the total
         values[keys.SECONDS] = row.get(keys.SECONDS, 0.0) + self._seconds_since(start)
         row.update(values)
-        self._writer.write(trainer, values, x)
+        self._writer.write(trainer, values, position(trainer, x))
 
     def _measure(
         self, trainer: Trainer, pl_module: LightningModule, ctx: MeasurementContext, metrics: list[FlatnessMetric],
@@ -410,7 +413,7 @@ class FlatnessCallback(Callback):
     def _log_artifacts(self, trainer: Trainer, metric: FlatnessMetric, x: int) -> None:
         """The metric's figures, histograms and files (rank 0 only, no collectives); failures follow ``on_error``."""
         try:
-            metric.log_artifacts(trainer.loggers, x)
+            metric.log_artifacts(trainer.loggers, position(trainer, x))
         except Exception as err:  # noqa: BLE001 - a failing figure must not stop training
             self._failures.handle(f"{metric.name}'s figures", err)
 

@@ -1,9 +1,16 @@
 """Every key the package logs, in one place: the callback writes them, the report and its
-plots read them. Values are logged at ``step = epoch`` (see ``docs/configuration.md``)."""
+plots read them. Rows are logged where Lightning logs its own metrics of the same weights
+(``_logging.LogPosition``; see ``docs/configuration.md``)."""
 
 from __future__ import annotations
 
 FLATNESS_PREFIX = "flatness/"
+# The callback's bookkeeping: its hyperparameters (flatness_callback/<option>) and the scalars below.
+CALLBACK_PREFIX = "flatness_callback/"
+# Logged with every row: Lightning's epoch index of the weights (-1: initialization), as Lightning
+# logs it with its own metrics, and the callback's x, epochs completed (0: initialization).
+EPOCH = "epoch"
+EPOCHS_COMPLETED = "flatness_callback/epochs_completed"
 GAP_PREFIX = "gap/"
 LANDSCAPE_PREFIX = "landscape/"
 

@@ -6,6 +6,7 @@ PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
+from .._logging import LogPosition
 from .adaptive_sharpness import AdaptiveSharpness
 from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement_seed, samples_needed
 from .block_curvature import BlockCurvature
@@ -30,6 +31,7 @@ __all__ = [
     "GradientNoiseScale",
     "HessianEigenvalues",
     "LocalEntropy",
+    "LogPosition",
     "MeasurementContext",
     "MetricSpec",
     "PACGen",

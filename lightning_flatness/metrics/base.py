@@ -47,6 +47,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._logging import LogPosition
 from ..functional import Objective
 from ..functional._losses import LossArg
 from ..validation import check_int
@@ -112,7 +113,8 @@ class MeasurementContext:
         batches: this process's shard of the fixed measurement subsample: whole mini-batches
             of the callback's ``batch_size``, on the model's device.
         loss_fn: ``"cross_entropy"``, ``"mse"`` or a callable ``loss_fn(model, batch) -> (B,)``.
-        epoch: the x-value of this measurement (epochs completed; 0 = initialization).
+        epoch: the x-value of this measurement: epochs completed, 0 = initialization (loggers
+            place it at Lightning's epoch index ``epoch - 1``; see :class:`LogPosition`).
         seed: the callback's seed; :meth:`seed_for` derives a metric's own.
         num_samples: the number of samples in ``batches``.
         world_size, rank: the processes measuring together (1, 0 on a single device).
@@ -187,11 +189,13 @@ class FlatnessMetric:
         """``{key: value}`` for this measurement; every key of ``self.keys`` that was measured."""
         raise NotImplementedError
 
-    def log_artifacts(self, loggers: Sequence[Any], epoch: int) -> None:
+    def log_artifacts(self, loggers: Sequence[Any], at: LogPosition) -> None:
         """Write the non-scalar results of the last :meth:`compute` (figures, histograms, files) to ``loggers``.
 
         Called by the callback on rank 0 only, right after every successful :meth:`compute`,
-        with ``trainer.loggers`` and the measurement's epoch; it must not call collectives.
+        with ``trainer.loggers`` and the measurement's position: ``at.step`` (a TensorBoard
+        ``global_step``), ``at.epoch`` (Lightning's epoch index, ``-1`` at initialization) and
+        ``at.epochs_completed`` (``ctx.epoch``); it must not call collectives.
         A failure follows the callback's ``on_error`` like one of :meth:`compute`. No-op by default.
         """
 

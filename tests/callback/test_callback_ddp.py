@@ -90,13 +90,13 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     assert len(written) == 1  # only rank 0 wrote
     # loss-landscape views: rank 0 alone computes and writes them, without collectives (no deadlock)
     views = sorted(os.listdir(os.path.join(os.path.dirname(written[0]), "landscape")))
-    assert views == ["epoch_000000.json", "epoch_000002.json"]
+    assert views == ["epoch_-00001.json", "epoch_000001.json"]  # Lightning's epoch index: -1 is the initialization
     with open(written[0]) as f:
         rows = [r for r in csv.DictReader(f) if r.get("flatness/hessian_top_eig")]
-    assert [int(r["step"]) for r in rows] == [0, 2]
+    assert [int(r["flatness_callback/epochs_completed"]) for r in rows] == [0, 2]
     worst = 0.0
     for row, weights in zip(rows, (initial, model)):
-        x = int(row["step"])
+        x = int(row["flatness_callback/epochs_completed"])
         expected = single_process(weights, dm, x)
         for key in KEYS:
             got, want = float(row[key]), expected[key]
