@@ -15,6 +15,7 @@ from .metrics import (
     HessianDensity,
     HessianEigenvalues,
     LocalEntropy,
+    NoisyMeasurementWarning,
     PACGen,
 )
 from .optim import EntropySGD
@@ -33,6 +34,7 @@ __all__ = [
     "LandscapeOptions",
     "LocalEntropy",
     "LossFnError",
+    "NoisyMeasurementWarning",
     "PACGen",
     "PACGenPerturbation",
     "UnsupportedStrategyError",

@@ -32,8 +32,8 @@ from .metrics import (
     execution_order,
     measurement_seed,
     resolve_metrics,
-    samples_needed,
 )
+from .metrics.sample_size import NoisyMeasurementWarning, is_noisy, noisy_notice
 from .validation import check_bool, check_choice, check_float, check_int
 
 SOURCES = ("train", "val")
@@ -125,6 +125,8 @@ class FlatnessCallback(Callback):
         self._spent = 0.0
         self._fit_start = 0.0
         self._train_size: int | None = None
+        self._dataset_sizes: dict[str, int] = {}  # "train", "val": the data sets' sizes, where known
+        self._sizes_pending = False  # the drawn sizes go with the next row written
         self._probe_pending = False
         self._noisy: set[str] = set()  # keys already warned about
         self._landscape = LandscapeRecorder(
@@ -232,6 +234,8 @@ class FlatnessCallback(Callback):
         train = sub.first_loader(trainer.train_dataloader)
         val = sub.first_loader(trainer.val_dataloaders)
         self._train_size = sub.dataset_size(train)
+        sizes = {"train": self._train_size, "val": sub.dataset_size(val)}
+        self._dataset_sizes = {split: n for split, n in sizes.items() if n is not None}
         source = train if cfg["source"] == "train" else val
         if source is None:
             raise ValueError(f'FlatnessCallback(source="{cfg["source"]}") needs a {cfg["source"]} DataLoader; '
@@ -248,6 +252,7 @@ class FlatnessCallback(Callback):
                                "(gap/train_loss, gap/train_acc).")  # fmt: skip
             else:
                 self._data["gap_val"] = self._draw(trainer, pl_module, "gap_val", val, cfg["gap_num_samples"], 2)
+        self._sizes_pending = self._data is not None
 
     def _recorded_data(self, cfg: dict[str, Any]) -> dict[str, list[Any]] | None:
         """The subsamples of an iterable training set: copies of its first batches, once seen."""
@@ -284,7 +289,7 @@ class FlatnessCallback(Callback):
         values = self.measure(trainer, pl_module, x, final=final)
         self._last_x, self._last_step = x, trainer.global_step
         self.history.append((x, values))
-        self._writer.write(trainer, values, position(trainer, x))
+        self._writer.write(trainer, {**values, **self._logged_sizes()}, position(trainer, x))
         self._draw_landscape(trainer, pl_module, x, values, final)
         if use_module_log:
             for key, value in values.items():
@@ -326,22 +331,35 @@ class FlatnessCallback(Callback):
         return float(self.values[keys.SECONDS].compute())
 
     def _warn_if_noisy(self, values: dict[str, float]) -> None:
-        """Once per key: its relative standard error is above ``keys.RELATIVE_SE_WARNING``, with the samples it would need."""
+        """Once per key: its relative standard error is above ``keys.RELATIVE_SE_WARNING``, with the samples it
+        would need, and what else helps when the data set holds fewer (:class:`NoisyMeasurementWarning`)."""
+        drawn = self.sample_sizes()
         for key in keys.RELATIVE_SE_KEYS:
             value, se = values.get(key), values.get(keys.se(key))
-            if key in self._noisy or value is None or se is None or not abs(se) > keys.RELATIVE_SE_WARNING * abs(value):
+            if key in self._noisy or value is None or se is None or not is_noisy(value, se):
                 continue
             self._noisy.add(key)
-            option, data = {keys.TRAIN_LOSS: ("gap_num_samples", "gap_train"), keys.TEST_LOSS: ("gap_num_samples", "gap_val")}.get(
-                key, ("num_samples", "measure")
-            )  # fmt: skip
-            n = sum(sub.batch_size_of(b) for b in (self._data or {}).get(data, []))  # as drawn: the set may be smaller
-            rank_zero_warn(
-                f"FlatnessCallback: {key} = {value:.4g} ± {se:.2g} (standard error over the draw of the subsample): a "
-                f"relative error of {abs(se / value):.0%}, above {keys.RELATIVE_SE_WARNING:.0%}. About "
-                f"{samples_needed(n, value, se, keys.RELATIVE_SE_TARGET)} samples would bring it under "
-                f"{keys.RELATIVE_SE_TARGET:.0%} (now {n}, {option}={self.config[option]}); see docs/faq.md."
-            )
+            part = keys.subsample_of(key)
+            option = "num_samples" if part == "measure" else "gap_num_samples"
+            split = keys.split_of(part, self.config["source"])
+            data = "training set" if split == "train" else "validation set"
+            notice = noisy_notice(key, value, se, drawn[part], option, self.config[option],
+                                  self._dataset_sizes.get(split), data)  # fmt: skip
+            rank_zero_warn(notice, category=NoisyMeasurementWarning)
+
+    def sample_sizes(self) -> dict[str, int]:
+        """How many samples each subsample holds as drawn (``"measure"``, ``"gap_train"``, ``"gap_val"``):
+        at most the data set it comes from, so possibly fewer than ``num_samples`` / ``gap_num_samples``."""
+        return {part: sum(sub.batch_size_of(b) for b in batches) for part, batches in (self._data or {}).items()}
+
+    def _logged_sizes(self) -> dict[str, int]:
+        """The drawn subsample sizes and the data set sizes, for the first row after the subsamples are drawn
+        (the report's sample-size guide reads them); ``{}`` after that."""
+        if not self._sizes_pending:
+            return {}
+        self._sizes_pending = False
+        out = {keys.drawn_samples(part): n for part, n in self.sample_sizes().items()}
+        return out | {keys.dataset_size(split): n for split, n in self._dataset_sizes.items()}
 
     def _complete_final(self, trainer: Trainer, pl_module: LightningModule, x: int) -> None:
         """The final weights were measured at an epoch end, where metrics on their own schedule may

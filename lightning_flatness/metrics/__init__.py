@@ -17,6 +17,7 @@ from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
+from .sample_size import NoisyMeasurementWarning
 from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, check_keys, execution_order, resolve_metrics
 from .regret import GradCosineRegret
 from .spectral_density import HessianDensity
@@ -34,6 +35,7 @@ __all__ = [
     "LogPosition",
     "MeasurementContext",
     "MetricSpec",
+    "NoisyMeasurementWarning",
     "PACGen",
     "SharedResults",
     "check_keys",

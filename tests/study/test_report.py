@@ -265,3 +265,29 @@ def test_rows_logged_at_lightnings_step_are_read_by_epochs_completed():
     # logs written before: no epochs_completed, the step was the epochs completed
     old = {"gap/test_loss": [Event(step=0, value=2.3, wall_time=1.0), Event(step=3, value=0.7, wall_time=2.0)]}
     assert by_epochs_completed(old) == {"gap/test_loss": {0: 2.3, 3: 0.7}}
+
+
+def test_sample_size_guide_uses_the_size_drawn_not_the_size_asked(tmp_path):
+    """Issue 23, item 9: with ``gap_num_samples=2048`` and a 1000-sample validation set the guide said
+    ``gap/test_loss`` was "measured on 2048" (asking for about 3492 samples); it was measured on 1000."""
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_flatness import FlatnessCallback
+    from lightning_flatness.metrics import samples_needed
+    from tests.helpers.lightning_models import Classifier, DataModule, trainer
+
+    seed_everything(0)
+    cb = FlatnessCallback(metrics=["fisher_trace"], num_samples=64, batch_size=16, gap_num_samples=2048)
+    logger = TensorBoardLogger(str(tmp_path / "runs"), name="mine")  # not a sweep run: no study/*_size
+    trainer(tmp_path, [cb], logger=logger, max_epochs=1).fit(Classifier(), DataModule(n_train=256, n_val=1000))
+    report = make_report(tmp_path / "runs", tmp_path / "out", plots=False, echo=False)
+    guide = {g.key: g for g in report.guide}
+    assert guide["gap/test_loss"].measured_on == 1000
+    assert [(guide[k].measured_on, guide[k].available) for k in ("flatness/fisher_trace", "gap/train_loss", "gap/test_loss")] == [
+        (64, 256), (256, 256), (1000, 1000)]  # fmt: skip
+    assert cb.sample_sizes() == {"measure": 64, "gap_train": 256, "gap_val": 1000}
+    row = cb.history[-1][1]
+    want = samples_needed(1000, row["gap/test_loss"], row["gap/test_loss_se"], 0.05)
+    assert guide["gap/test_loss"].needed == [pytest.approx(want, abs=1)]  # from the float32-logged value and se
+    assert "| gap/test_loss | 1000 | 1000 |" in report.markdown
