@@ -120,7 +120,8 @@ class LocalEntropyResult:
     ``free_energy=False``), ``se`` its Monte-Carlo standard error.
     ``loss``: :math:`L(w)`. ``temperature``: :math:`T = \text{noise}^2/2`.
     ``gammas``, ``derivatives``, ``derivatives_se``: the coupling ladder :math:`s_k`, the
-    estimates of :math:`dF_{ex}/ds` there and their standard errors (float64). ``tail``: the tail term :math:`F_{ex}(\Gamma)`
+    estimates of :math:`dF_{ex}/ds` there and their standard errors (float64). ``tail``: the
+    tail term :math:`F_{ex}(\Gamma)`
     included in ``value``. ``quadrature_error``: an (over-)estimate of the deterministic
     quadrature error, \|Simpson − trapezoid\| + \|two-point − one-point tail\|.
     ``n_grad``: mini-batch gradient evaluations (each one forward and one backward pass of one

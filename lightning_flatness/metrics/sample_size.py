@@ -63,9 +63,9 @@ def noisy_notice(key: str, value: float, se: float, measured_on: int, option: st
     need, and, when those are more than ``data`` (the data set, ``available`` samples) holds, what else helps."""
     target = keys.RELATIVE_SE_TARGET
     needed = samples_needed(measured_on, value, se, target)
-    text = (f"FlatnessCallback: {key} = {value:.4g} ± {se:.2g}, a relative standard error of {percent(abs(se / value))} "
-            f"(over the draw of its {measured_on} samples; {option}={asked}). About {needed} samples would bring it "
-            f"under {percent(target)}")  # fmt: skip
+    text = (f"FlatnessCallback: {key} = {value:.4g} ± {se:.2g}, a relative standard error of "
+            f"{percent(abs(se / value))} (over the draw of its {measured_on} samples; {option}={asked}). About "
+            f"{needed} samples would bring it under {percent(target)}")  # fmt: skip
     if available is None or needed is None or needed <= available:
         held = "" if available is None else f"; the {data} holds {available}"
         text += f": raise {option}{held}."

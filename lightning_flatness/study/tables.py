@@ -200,7 +200,8 @@ def _noise_scale_table(report: Report) -> list[str]:
         regime = ("batch size unknown" if size is None else "—" if not math.isfinite(ratio)
                   else "below it: noise-dominated" if ratio < 1 else "above it")  # fmt: skip
         se = f" ± {compared.se:.2g}" if math.isfinite(compared.se) else ""
-        cells = [c.name, "unknown" if size is None else str(size), fmt(first), fmt(compared.mean) + se, _short(ratio), regime]
+        shown = "unknown" if size is None else str(size)
+        cells = [c.name, shown, fmt(first), fmt(compared.mean) + se, _short(ratio), regime]
         lines.append(f"| {' | '.join(cells)} |")
     lines += ["", ("A run whose batch size is well below the noise scale takes noise-dominated steps (a larger batch "
                    "would cut the steps nearly in proportion); well above it, extra samples per step buy little.")]
