@@ -16,6 +16,7 @@ from .metrics import (
     HessianDensity,
     HessianEigenvalues,
     LocalEntropy,
+    NoisyMeasurementWarning,
     PACGen,
 )
 from .optim import EntropySGD
@@ -35,6 +36,7 @@ __all__ = [
     "LandscapeOptions",
     "LocalEntropy",
     "LossFnError",
+    "NoisyMeasurementWarning",
     "PACGen",
     "PACGenPerturbation",
     "UnsupportedStrategyError",

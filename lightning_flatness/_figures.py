@@ -25,6 +25,14 @@ def figure(width: float = 6.4, height: float = 4.2, layout: str | None = None) -
     return fig
 
 
+def when(epochs_completed: int) -> str:
+    """``"at initialization"``, ``"after 1 epoch"``, ``"after 3 epochs"``: figure titles and labels
+    (epochs completed, unambiguous beside Lightning's 0-based epoch index)."""
+    if epochs_completed == 0:
+        return "at initialization"
+    return f"after {epochs_completed} epoch{'s' if epochs_completed != 1 else ''}"
+
+
 def colors(n: int) -> list:
     """``n`` colors along viridis, one per run, in run order."""
     from matplotlib import colormaps

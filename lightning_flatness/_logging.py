@@ -1,11 +1,11 @@
-"""Writing measurements to every logger with the epoch as x-axis, and the status line.
+"""Writing measurements to every logger at the x-values Lightning gives its own metrics, and the status line.
 
-TensorBoard and CSV get ``log_metrics(values, step=epoch)``. W&B gets the values together with
-an ``epoch`` value through ``experiment.log`` (its own step stays monotonic) and, once,
-``define_metric("flatness/*", step_metric="epoch")`` (and ``gap/*``, and each logged key
-exactly, since exact definitions take precedence over the ``"*"`` glob that Lightning's
-``WandbLogger`` binds to ``trainer/global_step``), so its charts use the epoch as x-axis
-without user setup; ``gap/train_loss`` can be picked as x-axis as well.
+Each row goes to every logger through ``logger.log_metrics(row, step)``, as Lightning logs its
+own: at Lightning's ``step`` and with an ``epoch`` value for the same weights
+(:class:`LogPosition`), so ``gap/test_loss`` sits where ``val_loss`` of the same epoch sits in
+TensorBoard (step), CSV (``epoch`` and ``step`` columns) and W&B (``epoch`` and
+``trainer/global_step``). The initialization is epoch ``-1``. Each row also carries
+``flatness_callback/epochs_completed``, the callback's own x, which the study report reads.
 """
 
 from __future__ import annotations
@@ -13,16 +13,56 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from . import keys
+from ._figures import when
+
 log = logging.getLogger("lightning_flatness")
 
-EPOCH_AXIS = "epoch"
-_EPOCH_FILE = re.compile(r"epoch_(\d+)\.json")
+_EPOCH_FILE = re.compile(r"epoch_(-?\d+)\.json")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """Where one measurement's row goes on the loggers' x-axes.
+
+    ``epochs_completed``: the callback's x (0: the initialization), which schedules the metrics.
+    ``step``: the step Lightning logs its own metrics of the same weights at (see :func:`position`).
+    """
+
+    epochs_completed: int
+    step: int
+
+    @property
+    def epoch(self) -> int:
+        """Lightning's index of the epoch that produced the weights (``trainer.current_epoch`` during it);
+        ``-1``: the initialization."""
+        return self.epochs_completed - 1
+
+    def row(self) -> dict[str, int]:
+        """The x-values logged with every row: Lightning's ``epoch`` and the callback's epochs completed."""
+        return {keys.EPOCH: self.epoch, keys.EPOCHS_COMPLETED: self.epochs_completed}
+
+
+def position(trainer: Any, epochs_completed: int) -> LogPosition:
+    """The position of the weights the trainer holds now, after ``epochs_completed`` epochs.
+
+    Lightning logs epoch-end metrics (validation's, ``on_epoch=True``) at the index of the epoch's
+    last batch, one below the count of batches that stepped (``fit_loop.py`` decrements it for
+    them); before any step that is 0, the step of the first batch's loss, computed at the same
+    (initial) weights. That count is private (``_batches_that_stepped``); ``global_step`` is the
+    fallback, equal to it with one optimizer.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    stepped = trainer.global_step if not isinstance(stepped, int) else stepped
+    return LogPosition(epochs_completed, max(stepped - 1, 0))
 
 
 def is_wandb(logger: Logger) -> bool:
@@ -33,46 +73,20 @@ def is_wandb(logger: Logger) -> bool:
     return isinstance(logger, WandbLogger)
 
 
-def epoch_axis(experiment: Any, keys: Iterable[str], known: set[str]) -> None:
-    """Bind every key not in ``known`` to the ``epoch`` x-axis in a W&B run (and add it to ``known``).
-
-    Exact definitions take precedence over Lightning's ``"*" -> trainer/global_step`` glob. The
-    first call also declares ``epoch`` itself and the ``flatness/*`` and ``gap/*`` globs.
-    """
-    define = getattr(experiment, "define_metric", None)
-    if define is None:  # a dummy experiment on non-zero ranks
-        return
-    if not known:
-        define(EPOCH_AXIS)
-        define("flatness/*", step_metric=EPOCH_AXIS)
-        define("gap/*", step_metric=EPOCH_AXIS)
-    for key in sorted(set(keys) - known):
-        define(key, step_metric=EPOCH_AXIS)
-        known.add(key)
-
-
 class LoggerWriter:
     """Writes one row of measurements per call to every logger of a trainer (rank 0 only)."""
 
-    def __init__(self) -> None:
-        self._wandb_keys: dict[int, set[str]] = {}
-
-    def write(self, trainer: Any, values: dict[str, float], epoch: int) -> None:
+    def write(self, trainer: Any, values: dict[str, float], at: LogPosition) -> None:
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
-            if is_wandb(logger):
-                experiment = logger.experiment
-                epoch_axis(experiment, values, self._wandb_keys.setdefault(id(experiment), set()))
-                experiment.log({**values, EPOCH_AXIS: epoch})
-            else:
-                logger.log_metrics(values, step=epoch)
+            logger.log_metrics({**values, **at.row()}, step=at.step)
             logger.save()
 
     def write_hyperparams(self, trainer: Any, config: dict[str, Any]) -> None:
         if not trainer.is_global_zero:
             return
-        params = {f"flatness_callback/{key}": _plain(value) for key, value in config.items()}
+        params = {f"{keys.CALLBACK_PREFIX}{key}": _plain(value) for key, value in config.items()}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 # A second hparams session in the event file would hide the LightningModule's own in
@@ -83,15 +97,13 @@ class LoggerWriter:
 
 
 class FigureWriter:
-    """Writes one measurement's figures to every logger (call on rank 0 only): TensorBoard images
-    at ``step = epoch``, W&B ``wandb.Image`` rows with an ``epoch`` value, and for TensorBoard and
-    CSV loggers the measurement's numbers as a file in the logger's ``log_dir``."""
-
-    def __init__(self) -> None:
-        self._wandb_keys: dict[int, set[str]] = {}  # per W&B experiment: keys bound to the epoch axis
+    """Writes one measurement's figures to every logger (call on rank 0 only), at the row's
+    :class:`LogPosition`: TensorBoard images at its ``step``, W&B ``wandb.Image`` rows through
+    ``log_metrics`` (with its ``epoch``), and for TensorBoard and CSV loggers the measurement's
+    numbers as a file in the logger's ``log_dir``."""
 
     def write(
-        self, loggers: Sequence[Logger], epoch: int, pictures: Callable[[], Mapping[str, Any]],
+        self, loggers: Sequence[Logger], at: LogPosition, pictures: Callable[[], Mapping[str, Any]],
         save: Callable[[str], object], tensorboard: Callable[[Any], None] | None = None,
         wandb_row: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:  # fmt: skip
@@ -106,7 +118,7 @@ class FigureWriter:
                 images = images if images is not None else pictures()
                 writer = logger.experiment
                 for tag, image in images.items():
-                    writer.add_image(tag, image, global_step=epoch, dataformats="HWC")
+                    writer.add_image(tag, image, global_step=at.step, dataformats="HWC")
                 if tensorboard is not None:
                     tensorboard(writer)
                 writer.flush()
@@ -115,24 +127,30 @@ class FigureWriter:
                 import wandb
 
                 images = images if images is not None else pictures()
-                row = {tag: wandb.Image(image, caption=f"epoch {epoch}") for tag, image in images.items()}
+                row = {tag: wandb.Image(image, caption=when(at.epochs_completed)) for tag, image in images.items()}
                 row.update(wandb_row() if wandb_row is not None else {})
-                experiment = logger.experiment
-                epoch_axis(experiment, row, self._wandb_keys.setdefault(id(experiment), set()))
-                experiment.log({**row, EPOCH_AXIS: epoch})
+                logger.log_metrics({**row, keys.EPOCH: at.epoch}, step=at.step)
             elif isinstance(logger, CSVLogger):
                 save(logger.log_dir)
 
 
-def write_epoch_json(log_dir: str | Path, subdir: str, epoch: int, data: Mapping[str, Any]) -> Path:
-    """``<log_dir>/<subdir>/epoch_<x>.json`` with ``data``, replaced whole (a reader never sees half a file)."""
+def write_epoch_json(log_dir: str | Path, subdir: str, at: LogPosition, data: Mapping[str, Any]) -> Path:
+    """``<log_dir>/<subdir>/epoch_<e>.json`` with ``data`` and the position (``epoch``: Lightning's
+    ``e``, ``-1`` at initialization; ``step``; ``epochs_completed``), replaced whole (a reader never
+    sees half a file)."""
     folder = Path(log_dir) / subdir
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"epoch_{epoch:06d}.json"
+    path = folder / f"epoch_{at.epoch:06d}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data))
+    position = {"epoch": at.epoch, "step": at.step, "epochs_completed": at.epochs_completed}
+    tmp.write_text(json.dumps({**data, **position}))
     tmp.replace(path)
     return path
+
+
+def epochs_completed_of(data: Mapping[str, Any]) -> int:
+    """The epochs completed of a file :func:`write_epoch_json` wrote (its ``epoch``, in files older than that field)."""
+    return int(data["epochs_completed"] if "epochs_completed" in data else data["epoch"])
 
 
 def read_latest_epoch_json(run_dir: str | Path, subdir: str, parse: Callable[[Any], T]) -> T | None:

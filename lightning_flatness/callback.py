@@ -15,7 +15,7 @@ from . import _legacy, keys
 from . import _subsample as sub
 from ._distributed import cross_process, rank_zero_buffers
 from ._failures import ON_ERROR, ConfigurationError, FailurePolicy
-from ._logging import LoggerWriter, status
+from ._logging import LoggerWriter, position, status
 from ._preflight import check_strategy, probe_loss
 from .functional import measurement_mode
 from .functional._losses import LossArg, check_loss_fn
@@ -32,8 +32,8 @@ from .metrics import (
     execution_order,
     measurement_seed,
     resolve_metrics,
-    samples_needed,
 )
+from .metrics.sample_size import NoisyMeasurementWarning, is_noisy, noisy_notice
 from .validation import check_bool, check_choice, check_float, check_int, check_sample_dims
 
 SOURCES = ("train", "val")
@@ -48,8 +48,11 @@ class FlatnessCallback(Callback):
     training set, or the validation set with ``source="val"``) split into mini-batches of
     ``batch_size``, plus the eval-mode loss and accuracy on fixed train and validation subsamples
     of ``gap_num_samples`` (0 disables the gap). The final weights are always measured once in
-    ``on_train_end``. Values go to every logger at ``x = epochs completed`` (0 is the
-    initialization), to ``trainer.callback_metrics``, to :attr:`history` and to :attr:`values`.
+    ``on_train_end``. Values go to every logger where Lightning logs its own metrics of the same
+    weights (Lightning's ``step``, and ``epoch`` = its index of the epoch that produced them, ``-1``
+    for the initialization; ``docs/configuration.md``), to ``trainer.callback_metrics``, to
+    :attr:`history` (as ``(x, {key: value})``, ``x`` = epochs completed, 0 = initialization) and to
+    :attr:`values`.
 
     Args:
         metrics: metric objects from :mod:`lightning_flatness.metrics` (or your own
@@ -134,6 +137,8 @@ class FlatnessCallback(Callback):
         self._fit_start = 0.0
         self._train_size: int | None = None
         self._train_path: tuple = ()  # where the measured loader's share sits in a combined training batch
+        self._dataset_sizes: dict[str, int] = {}  # "train", "val": the data sets' sizes, where known
+        self._sizes_pending = False  # the drawn sizes go with the next row written
         self._probe_pending = False
         self._before_training = False  # until the first training step: a ConfigurationError refuses the fit
         self._noisy: set[str] = set()  # keys already warned about
@@ -271,6 +276,8 @@ class FlatnessCallback(Callback):
         cfg = self.config
         train = sub.first_loader(trainer.train_dataloader)
         val = sub.first_loader(trainer.val_dataloaders)
+        sizes = {"train": sub.dataset_size(train), "val": sub.dataset_size(val)}
+        self._dataset_sizes = {split: n for split, n in sizes.items() if n is not None}
         source = train if cfg["source"] == "train" else val
         assert source is not None, "checked in on_train_start"
         if cfg["source"] == "train" and not sub.is_indexable(source):
@@ -293,6 +300,7 @@ class FlatnessCallback(Callback):
                 f"batch_size={cfg['batch_size']}, fewer than the {trainer.world_size} processes; lower batch_size."
             )
         self._data = data
+        self._sizes_pending = True
 
     def _recorded_data(self, cfg: dict[str, Any]) -> dict[str, list[Any]] | None:
         """The subsamples of an iterable training set: copies of its first batches, once seen."""
@@ -332,7 +340,7 @@ class FlatnessCallback(Callback):
         values = self.measure(trainer, pl_module, x, final=final)
         self._last_x, self._last_step = x, trainer.global_step
         self.history.append((x, values))
-        self._writer.write(trainer, values, x)
+        self._writer.write(trainer, {**values, **self._logged_sizes()}, position(trainer, x))
         self._draw_landscape(trainer, pl_module, x, values, final)
         if use_module_log:
             for key, value in values.items():
@@ -360,35 +368,54 @@ class FlatnessCallback(Callback):
         """
         start = time.perf_counter()
         values = self._measure(trainer, pl_module, self._context(trainer, pl_module, x), self._order, final, gap=True)
-        seconds = time.perf_counter() - start
-        self._spent += seconds
-        self.values[keys.SECONDS].update(torch.tensor(seconds, dtype=torch.float64))
-        values[keys.SECONDS] = float(self.values[keys.SECONDS].compute())
-        status(trainer, f"flatness: epoch {x} measured in {seconds:.1f}s")
+        values[keys.SECONDS] = self._seconds_since(start)
+        status(trainer, f"flatness: epoch {x} measured in {values[keys.SECONDS]:.1f}s")
         self._warn_if_noisy(values)
         return values
 
+    def _seconds_since(self, start: float) -> float:
+        """The wall time since ``start``, added to the time spent measuring; returned as the mean over
+        processes (every rank logs the same row). Call on every rank, after :meth:`_measure`."""
+        seconds = time.perf_counter() - start
+        self._spent += seconds
+        self.values[keys.SECONDS].update(torch.tensor(seconds, dtype=torch.float64))
+        return float(self.values[keys.SECONDS].compute())
+
     def _warn_if_noisy(self, values: dict[str, float]) -> None:
-        """Once per key: its relative standard error is above ``keys.RELATIVE_SE_WARNING``, with the samples it would need."""
+        """Once per key: its relative standard error is above ``keys.RELATIVE_SE_WARNING``, with the samples it
+        would need, and what else helps when the data set holds fewer (:class:`NoisyMeasurementWarning`)."""
+        drawn = self.sample_sizes()
         for key in keys.RELATIVE_SE_KEYS:
             value, se = values.get(key), values.get(keys.se(key))
-            if key in self._noisy or value is None or se is None or not abs(se) > keys.RELATIVE_SE_WARNING * abs(value):
+            if key in self._noisy or value is None or se is None or not is_noisy(value, se):
                 continue
             self._noisy.add(key)
-            option, data = {keys.TRAIN_LOSS: ("gap_num_samples", "gap_train"), keys.TEST_LOSS: ("gap_num_samples", "gap_val")}.get(
-                key, ("num_samples", "measure")
-            )  # fmt: skip
-            n = sum(sub.batch_size_of(b) for b in (self._data or {}).get(data, []))  # as drawn: the set may be smaller
-            rank_zero_warn(
-                f"FlatnessCallback: {key} = {value:.4g} ± {se:.2g} (standard error over the draw of the subsample): a "
-                f"relative error of {abs(se / value):.0%}, above {keys.RELATIVE_SE_WARNING:.0%}. About "
-                f"{samples_needed(n, value, se, keys.RELATIVE_SE_TARGET)} samples would bring it under "
-                f"{keys.RELATIVE_SE_TARGET:.0%} (now {n}, {option}={self.config[option]}); see docs/faq.md."
-            )
+            part = keys.subsample_of(key)
+            option = "num_samples" if part == "measure" else "gap_num_samples"
+            split = keys.split_of(part, self.config["source"])
+            data = "training set" if split == "train" else "validation set"
+            notice = noisy_notice(key, value, se, drawn[part], option, self.config[option],
+                                  self._dataset_sizes.get(split), data)  # fmt: skip
+            rank_zero_warn(notice, category=NoisyMeasurementWarning)
+
+    def sample_sizes(self) -> dict[str, int]:
+        """How many samples each subsample holds as drawn (``"measure"``, ``"gap_train"``, ``"gap_val"``):
+        at most the data set it comes from, so possibly fewer than ``num_samples`` / ``gap_num_samples``."""
+        return {part: sum(sub.batch_size_of(b) for b in batches) for part, batches in (self._data or {}).items()}
+
+    def _logged_sizes(self) -> dict[str, int]:
+        """The drawn subsample sizes and the data set sizes, for the first row after the subsamples are drawn
+        (the report's sample-size guide reads them); ``{}`` after that."""
+        if not self._sizes_pending:
+            return {}
+        self._sizes_pending = False
+        out = {keys.drawn_samples(part): n for part, n in self.sample_sizes().items()}
+        return out | {keys.dataset_size(split): n for split, n in self._dataset_sizes.items()}
 
     def _complete_final(self, trainer: Trainer, pl_module: LightningModule, x: int) -> None:
         """The final weights were measured at an epoch end, where metrics on their own schedule may
-        not have been due: measure those now, into the same row (and at the same step)."""
+        not have been due: measure those now, into the same row (and at the same step), whose
+        ``flatness/seconds`` then includes their time."""
         skipped = [m for m in self._order if not m.due(x, final=False)]
         if not skipped or self._data is None:
             return
@@ -396,9 +423,11 @@ class FlatnessCallback(Callback):
         ctx = self._context(trainer, pl_module, x)
         ctx.shared = self._shared  # what that measurement's metrics left, e.g. PACGen's bound
         values = self._measure(trainer, pl_module, ctx, skipped, final=True, gap=False)
-        self._spent += time.perf_counter() - start
-        self.history[-1][1].update(values)
-        self._writer.write(trainer, values, x)
+        row = self.history[-1][1]
+        # the row's seconds cover every metric of these weights: logged again, at the same step, with the total
+        values[keys.SECONDS] = row.get(keys.SECONDS, 0.0) + self._seconds_since(start)
+        row.update(values)
+        self._writer.write(trainer, values, position(trainer, x))
 
     def _measure(
         self, trainer: Trainer, pl_module: LightningModule, ctx: MeasurementContext, metrics: list[FlatnessMetric],
@@ -422,7 +451,7 @@ class FlatnessCallback(Callback):
         return MeasurementContext(
             model=pl_module, batches=batches, loss_fn=self._loss, epoch=x, seed=self.config["seed"],
             num_samples=sum(sub.batch_size_of(b) for b in batches), world_size=world, rank=rank,
-            train_size=self._train_size,
+            train_size=self._train_size, batch_indices=sub.shard(range(len(self._data["measure"])), rank, world),
         )  # fmt: skip
 
     def _measure_metrics(
@@ -448,7 +477,7 @@ class FlatnessCallback(Callback):
     def _log_artifacts(self, trainer: Trainer, metric: FlatnessMetric, x: int) -> None:
         """The metric's figures, histograms and files (rank 0 only, no collectives); failures follow ``on_error``."""
         try:
-            metric.log_artifacts(trainer.loggers, x)
+            metric.log_artifacts(trainer.loggers, position(trainer, x))
         except Exception as err:  # noqa: BLE001 - a failing figure must not stop training
             self._failures.handle(f"{metric.name}'s figures", err)
 

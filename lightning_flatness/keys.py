@@ -1,9 +1,16 @@
 """Every key the package logs, in one place: the callback writes them, the report and its
-plots read them. Values are logged at ``step = epoch`` (see ``docs/configuration.md``)."""
+plots read them. Rows are logged where Lightning logs its own metrics of the same weights
+(``_logging.LogPosition``; see ``docs/configuration.md``)."""
 
 from __future__ import annotations
 
 FLATNESS_PREFIX = "flatness/"
+# The callback's bookkeeping: its hyperparameters (flatness_callback/<option>) and the scalars below.
+CALLBACK_PREFIX = "flatness_callback/"
+# Logged with every row: Lightning's epoch index of the weights (-1: initialization), as Lightning
+# logs it with its own metrics, and the callback's x, epochs completed (0: initialization).
+EPOCH = "epoch"
+EPOCHS_COMPLETED = "flatness_callback/epochs_completed"
 GAP_PREFIX = "gap/"
 LANDSCAPE_PREFIX = "landscape/"
 
@@ -66,6 +73,40 @@ def split_acc(split: str) -> str:
 LANDSCAPE_1D = "landscape/1d"
 LANDSCAPE_2D = "landscape/2d"
 LANDSCAPE_EIGENVECTOR = "landscape/eigenvector"
+
+# The sizes behind the standard errors, logged once with the first row of a fit: how many samples
+# each subsample holds as drawn (all of a split smaller than asked), and the size of each data
+# set (when it has one), so the report's sample-size guide uses what was measured, not what was asked.
+SUBSAMPLES = ("measure", "gap_train", "gap_val")  # the measurement subsample, the gap's two
+
+
+def drawn_samples(part: str) -> str:
+    """``flatness_callback/samples/<part>``: the samples the subsample ``part`` (of :data:`SUBSAMPLES`) holds."""
+    return f"{CALLBACK_PREFIX}samples/{part}"
+
+
+def dataset_size(split: str) -> str:
+    """``flatness_callback/dataset_size/<split>``: the samples of the ``"train"`` or ``"val"`` data set."""
+    return f"{CALLBACK_PREFIX}dataset_size/{split}"
+
+
+def subsample_of(key: str) -> str:
+    """The subsample ``key`` is measured on: the gap's train or validation one, else the measurement subsample."""
+    if key in (TRAIN_LOSS, TRAIN_ACC):
+        return "gap_train"
+    if key in (TEST_LOSS, TEST_ACC):
+        return "gap_val"
+    return "measure"
+
+
+def split_of(part: str, source: str = "train") -> str:
+    """The data set (``"train"`` or ``"val"``) the subsample ``part`` is drawn from; ``source``: the callback's."""
+    return {"gap_train": "train", "gap_val": "val"}.get(part, source)
+
+
+# Keys logged without a `_se`: they are not estimates over the subsample's draw (a wall time; the
+# fraction of coordinates leaving PACGen's floor, a count at this measurement's estimates).
+NO_SE = (PACGEN_CURVED_FRACTION, SECONDS)
 
 # Keys whose relative standard error the callback watches (it warns once above RELATIVE_SE_WARNING):
 # positive by construction, so se / value is meaningful (unlike a cosine or a gap near 0).

@@ -14,12 +14,29 @@ equals the single-process one under DDP.
 from __future__ import annotations
 
 import math
-from typing import Callable
+import warnings
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 Reduce = Callable[[Tensor], Tensor]
+
+
+def renamed_field(new: str, old: str) -> property:
+    """A read-only ``old`` attribute that returns ``new`` with a ``FutureWarning``.
+
+    Every result names a standard error ``se`` (that of its ``value``) or ``<field>_se``; the
+    older ``stderr`` spellings keep working for one release through this.
+    """
+
+    def get(self: Any) -> Any:  # noqa: ANN401
+        warnings.warn(f"{type(self).__name__}.{old} is deprecated and will be removed in the next release; "
+                      f"use .{new} (every result names its standard errors se or <field>_se).",
+                      FutureWarning, stacklevel=2)  # fmt: skip
+        return getattr(self, new)
+
+    return property(get, doc=f"Deprecated: :attr:`{new}`.")
 
 
 class MeanAccumulator:

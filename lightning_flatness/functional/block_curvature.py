@@ -202,4 +202,4 @@ def _trace(operator: HessianOperator, probes: int, gen: torch.Generator) -> tupl
     if operator.num_params <= probes:
         return operator.to_dense().diagonal().sum().item(), 0.0
     result = hutchinson_trace(operator, probes, gen)
-    return result.value, result.stderr
+    return result.value, result.se

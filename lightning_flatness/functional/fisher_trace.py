@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,8 @@ from .objective import Objective
 KINDS = ("empirical", "mc")
 # The losses whose predictive distribution kind="mc" samples labels from.
 MC_LOSSES = ("cross_entropy", "bce_with_logits", "mse")
+# SplitMix64's increment: consecutive mini-batch indices get well-separated generator seeds.
+_GOLDEN = 0x9E3779B97F4A7C15
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ def fisher_trace(
     generator: torch.Generator | int | None = None,
     params: Iterable[Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    batch_indices: Sequence[int] | None = None,
 ) -> FisherResult:
     r"""Trace of the (empirical or true) Fisher information of the per-sample loss.
 
@@ -52,7 +56,14 @@ def fisher_trace(
       ``"cross_entropy"``; Bernoulli ``sigmoid(model(x))`` for ``"bce_with_logits"``;
       ``model(x) + N(0, I)`` for ``"mse"`` (with this package's ``mse``,
       the mean over ``D`` output dims, this equals :math:`\frac{4}{D^2}\operatorname{tr}J^\top J`).
-      Unbiased; other losses raise ``ValueError``.
+      Unbiased; other losses raise ``ValueError``. The labels of each mini-batch come from
+      a generator of its own, seeded from one number drawn from ``generator`` and the
+      mini-batch's index in ``batch_indices`` (default ``0, 1, 2, ...``): a mini-batch's draws
+      depend only on the seed and its position in the whole data set, so they are independent
+      across mini-batches and the same however the mini-batches are split between processes.
+      Under DDP pass each process's positions (the callback's shard ``batches[rank::world]``
+      has ``batch_indices = range(rank, N, world)``): the result then equals the
+      single-process one.
 
     Per-sample squared gradient norms come without a Python loop over samples: ghost norms for
     the parameters of linear, 2-D convolution, normalization, embedding and plain self-attention
@@ -76,7 +87,8 @@ def fisher_trace(
         objective = Objective(model, batches, loss_fn, params, dtype)
         if kind == "mc":
             check_mc_loss(loss_fn)
-        total, count, spread, norms = _sq_norm_sums(objective, kind, num_samples, gen)
+        draws = _batch_generators(gen, batch_indices) if kind == "mc" else None
+        total, count, spread, norms = _sq_norm_sums(objective, kind, num_samples, draws)
         se = spread.result(objective.reduce_sum)[1].item()
     if count == 0:
         raise ValueError("batches is empty: pass at least one sample.")
@@ -94,10 +106,21 @@ def check_mc_loss(loss_fn: LossArg) -> None:
             f'kind="mc" samples labels from the model\'s outputs, which needs loss_fn= one of {list(MC_LOSSES)} '
             '(and, in FlatnessCallback, sample_dims=0); use kind="empirical" with a custom loss_fn.'
         )
+def _batch_generators(gen: torch.Generator, batch_indices: Sequence[int] | None) -> Iterator[torch.Generator]:
+    """One generator per mini-batch, seeded by ``(one draw from gen, the mini-batch's index)``.
+
+    A single stream shared by the mini-batches would give each process the same labels for
+    different samples under DDP (every process seeds ``gen`` alike), correlating draws the
+    standard error assumes independent.
+    """
+    base = int(torch.randint(0, 2**62, (), generator=gen))
+    indices = itertools.count() if batch_indices is None else iter(batch_indices)
+    for index in indices:
+        yield torch.Generator().manual_seed((base + (int(index) + 1) * _GOLDEN) % 2**63)
 
 
 def _sq_norm_sums(
-    objective: Objective, kind: str, num_samples: int, gen: torch.Generator
+    objective: Objective, kind: str, num_samples: int, draws: Iterator[torch.Generator] | None
 ) -> tuple[Tensor, int, MeanAccumulator, list[Tensor]]:
     """``Σ ‖∇ℓ‖²`` over every sample (and label draw), in float64, and the number of inputs, over
     processes; the per-input values' sums for the standard error (not yet reduced); and each
@@ -111,6 +134,10 @@ def _sq_norm_sums(
             count += sq.numel()
             spread.add(sq)
         else:
+            assert draws is not None  # kind="mc"
+            gen = next(draws, None)
+            if gen is None:
+                raise ValueError("batch_indices has fewer entries than batches: give one index per mini-batch.")
             sq = _mc_sq_norms(objective, batch, num_samples, gen)
             count += sq.numel() // num_samples
             spread.add(sq.reshape(num_samples, -1).mean(0))  # per input: the mean over its label draws

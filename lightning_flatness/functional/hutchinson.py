@@ -13,6 +13,7 @@ from ._losses import LossArg
 from .objective import Objective
 from .operator import CurvatureOperator
 from ._restore import measurement_mode
+from ._stats import renamed_field
 from ..validation import check_generator, check_int
 
 # Probes evaluated together share one forward and one first backward pass per chunk.
@@ -21,11 +22,13 @@ PROBE_BLOCK = 8
 
 @dataclass(frozen=True)
 class TraceResult:
-    """``value`` = estimate of ``tr ∇²L``, ``stderr`` = its standard error."""
+    """``value`` = estimate of ``tr ∇²L``, ``se`` = its standard error (``stderr``: deprecated)."""
 
     value: float
-    stderr: float
+    se: float
     n_hvp: int
+
+    stderr = renamed_field("se", "stderr")
 
 
 def rademacher(num: int, dim: int, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -52,15 +55,15 @@ def hutchinson_trace(
 
     :math:`\hat t = \frac1S\sum_{s=1}^S z_s^\top A z_s` with Rademacher probes
     :math:`z_s \in \{\pm1\}^P`; unbiased, with variance :math:`2\sum_{i\ne j}A_{ij}^2 / S`
-    (the smallest among probe distributions with i.i.d. entries). ``stderr`` is the sample
+    (the smallest among probe distributions with i.i.d. entries). ``se`` is the sample
     standard deviation of the ``S`` terms over :math:`\sqrt S` (0 when ``S = 1``). Cost:
     ``num_probes`` products, in blocks of 8 columns.
     """
     num_probes = check_int("num_probes", num_probes)
     gen = check_generator(generator)
     terms = torch.cat([(z * az).sum(1) for z, az in probe_products(operator, num_probes, gen)])
-    stderr = terms.std().item() / math.sqrt(num_probes) if num_probes > 1 else 0.0
-    return TraceResult(terms.mean().item(), stderr, num_probes)
+    se = terms.std().item() / math.sqrt(num_probes) if num_probes > 1 else 0.0
+    return TraceResult(terms.mean().item(), se, num_probes)
 
 
 def hutchinson_diagonal(

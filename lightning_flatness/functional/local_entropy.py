@@ -101,6 +101,7 @@ from torch import Tensor, nn
 from ..validation import check_choice, check_float, check_generator, check_int
 from ._losses import LossArg
 from ._restore import measurement_mode
+from ._stats import renamed_field
 from .objective import Objective
 
 INTEGRATORS = ("lm", "euler")
@@ -116,28 +117,33 @@ class LocalEntropyResult:
     ``mean``: the anchor :math:`\mu \approx \langle w'\rangle_\gamma` (flat ``(P,)``).
     ``grad``: :math:`\gamma(w - \mu)`, the descent direction of Entropy-SGD.
     ``value``: the excess local entropy :math:`F_{ex}(w;\gamma)` (nats; ``nan`` when
-    ``free_energy=False``), ``stderr`` its Monte-Carlo standard error.
+    ``free_energy=False``), ``se`` its Monte-Carlo standard error.
     ``loss``: :math:`L(w)`. ``temperature``: :math:`T = \text{noise}^2/2`.
-    ``gammas``, ``derivatives``, ``derivative_stderrs``: the coupling ladder :math:`s_k` and the
-    estimates of :math:`dF_{ex}/ds` there (float64). ``tail``: the tail term :math:`F_{ex}(\Gamma)`
+    ``gammas``, ``derivatives``, ``derivatives_se``: the coupling ladder :math:`s_k`, the
+    estimates of :math:`dF_{ex}/ds` there and their standard errors (float64). ``tail``: the
+    tail term :math:`F_{ex}(\Gamma)`
     included in ``value``. ``quadrature_error``: an (over-)estimate of the deterministic
     quadrature error, \|Simpson − trapezoid\| + \|two-point − one-point tail\|.
     ``n_grad``: mini-batch gradient evaluations (each one forward and one backward pass of one
-    element of ``batches``).
+    element of ``batches``). ``stderr`` and ``derivative_stderrs``: deprecated names of ``se`` and
+    ``derivatives_se``.
     """
 
     mean: Tensor
     grad: Tensor
     value: float
-    stderr: float
+    se: float
     loss: float
     temperature: float
     gammas: Tensor
     derivatives: Tensor
-    derivative_stderrs: Tensor
+    derivatives_se: Tensor
     tail: float
     quadrature_error: float
     n_grad: int
+
+    stderr = renamed_field("se", "stderr")
+    derivative_stderrs = renamed_field("derivatives_se", "derivative_stderrs")
 
 
 def _chain_stats(samples: Tensor) -> tuple[float, float]:
@@ -212,7 +218,7 @@ def local_entropy(
         >>> model = torch.nn.Linear(3, 2)
         >>> batches = [(torch.randn(8, 3), torch.randint(0, 2, (8,))) for _ in range(2)]
         >>> r = local_entropy(model, batches, gamma=1.0, num_steps=50, step_size=0.05, noise=0.5, num_rungs=3)
-        >>> r.mean.shape, r.grad.shape, r.n_grad, r.stderr > 0
+        >>> r.mean.shape, r.grad.shape, r.n_grad, r.se > 0
         (torch.Size([8]), torch.Size([8]), 150, True)
 
     References:
@@ -392,7 +398,7 @@ class _Chain:
 
 
 def _integrate(gammas: Tensor, d: Tensor, se: Tensor) -> tuple[float, float, float, float]:
-    """``(value, stderr, tail, quadrature_error)`` of the free energy from the ladder's derivatives."""
+    """``(value, se, tail, quadrature_error)`` of the free energy from the ladder's derivatives."""
     f, f_se = gammas * d, gammas * se  # s dF/ds and its error, on the log-s grid
     du = math.log(gammas[-1].item() / gammas[0].item()) / (len(gammas) - 1)
     simpson = torch.ones_like(f)

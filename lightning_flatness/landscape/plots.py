@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .._figures import colors, figure, render, wants_log_scale
+from .._figures import colors, figure, render, wants_log_scale, when
 from .views import LandscapeViews, read_final
 
 
@@ -32,7 +32,7 @@ def figure_1d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
         acc.plot(views.coordinates, views.accuracy_1d, color="C1", linestyle="--", label="accuracy")
         acc.set_ylabel("accuracy", color="C1")
         acc.set_ylim(-0.02, 1.02)
-    ax.set_title(title or f"1-D loss slice, epoch {views.epoch}", fontsize=10)
+    ax.set_title(title or f"1-D loss slice, {when(views.epoch)}", fontsize=10)
     fig.subplots_adjust(left=0.14, right=0.86, bottom=0.13, top=0.91)
     return fig
 
@@ -59,7 +59,7 @@ def figure_2d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
     ax.set_xlabel("α (direction 1)")
     ax.set_ylabel("β (direction 2)")
     ax.set_aspect("equal")
-    ax.set_title(title or f"2-D loss slice ({views.normalization}-normalized), epoch {views.epoch}", fontsize=10)
+    ax.set_title(title or f"2-D loss slice ({views.normalization}-normalized), {when(views.epoch)}", fontsize=10)
     fig.subplots_adjust(left=0.13, right=0.95, bottom=0.12, top=0.92)
     return fig
 
@@ -74,7 +74,7 @@ def figure_eigenvector(views: LandscapeViews, title: str = "") -> Any:  # noqa: 
         values += views.eig_val_loss
     _log_y(ax, values)
     lam = f", λ₁ = {views.eigenvalue:.4g}" if views.eigenvalue is not None else ""
-    ax.set_title(title or f"loss along the top Hessian eigenvector, epoch {views.epoch}{lam}", fontsize=10)
+    ax.set_title(title or f"loss along the top Hessian eigenvector, {when(views.epoch)}{lam}", fontsize=10)
     ax.set_xlabel("a (distance along the unit eigenvector)")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
@@ -107,7 +107,7 @@ def plot_runs(runs: Sequence[Any], out: Path) -> list[Path]:
     ax = fig.add_subplot()
     values: list[float] = []
     for (name, v), color in zip(found, palette):
-        ax.plot(v.coordinates, v.loss_1d, color=color, label=f"{name} (epoch {v.epoch})")
+        ax.plot(v.coordinates, v.loss_1d, color=color, label=f"{name} ({when(v.epoch)})")
         values += v.loss_1d
     written.append(_finish_overlay(
         fig, ax, values, "α (step along the same filter-normalized random direction)", "loss (measurement subsample)",

@@ -1,5 +1,5 @@
 """The callback's side of the landscape views: when they are due, computing them on rank 0,
-and writing them to every logger (images) and to ``<log_dir>/landscape/epoch_<x>.json``."""
+and writing them to every logger (images) and to ``<log_dir>/landscape/epoch_<e>.json``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._failures import FailurePolicy
-from .._logging import FigureWriter
+from .._logging import FigureWriter, LogPosition, position
 from ..validation import check_bool, check_float, check_int
 from .views import LandscapeViews, compute_views, write_json
 
@@ -63,11 +63,11 @@ class LandscapeRecorder:
         self.last_x: int | None = None
         self._writer = FigureWriter()
 
-    def _write(self, loggers: Sequence[Any], views: LandscapeViews) -> None:
-        """The views' images to every logger, their numbers to ``<log_dir>/landscape/epoch_<x>.json``."""
+    def _write(self, loggers: Sequence[Any], views: LandscapeViews, at: LogPosition) -> None:
+        """The views' images to every logger, their numbers to ``<log_dir>/landscape/epoch_<e>.json``."""
         from .plots import images  # matplotlib only once a figure is drawn
 
-        self._writer.write(loggers, views.epoch, lambda: images(views), lambda log_dir: write_json(log_dir, views))
+        self._writer.write(loggers, at, lambda: images(views), lambda log_dir: write_json(log_dir, views, at))
 
     def record(
         self, trainer: Any, model: torch.nn.Module, data: dict, x: int, loss_fn: Any,
@@ -83,7 +83,7 @@ class LandscapeRecorder:
                 steps=opts.steps, span=opts.span, two_d=opts.two_d, steps_2d=opts.steps_2d, eig_span=opts.eig_span,
                 seed=self.seed, vector=vector, eigenvalue=eigenvalue, eigen_kwargs=eigen_kwargs,
             )  # fmt: skip
-            self._write(trainer.loggers, views)
+            self._write(trainer.loggers, views, position(trainer, x))
         except Exception as err:  # noqa: BLE001 - a failing view must not stop training
             self.failures.handle("the loss-landscape views", err)
             return None

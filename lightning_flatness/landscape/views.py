@@ -13,9 +13,10 @@ At the epochs chosen by ``landscape_every_n_epochs`` the callback computes, on r
   validation subsamples of the gap (Yao et al. 2018).
 
 They go to TensorBoard as images (``add_image``: the figure rendered with matplotlib's Agg
-canvas, no pyplot) under ``landscape/1d``, ``landscape/2d``, ``landscape/eigenvector`` at
-``step = epoch``, to W&B as ``wandb.Image`` under the same keys with an ``epoch`` value, and
-numerically to ``<log_dir>/landscape/epoch_<epoch>.json`` for every TensorBoard and CSV logger
+canvas, no pyplot) under ``landscape/1d``, ``landscape/2d``, ``landscape/eigenvector`` at the
+step of the measurement's row, to W&B as ``wandb.Image`` under the same keys with its ``epoch``
+value (``_logging.LogPosition``), and numerically to ``<log_dir>/landscape/epoch_<e>.json``
+(``e``: Lightning's epoch index, ``-1`` at initialization) for every TensorBoard and CSV logger
 (``log_dir`` = the directory of the run's event files / ``metrics.csv``). The JSON file is what
 ``lightning-flatness report`` reads back; see :func:`views_to_json` for its fields.
 """
@@ -31,17 +32,18 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .._logging import read_latest_epoch_json, write_epoch_json
+from .._logging import LogPosition, epochs_completed_of, read_latest_epoch_json, write_epoch_json
 from ..functional import eigenvector_slice, hessian_eigenvalues, loss_landscape
 
 FORMAT = "lightning-flatness/landscape"
-VERSION = 1
+VERSION = 2  # 2: "epoch" is Lightning's epoch index, "epochs_completed" the callback's x (1: epochs completed)
 SUBDIR = "landscape"
 
 
 @dataclass
 class LandscapeViews:
-    """The numbers behind one epoch's views (lists of floats; NaN where a loss was not finite)."""
+    """The numbers behind one measurement's views (lists of floats; NaN where a loss was not finite);
+    ``epoch``: the epochs completed (0: the initialization)."""
 
     epoch: int
     coordinates: list[float]
@@ -72,7 +74,7 @@ def _floats(t: Any) -> Any:
 def views_to_json(views: LandscapeViews) -> dict:
     """The JSON object written per landscape epoch (non-finite numbers as ``null``).
 
-    ``{"format": "lightning-flatness/landscape", "version": 1, "epoch", "normalization", "seed",
+    ``{"format": "lightning-flatness/landscape", "version": 2, "epochs_completed", "normalization", "seed",
     "n_forward", "seconds", "slice_1d": {"coordinates", "loss", "accuracy"|null},
     "slice_2d": {"coordinates", "loss" (rows = first direction)}|null,
     "eigenvector": {"coordinates", "train_loss", "val_loss"|null, "eigenvalue"|null}|null}``.
@@ -91,7 +93,7 @@ def views_to_json(views: LandscapeViews) -> dict:
     if views.loss_2d is not None:
         two_d = {"coordinates": views.coordinates_2d, "loss": clean(views.loss_2d)}
     return {
-        "format": FORMAT, "version": VERSION, "epoch": views.epoch, "normalization": views.normalization,
+        "format": FORMAT, "version": VERSION, "epochs_completed": views.epoch, "normalization": views.normalization,
         "seed": views.seed, "n_forward": views.n_forward, "seconds": views.seconds,
         "slice_1d": {"coordinates": views.coordinates, "loss": clean(views.loss_1d),
                      "accuracy": clean(views.accuracy_1d)},
@@ -109,7 +111,7 @@ def views_from_json(obj: dict) -> LandscapeViews:
         raise ValueError(f"not a {FORMAT} file")
     one, two, eig = obj["slice_1d"], obj.get("slice_2d"), obj.get("eigenvector")
     return LandscapeViews(
-        epoch=int(obj["epoch"]), coordinates=nan(one["coordinates"]), loss_1d=nan(one["loss"]),
+        epoch=epochs_completed_of(obj), coordinates=nan(one["coordinates"]), loss_1d=nan(one["loss"]),
         accuracy_1d=None if one.get("accuracy") is None else nan(one["accuracy"]),
         coordinates_2d=None if two is None else nan(two["coordinates"]),
         loss_2d=None if two is None else nan(two["loss"]),
@@ -122,9 +124,9 @@ def views_from_json(obj: dict) -> LandscapeViews:
     )  # fmt: skip
 
 
-def write_json(log_dir: str | Path, views: LandscapeViews) -> Path:
-    """``<log_dir>/landscape/epoch_<x>.json`` with the views' numbers."""
-    return write_epoch_json(log_dir, SUBDIR, views.epoch, views_to_json(views))
+def write_json(log_dir: str | Path, views: LandscapeViews, at: LogPosition) -> Path:
+    """``<log_dir>/landscape/epoch_<e>.json`` with the views' numbers and their position (``epoch``, ``step``)."""
+    return write_epoch_json(log_dir, SUBDIR, at, views_to_json(views))
 
 
 def read_final(run_dir: str | Path) -> LandscapeViews | None:

@@ -6,6 +6,7 @@ PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
+from .._logging import LogPosition
 from .adaptive_sharpness import AdaptiveSharpness
 from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement_seed, samples_needed
 from .block_curvature import BlockCurvature
@@ -16,6 +17,7 @@ from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
+from .sample_size import NoisyMeasurementWarning
 from .registry import BUILTIN, DEFAULT_METRICS, MetricSpec, check_keys, execution_order, resolve_metrics
 from .regret import GradCosineRegret
 from .spectral_density import HessianDensity
@@ -30,8 +32,10 @@ __all__ = [
     "GradientNoiseScale",
     "HessianEigenvalues",
     "LocalEntropy",
+    "LogPosition",
     "MeasurementContext",
     "MetricSpec",
+    "NoisyMeasurementWarning",
     "PACGen",
     "SharedResults",
     "check_keys",

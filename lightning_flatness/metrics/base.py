@@ -47,6 +47,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._logging import LogPosition
 from ..functional import Objective
 from ..functional._losses import LossArg
 from ..validation import check_int
@@ -114,11 +115,15 @@ class MeasurementContext:
         loss_fn: ``"cross_entropy"``, ``"bce_with_logits"``, ``"mse"`` or a callable
             ``loss_fn(model, batch)`` returning ``(B,)`` losses or ``(losses, correct)``; always
             on ``batches`` as they are here (samples along dim 0).
-        epoch: the x-value of this measurement (epochs completed; 0 = initialization).
+        epoch: the x-value of this measurement: epochs completed, 0 = initialization (loggers
+            place it at Lightning's epoch index ``epoch - 1``; see :class:`LogPosition`).
         seed: the callback's seed; :meth:`seed_for` derives a metric's own.
         num_samples: the number of samples in ``batches``.
         world_size, rank: the processes measuring together (1, 0 on a single device).
         train_size: the number of training samples the trainer sees (``None`` if unknown).
+        batch_indices: the position of each of ``batches`` among the whole subsample's
+            mini-batches (``None``: ``0, 1, 2, ...``, one process), for draws per mini-batch that do
+            not depend on the sharding (``fisher_trace(kind="mc")``).
         dtype: the compute dtype (``None``: the parameters' own, at least float32).
         shared: results handed between the metrics of this measurement.
     """
@@ -132,6 +137,7 @@ class MeasurementContext:
     world_size: int = 1
     rank: int = 0
     train_size: int | None = None
+    batch_indices: Sequence[int] | None = None
     dtype: torch.dtype | None = None
     shared: SharedResults = field(default_factory=SharedResults)
 
@@ -195,11 +201,13 @@ class FlatnessMetric:
         """``{key: value}`` for this measurement; every key of ``self.keys`` that was measured."""
         raise NotImplementedError
 
-    def log_artifacts(self, loggers: Sequence[Any], epoch: int) -> None:
+    def log_artifacts(self, loggers: Sequence[Any], at: LogPosition) -> None:
         """Write the non-scalar results of the last :meth:`compute` (figures, histograms, files) to ``loggers``.
 
         Called by the callback on rank 0 only, right after every successful :meth:`compute`,
-        with ``trainer.loggers`` and the measurement's epoch; it must not call collectives.
+        with ``trainer.loggers`` and the measurement's position: ``at.step`` (a TensorBoard
+        ``global_step``), ``at.epoch`` (Lightning's epoch index, ``-1`` at initialization) and
+        ``at.epochs_completed`` (``ctx.epoch``); it must not call collectives.
         A failure follows the callback's ``on_error`` like one of :meth:`compute`. No-op by default.
         """
 

@@ -46,7 +46,7 @@ class FisherTrace(FlatnessMetric):
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         fis = fisher_trace(
             ctx.model, ctx.batches, ctx.loss_fn, kind=self.kind, num_samples=self.mc_samples,
-            generator=ctx.seed_for(self.name), dtype=ctx.dtype,
+            generator=ctx.seed_for(self.name), dtype=ctx.dtype, batch_indices=ctx.batch_indices,
         )  # fmt: skip
         ctx.shared.sample_sq_norms = fis.sample_sq_norms  # None with kind="mc"
         return {keys.FISHER_TRACE: fis.value, keys.se(keys.FISHER_TRACE): fis.se}

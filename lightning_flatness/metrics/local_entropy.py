@@ -50,7 +50,7 @@ class LocalEntropy(FlatnessMetric):
             ctx.model, [concatenate(ctx.batches)], ctx.loss_fn, gamma=self.gamma, num_steps=self.num_steps,
             step_size=self.step_size, noise=self.noise, generator=ctx.seed_for(self.name), dtype=ctx.dtype,
         )  # fmt: skip
-        return {keys.LOCAL_ENTROPY: ent.value, keys.se(keys.LOCAL_ENTROPY): ent.stderr}
+        return {keys.LOCAL_ENTROPY: ent.value, keys.se(keys.LOCAL_ENTROPY): ent.se}
 
 
 def concatenate(batches: Any) -> Any:

@@ -5,7 +5,7 @@ Besides its scalars, :class:`HessianDensity` writes, at every measurement it mak
 the smoothed density (log-scale y, as PyHessian draws it) under ``hessian_density/density`` and
 a histogram of the estimated eigenvalue counts under ``hessian_density/eigenvalues``; to W&B the
 same image and a ``wandb.Histogram``; and, for TensorBoard and CSV loggers, the quadrature and
-the density as ``<log_dir>/hessian_density/epoch_<x>.json`` (read by :func:`read_final_density`,
+the density as ``<log_dir>/hessian_density/epoch_<e>.json`` (read by :func:`read_final_density`,
 e.g. for the study report's overlay ``hessian_density.png``).
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from .. import keys
-from .._figures import figure, render
-from .._logging import FigureWriter, read_latest_epoch_json, write_epoch_json
+from .._figures import figure, render, when
+from .._logging import FigureWriter, LogPosition, read_latest_epoch_json, write_epoch_json
 from ..functional import SpectralDensityResult, hessian_spectral_density
 from ..functional.spectral_density import PROBES
 from ..validation import check_bool, check_choice, check_float, check_int
@@ -94,14 +94,14 @@ class HessianDensity(FlatnessMetric):
                 out[keys.se(key)] = se
         return out
 
-    def log_artifacts(self, loggers: Sequence[Any], epoch: int) -> None:
+    def log_artifacts(self, loggers: Sequence[Any], at: LogPosition) -> None:
         res, self.result = self.result, None  # logged once
         if res is None or not self.log_density:
             return
-        _write(self._writer, loggers, res, epoch, self.sigma)
+        _write(self._writer, loggers, res, at, self.sigma)
 
 
-def _write(writer: FigureWriter, loggers: Sequence[Any], res: SpectralDensityResult, epoch: int,
+def _write(writer: FigureWriter, loggers: Sequence[Any], res: SpectralDensityResult, at: LogPosition,
            sigma: float | None) -> None:  # fmt: skip
     """One measurement's density to every logger (call on rank 0 only)."""
     grid, density = res.density(GRID_POINTS, sigma)
@@ -113,25 +113,25 @@ def _write(writer: FigureWriter, loggers: Sequence[Any], res: SpectralDensityRes
         return {keys.HESSIAN_DENSITY_HISTOGRAM: wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy()))}
 
     writer.write(
-        loggers, epoch, lambda: {keys.HESSIAN_DENSITY_IMAGE: render(density_figure(grid, density, epoch))},
-        lambda log_dir: write_json(log_dir, res, grid, density, epoch),
-        tensorboard=lambda tb: _add_histogram(tb, res, counts, edges, epoch), wandb_row=wandb_histogram,
+        loggers, at, lambda: {keys.HESSIAN_DENSITY_IMAGE: render(density_figure(grid, density, at.epochs_completed))},
+        lambda log_dir: write_json(log_dir, res, grid, density, at),
+        tensorboard=lambda tb: _add_histogram(tb, res, counts, edges, at.step), wandb_row=wandb_histogram,
     )  # fmt: skip
 
 
 def _add_histogram(
-    writer: Any, res: SpectralDensityResult, counts: torch.Tensor, edges: torch.Tensor, epoch: int
+    writer: Any, res: SpectralDensityResult, counts: torch.Tensor, edges: torch.Tensor, step: int
 ) -> None:
     """The estimated eigenvalue counts as a TensorBoard histogram: ``num = P``, ``sum = tr H``."""
     first, second = res.moments(2)[0].tolist()
     writer.add_histogram_raw(
         keys.HESSIAN_DENSITY_HISTOGRAM, min=edges[0].item(), max=edges[-1].item(), num=res.num_params,
         sum=res.num_params * first, sum_squares=res.num_params * second, bucket_limits=edges[1:].tolist(),
-        bucket_counts=counts.tolist(), global_step=epoch,
+        bucket_counts=counts.tolist(), global_step=step,
     )  # fmt: skip
 
 
-def density_figure(grid: torch.Tensor, density: torch.Tensor, epoch: int) -> Any:
+def density_figure(grid: torch.Tensor, density: torch.Tensor, epochs_completed: int) -> Any:
     """The smoothed density on a log-scale y-axis (six decades below its peak)."""
     fig = figure(5.6, 4.0)
     ax = fig.add_subplot()
@@ -140,21 +140,22 @@ def density_figure(grid: torch.Tensor, density: torch.Tensor, epoch: int) -> Any
     ax.set_ylim(bottom=LOG_FLOOR * density.max().item())
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (smoothed)")
-    ax.set_title(f"Hessian eigenvalue density (stochastic Lanczos quadrature), epoch {epoch}", fontsize=9)
+    ax.set_title(f"Hessian eigenvalue density (stochastic Lanczos quadrature), {when(epochs_completed)}", fontsize=9)
     ax.grid(True, alpha=0.3)
     fig.subplots_adjust(left=0.14, right=0.96, bottom=0.13, top=0.91)
     return fig
 
 
 def write_json(
-    log_dir: str | Path, res: SpectralDensityResult, grid: torch.Tensor, density: torch.Tensor, epoch: int
+    log_dir: str | Path, res: SpectralDensityResult, grid: torch.Tensor, density: torch.Tensor, at: LogPosition
 ) -> Path:
-    """``<log_dir>/hessian_density/epoch_<x>.json``: the quadrature (``nodes``, ``weights`` per
-    probe), ``num_params``, and the smoothed density on ``grid``."""
-    data = {"epoch": epoch, "num_params": res.num_params, "n_products": res.n_products,
+    """``<log_dir>/hessian_density/epoch_<e>.json``: the quadrature (``nodes``, ``weights`` per
+    probe), ``num_params``, the smoothed density on ``grid``, and the position (``epoch``, ``step``,
+    ``epochs_completed``)."""
+    data = {"num_params": res.num_params, "n_products": res.n_products,
             "nodes": res.nodes.tolist(), "weights": res.weights.tolist(), "grid": grid.tolist(),
             "density": density.tolist()}  # fmt: skip
-    return write_epoch_json(log_dir, SUBDIR, epoch, data)
+    return write_epoch_json(log_dir, SUBDIR, at, data)
 
 
 def read_final_density(run_dir: str | Path) -> dict[str, Any] | None:

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._figures import colors, figure
+from .._figures import colors, figure, when
+from .._logging import epochs_completed_of
 from ..metrics.spectral_density import LOG_FLOOR, read_final_density
 
 
@@ -27,7 +28,7 @@ def plot_density(runs: Sequence[Any], out: Path) -> list[Path]:
     ax = fig.add_subplot()
     peak = 0.0
     for (name, d), color in zip(found, colors(len(found))):
-        ax.plot(d["grid"], d["density"], color=color, label=f"{name} (epoch {d['epoch']})")
+        ax.plot(d["grid"], d["density"], color=color, label=f"{name} ({when(epochs_completed_of(d))})")
         peak = max(peak, max(d["density"]))
     ax.set_yscale("log")
     ax.set_ylim(bottom=LOG_FLOOR * peak)

@@ -2,8 +2,9 @@
 
 Reads the TensorBoard event files of every run under ``LOGDIR`` (a run is a directory that
 holds ``events.out.tfevents.*`` files; its name is its path relative to ``LOGDIR``), keeps the
-``flatness/*`` and ``gap/*`` scalars that :class:`~lightning_flatness.FlatnessCallback` logs at
-``step = epoch`` (with their standard errors ``<key>_se``), and groups the runs by
+``flatness/*`` and ``gap/*`` scalars that :class:`~lightning_flatness.FlatnessCallback` logs (with
+their standard errors ``<key>_se``) by epochs completed (``flatness_callback/epochs_completed``,
+logged with every row; older logs: their step), and groups the runs by
 configuration: a run named ``<configuration>_s<seed>`` (``bs64_lr0.1_s1``, as ``sweep --seeds``
 names them) is one seed of ``<configuration>``; any other name is a configuration of its own.
 It writes to ``--out`` (default ``LOGDIR/report``):

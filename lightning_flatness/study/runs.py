@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..keys import FLATNESS_PREFIX, GAP_PREFIX, HESSIAN_TOP_EIG, REPORT_ORDER, TRAIN_LOSS, se
+from ..keys import (
+    CALLBACK_PREFIX,
+    EPOCHS_COMPLETED,
+    FLATNESS_PREFIX,
+    GAP_PREFIX,
+    HESSIAN_TOP_EIG,
+    REPORT_ORDER,
+    TRAIN_LOSS,
+    se,
+)
 
 PREFIXES = (FLATNESS_PREFIX, GAP_PREFIX)
 
@@ -20,13 +29,15 @@ class ReportError(ValueError):
 
 @dataclass
 class Run:
-    """One run's ``flatness/*`` and ``gap/*`` scalars, ``{key: {epoch: value}}``, and its
-    hyperparameters (``hparams.yaml``'s top-level entries; empty if there is none)."""
+    """One run's ``flatness/*`` and ``gap/*`` scalars, ``{key: {epochs completed: value}}``, its
+    hyperparameters (``hparams.yaml``'s top-level entries; empty if there is none) and the
+    callback's bookkeeping scalars (``flatness_callback/*``, e.g. the drawn subsample sizes)."""
 
     name: str
     path: Path
     scalars: dict[str, dict[int, float]]
     hparams: dict[str, Any] = field(default_factory=dict)
+    callback: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def series(self, key: str) -> list[tuple[int, float]]:
         return sorted(self.scalars.get(key, {}).items())
@@ -69,15 +80,40 @@ def _run_names(root: Path, dirs: Sequence[Path]) -> list[str]:
 
 
 def read_scalars(run_dir: str | Path) -> dict[str, dict[int, float]]:
-    """``{tag: {step: value}}`` of the ``flatness/*`` and ``gap/*`` scalars in one directory's event files."""
+    """``{tag: {epochs completed: value}}`` of the ``flatness/*``, ``gap/*`` and ``flatness_callback/*``
+    scalars in one directory's event files (see :func:`by_epochs_completed`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
     acc.Reload()
+    tags = [t for t in acc.Tags().get("scalars", []) if t.startswith((*PREFIXES, CALLBACK_PREFIX))]
+    return by_epochs_completed({tag: acc.Scalars(tag) for tag in tags})
+
+
+def by_epochs_completed(events: dict[str, Sequence[Any]]) -> dict[str, dict[int, float]]:
+    """Scalar events (``.step``, ``.value``, ``.wall_time``) keyed by the epochs completed of their row.
+
+    The callback logs each row at Lightning's step for the same weights, with
+    ``flatness_callback/epochs_completed``; a value belongs to the row written at the same step
+    at the nearest time (one step may hold two rows: the initialization and the end of a one-batch
+    first epoch). Logs without that scalar, written when rows went to ``step = epochs completed``,
+    are read by step. The last write of a key at an x wins (the final row's total seconds).
+    """
+    rows = events.get(EPOCHS_COMPLETED)
+    at_step: dict[int, list[Any]] = {}
+    for row in rows or ():
+        at_step.setdefault(int(row.step), []).append(row)
     out: dict[str, dict[int, float]] = {}
-    for tag in acc.Tags().get("scalars", []):
-        if tag.startswith(PREFIXES):
-            out[tag] = {int(e.step): float(e.value) for e in acc.Scalars(tag)}  # the last write of a step wins
+    for tag, series in events.items():
+        if tag == EPOCHS_COMPLETED:
+            continue
+        values = out.setdefault(tag, {})
+        for e in series:
+            if rows is None:
+                values[int(e.step)] = float(e.value)
+            elif at_step.get(int(e.step)):
+                row = min(at_step[int(e.step)], key=lambda r: abs(r.wall_time - e.wall_time))
+                values[int(row.value)] = float(e.value)
     return out
 
 
@@ -115,8 +151,10 @@ def load_runs(logdir: str | Path) -> list[Run]:
         raise ReportError(f"no TensorBoard event files (events.out.tfevents.*) under {root}: no runs to report.")
     runs, empty = [], []
     for name, d in zip(_run_names(root, dirs), dirs):
-        scalars = read_scalars(d)
-        (runs.append(Run(name, d, scalars, read_hparams(d))) if scalars else empty.append(name))
+        logged = read_scalars(d)
+        scalars = {k: v for k, v in logged.items() if k.startswith(PREFIXES)}
+        bookkeeping = {k: v for k, v in logged.items() if k.startswith(CALLBACK_PREFIX)}
+        (runs.append(Run(name, d, scalars, read_hparams(d), bookkeeping)) if scalars else empty.append(name))
     if not runs:
         raise ReportError(
             f"none of the {len(dirs)} run(s) under {root} ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}) "

@@ -212,18 +212,41 @@ def correlation(
 
 
 # -------------------------------------------------------------------------- sample sizes
+def _last_logged(run: Run, key: str) -> int | None:
+    """The callback's latest bookkeeping value ``key`` in ``run`` (``None`` if it logged none)."""
+    series = run.callback.get(key)
+    return int(series[max(series)]) if series else None
+
+
+def _split(run: Run, key: str) -> str:
+    """``"train"`` or ``"val"``: the data set ``key``'s subsample was drawn from."""
+    return keys.split_of(keys.subsample_of(key), str(run.hparams.get(f"{keys.CALLBACK_PREFIX}source", "train")))
+
+
+def data_size(run: Run, key: str) -> int | None:
+    """The samples of the data set ``key`` was measured on: logged by the callback, else the sweep's
+    ``study/train_size`` / ``study/test_size`` hyperparameter, else unknown (``None``)."""
+    split = _split(run, key)
+    logged = _last_logged(run, keys.dataset_size(split))
+    study = run.hparams.get(f"study/{'train' if split == 'train' else 'test'}_size")
+    return logged if logged is not None else int(study) if isinstance(study, (int, float)) else None
+
+
 def measured_on(run: Run, key: str) -> int:
-    """How many samples ``key`` was measured on in ``run``: the callback's measurement subsample for
-    ``flatness/*``, the gap's train or test subsample for ``gap/*``, each capped at its split's size
-    (``study/*_size``, which the sweep logs), read from the run's ``hparams.yaml``. What it lacks
-    comes from the sweep's defaults: 512 measurement samples, all of mnist1d's splits for the gap."""
+    """How many samples ``key`` was measured on in ``run``: the size of its subsample as drawn, which
+    the callback logs (``flatness_callback/samples/<part>``; a data set smaller than asked gives
+    all it has). For older logs: the configured size (``hparams.yaml``) capped at the data set's
+    (:func:`data_size`), else the sweep's defaults: 512 measurement samples, all of mnist1d's
+    splits for the gap."""
+    logged = _last_logged(run, keys.drawn_samples(keys.subsample_of(key)))
+    if logged is not None:
+        return logged
     hp, gap = run.hparams, key.startswith(keys.GAP_PREFIX)
-    split = "test" if gap and "test" in key else "train"
-    size = hp.get(f"study/{split}_size", math.inf)
+    size = data_size(run, key) or math.inf
     if not gap:
-        return int(min(hp.get("flatness_callback/num_samples", DEFAULT_NUM_SAMPLES), size))
-    n = min(hp.get("flatness_callback/gap_num_samples", math.inf), size)
-    return int(n) if math.isfinite(n) else DEFAULT_SPLIT_SIZES[split]
+        return int(min(hp.get(f"{keys.CALLBACK_PREFIX}num_samples", DEFAULT_NUM_SAMPLES), size))
+    n = min(hp.get(f"{keys.CALLBACK_PREFIX}gap_num_samples", math.inf), size)
+    return int(n) if math.isfinite(n) else DEFAULT_SPLIT_SIZES["train" if _split(run, key) == "train" else "test"]
 
 
 @dataclass
@@ -235,6 +258,7 @@ class GuideRow:
     measured_on: int
     relative: list[float]
     needed: list[int | None]
+    available: int | None = None  # the samples of the data set it was measured on, where known
 
 
 def sample_size_guide(configs: Sequence[Configuration], value_keys: Sequence[str]) -> list[GuideRow]:
@@ -245,8 +269,9 @@ def sample_size_guide(configs: Sequence[Configuration], value_keys: Sequence[str
         stats = [spread(c, key) for c in configs]
         if not any(math.isfinite(s.se) for s in stats):
             continue
-        n = measured_on(configs[0].runs[0], key)
+        run = configs[0].runs[0]
+        n = measured_on(run, key)
         relative = [abs(s.se / s.mean) if s.mean else math.nan for s in stats]
         needed = [samples_needed(n, s.mean, s.se, keys.RELATIVE_SE_TARGET) for s in stats]
-        out.append(GuideRow(key, n, relative, needed))
+        out.append(GuideRow(key, n, relative, needed, data_size(run, key)))
     return out

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from .. import keys
 from .runs import Row, batch_size_of
+from ..metrics.sample_size import BEYOND_THE_DATA
 from .seeds import BOOTSTRAP_RESAMPLES, CONFIDENCE, Configuration, Correlation, GuideRow, split_seed, spread
 
 TARGET = keys.LOSS_GAP
@@ -151,18 +152,27 @@ def _guide(report: Report) -> list[str]:
         f"{keys.RELATIVE_SE_TARGET:.0%}, n · (se / ({keys.RELATIVE_SE_TARGET:g} · |value|))² from the within-run "
         "`<key>_se` (mean value and mean se over seeds at the compared point); each cell: relative se → samples.",
         "",
-        "| key | measured on | " + " | ".join(c.name for c in configs) + " | enough everywhere? |",
-        "|---|---:|" + "---:|" * len(configs) + "---|",
+        "| key | measured on | of | " + " | ".join(c.name for c in configs) + " | enough everywhere? |",
+        "|---|---:|---:|" + "---:|" * len(configs) + "---|",
     ]
+    beyond = False
     for g in report.guide:
         cells = [f"{r:.1%} → {n}" if n is not None else "—" for r, n in zip(g.relative, g.needed)]
         most = max((n for n in g.needed if n is not None), default=None)
         verdict = "—" if most is None else ("yes" if most <= g.measured_on else f"no: about {most}")
-        lines.append(f"| {g.key} | {g.measured_on} | {' | '.join(cells)} | {verdict} |")
-    lines += ["", "Flatness keys are measured on the callback's subsample (`num_samples`), the gap's losses on "
-              "`gap_num_samples` of each split (all of it if fewer). Keys whose value can sit near 0 (the gradient "
-              "cosine, the gaps) have no meaningful relative error and are left out, as is PACGen, whose `_se` "
-              "comes from its probes and ρ draws rather than the subsample."]  # fmt: skip
+        if most is not None and g.available is not None and most > g.available:
+            verdict += f", more than the {g.available} the data set holds"
+            beyond = True
+        of = "—" if g.available is None else str(g.available)
+        lines.append(f"| {g.key} | {g.measured_on} | {of} | {' | '.join(cells)} | {verdict} |")
+    lines += ["", "*Measured on*: the samples of the subsample as drawn (the callback logs them; a data set smaller "
+              "than `num_samples` or `gap_num_samples` gives all it has); *of*: the data set it was drawn from. "
+              "Flatness keys are measured on the callback's subsample (`num_samples`), the gap's losses on "
+              "`gap_num_samples` of each split. Keys whose value can sit near 0 (the gradient cosine, the gaps) have "
+              "no meaningful relative error and are left out, as is PACGen, whose `_se` comes from its probes and "
+              "ρ draws rather than the subsample."]  # fmt: skip
+    if beyond:
+        lines[-1] += f" Where more samples than the data set holds would be needed: {BEYOND_THE_DATA}."
     return lines
 
 
@@ -178,19 +188,30 @@ def _noise_scale_table(report: Report) -> list[str]:
         "| configuration | batch size B | noise scale, first | noise scale, compared | B / noise scale | regime |",
         "|---|---:|---:|---:|---:|---|",
     ]
+    unknown_size = unresolved = False
     for c in report.configurations:
         size = batch_size_of(c.runs[0])
         firsts = [series[0][1] for run in c.runs if (series := run.series(key))]
         first = sum(firsts) / len(firsts) if firsts else math.nan
         compared = spread(c, key)
+        unknown_size |= size is None
+        unresolved |= not (math.isfinite(first) and math.isfinite(compared.mean))
         ratio = size / compared.mean if size and compared.mean > 0 else math.nan
-        regime = "—" if not math.isfinite(ratio) else "below it: noise-dominated" if ratio < 1 else "above it"
+        regime = ("batch size unknown" if size is None else "—" if not math.isfinite(ratio)
+                  else "below it: noise-dominated" if ratio < 1 else "above it")  # fmt: skip
         se = f" ± {compared.se:.2g}" if math.isfinite(compared.se) else ""
-        cells = [c.name, str(size or "—"), fmt(first), fmt(compared.mean) + se, _short(ratio), regime]
+        shown = "unknown" if size is None else str(size)
+        cells = [c.name, shown, fmt(first), fmt(compared.mean) + se, _short(ratio), regime]
         lines.append(f"| {' | '.join(cells)} |")
     lines += ["", ("A run whose batch size is well below the noise scale takes noise-dominated steps (a larger batch "
-                   "would cut the steps nearly in proportion); well above it, extra samples per step buy little. "
-                   "Missing values: the subsample did not resolve the mean gradient (see docs/study.md).")]  # fmt: skip
+                   "would cut the steps nearly in proportion); well above it, extra samples per step buy little.")]
+    if unresolved:
+        lines[-1] += (" A noise scale of — was not logged: the measurement subsample did not resolve the mean "
+                      "gradient above its noise (see docs/study.md).")
+    if unknown_size:
+        lines[-1] += (" Batch size unknown: the run's hparams.yaml has no `batch_size` and its name no `bs<B>` (runs "
+                      "the sweep did not make); save it as a hyperparameter (`self.save_hyperparameters()` with a "
+                      "`batch_size` argument) or name the run `bs<B>_...`.")
     return lines
 
 

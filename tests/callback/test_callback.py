@@ -440,3 +440,23 @@ def test_every_builtin_metric_at_once_leaves_training_bit_identical(tmp_path):
     a, b = plain.state_dict(), measured.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_seconds_include_the_metrics_measured_only_at_the_final_weights(tmp_path):
+    """Issue 23, item 11: a metric on its own schedule measured in ``on_train_end`` was not counted
+    (``HessianDensity(every_n_epochs=20)``: 0.55 s logged, 21 s spent)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tests.helpers.custom_metrics import SlowMetric
+
+    cb = FlatnessCallback(metrics=["fisher_trace", SlowMetric(0.4, every_n_epochs=2)], **SMALL)
+    logger = CSVLogger(str(tmp_path), name="csv")
+    fit(tmp_path, cb, max_epochs=1, logger=logger)  # epoch 1: not due; the final weights: due
+    (x, row), = cb.history
+    assert x == 1 and "flatness/slow" in row
+    assert row["flatness/seconds"] >= 0.4
+    import csv
+
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        logged = [float(r["flatness/seconds"]) for r in csv.DictReader(f) if r.get("flatness/seconds")]
+    assert logged[-1] == pytest.approx(row["flatness/seconds"], rel=1e-6)  # the row's last write: the total

@@ -50,17 +50,46 @@ def test_tensorboard_and_csv_one_value_per_measured_epoch(tmp_path):
     fit(tmp_path, cb, [tb, cv], max_epochs=3)
     expected = [0, 2, 3]  # initialization, epoch 2, and the final weights (epoch 3 not on the schedule)
     assert [x for x, _ in cb.history] == expected
+    # where Lightning logs its own metrics of the same weights: 8 batches an epoch, an epoch's end at
+    # the index of its last batch, the initialization at step 0 and epoch -1
+    steps, epochs = [0, 15, 23], [-1, 1, 2]
     scalars = read_tensorboard(tb.log_dir)
     assert ALL_KEYS <= set(scalars)
     for key in ALL_KEYS:
-        assert [step for step, _ in scalars[key]] == expected, key
+        assert [step for step, _ in scalars[key]] == steps, key
         for (step, value), (x, values) in zip(scalars[key], cb.history):
             assert value == pytest.approx(values[key], rel=1e-6, abs=1e-7), key
+    assert [v for _, v in scalars["flatness_callback/epochs_completed"]] == expected
     rows = [r for r in read_csv_rows(os.path.join(cv.log_dir, "metrics.csv")) if r.get("flatness/hessian_top_eig")]
-    assert [int(r["step"]) for r in rows] == expected
+    assert [int(r["step"]) for r in rows] == steps
+    assert [int(r["epoch"]) for r in rows] == epochs
+    assert [int(r["flatness_callback/epochs_completed"]) for r in rows] == expected
     for row, (_, values) in zip(rows, cb.history):
         for key in ALL_KEYS:
             assert float(row[key]) == pytest.approx(values[key], rel=1e-6, abs=1e-7), key
+
+
+def test_lightning_metrics_and_the_callbacks_share_epoch_and_step(tmp_path, monkeypatch):
+    """Issue 23, item 12: ``val_loss`` (the LightningModule's) sat at x = 0 and ``gap/test_loss`` of the
+    same weights at x = 1. Both now carry the same ``epoch`` and ``step`` in CSV and in W&B."""
+    pytest.importorskip("wandb")
+    wb, experiment, logged = offline_wandb(tmp_path, monkeypatch)
+    cv = CSVLogger(str(tmp_path), name="csv")
+    cb = FlatnessCallback(metrics=["fisher_trace"], measure_at_start=True, **SMALL)
+    try:
+        fit(tmp_path, cb, [cv, wb], max_epochs=2)
+    finally:
+        experiment.finish()
+    rows = read_csv_rows(os.path.join(cv.log_dir, "metrics.csv"))
+    lightning = [(r["epoch"], r["step"]) for r in rows if r.get("val_loss")]
+    ours = [(r["epoch"], r["step"]) for r in rows if r.get("gap/test_loss")]
+    assert lightning == [("0", "7"), ("1", "15")]
+    assert ours == [("-1", "0"), *lightning]  # the initialization, then the same weights as val_loss
+    x = "trainer/global_step"
+    lightning = [(r["epoch"], r[x]) for r in logged if "val_loss" in r]
+    ours = [(r["epoch"], r[x]) for r in logged if "gap/test_loss" in r]
+    assert lightning == [(0, 7), (1, 15)]
+    assert ours == [(-1, 0), *lightning]
 
 
 def test_hyperparameters_are_logged(tmp_path):
@@ -81,7 +110,7 @@ def test_no_logger(tmp_path):
     assert [x for x, _ in cb.history] == [1]
 
 
-def test_wandb_offline_uses_epoch_step_metric(tmp_path, monkeypatch):
+def test_wandb_offline_rows_carry_lightnings_step_and_epoch(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     wb, experiment, logged = offline_wandb(tmp_path, monkeypatch)
     tb = TensorBoardLogger(str(tmp_path), name="tb")
@@ -92,18 +121,17 @@ def test_wandb_offline_uses_epoch_step_metric(tmp_path, monkeypatch):
         fit(tmp_path, cb, [wb, tb], max_epochs=2)
     finally:
         experiment.finish()
-    assert (("flatness/*",), {"step_metric": "epoch"}) in defined
-    assert (("gap/*",), {"step_metric": "epoch"}) in defined
-    assert (("flatness/fisher_trace",), {"step_metric": "epoch"}) in defined
-    assert (("gap/acc",), {"step_metric": "epoch"}) in defined
+    # no axis of our own: the keys follow Lightning's "*" -> trainer/global_step, like its own metrics
+    assert not [d for d in defined if d[0][0].startswith(("flatness", "gap"))]
     rows = [r for r in logged if "flatness/hessian_top_eig" in r]
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert all("trainer/global_step" not in r for r in rows)  # Lightning's step axis is left alone
+    assert [r["epoch"] for r in rows] == [-1, 0, 1]
+    assert [r["trainer/global_step"] for r in rows] == [0, 7, 15]
+    assert [r["flatness_callback/epochs_completed"] for r in rows] == [0, 1, 2]
     for row, (_, values) in zip(rows, cb.history):
         assert row["flatness/fisher_trace"] == values["flatness/fisher_trace"]
         assert row["gap/train_loss"] == values["gap/train_loss"]
-    # the TensorBoard logger next to it got the same epochs
-    assert [s for s, _ in read_tensorboard(tb.log_dir)["flatness/fisher_trace"]] == [0, 1, 2]
+    # the TensorBoard logger next to it got the same steps
+    assert [s for s, _ in read_tensorboard(tb.log_dir)["flatness/fisher_trace"]] == [0, 7, 15]
 
 
 def test_progress_status_line(tmp_path, caplog, monkeypatch):

@@ -51,12 +51,15 @@ def test_views_logged_to_tensorboard_and_json_at_scheduled_epochs(tmp_path, monk
     cb = FlatnessCallback(measure_at_start=True, landscape=LandscapeOptions(every_n_epochs=2, **VIEWS), **SMALL)
     _, model = fit(tmp_path, cb, [tb, cv], max_epochs=3)
     expected = [0, 2, 3]  # initialization, epoch 2, the final weights
-    assert image_steps(tb.log_dir) == {tag: expected for tag in ("landscape/1d", "landscape/2d", "landscape/eigenvector")}
-    assert json_epochs(tb.log_dir) == json_epochs(cv.log_dir) == expected
+    # the rows' positions (issue 23, item 12): Lightning's step and epoch index of the same weights
+    steps, epochs = [0, 15, 23], [-1, 1, 2]
+    assert image_steps(tb.log_dir) == {tag: steps for tag in ("landscape/1d", "landscape/2d", "landscape/eigenvector")}
+    assert json_epochs(tb.log_dir) == json_epochs(cv.log_dir) == epochs
     assert not solves  # the callback's own eigenvector: no extra Hessian-vector products
-    with open(os.path.join(tb.log_dir, "landscape", "epoch_000003.json")) as f:
+    with open(os.path.join(tb.log_dir, "landscape", "epoch_000002.json")) as f:
         raw = json.load(f)
-    assert raw["format"] == "lightning-flatness/landscape" and raw["epoch"] == 3
+    assert raw["format"] == "lightning-flatness/landscape"
+    assert (raw["epoch"], raw["step"], raw["epochs_completed"]) == (2, 23, 3)
     views = views_from_json(raw)
     assert views.coordinates == pytest.approx([-1.0, -0.5, 0.0, 0.5, 1.0])
     assert len(views.loss_2d) == 3 and len(views.loss_2d[0]) == 3 and len(views.eig_train_loss) == 5
@@ -131,8 +134,6 @@ def test_invalid_landscape_arguments(kwargs, name):
 def test_wandb_offline_gets_images_at_epochs(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     wb, experiment, logged = offline_wandb(tmp_path, monkeypatch)
-    defined, real_define = [], experiment.define_metric
-    monkeypatch.setattr(experiment, "define_metric", lambda *a, **k: defined.append((a, k)) or real_define(*a, **k))
     views = LandscapeOptions(every_n_epochs=1, steps=3, two_d=True, steps_2d=2)
     cb = FlatnessCallback(metrics=["hessian_top_eig"], measure_at_start=True, landscape=views, **SMALL)
     try:
@@ -140,8 +141,16 @@ def test_wandb_offline_gets_images_at_epochs(tmp_path, monkeypatch):
     finally:
         experiment.finish()
     rows = [r for r in logged if "landscape/1d" in r]
-    assert [r["epoch"] for r in rows] == [0, 1]
+    # at the rows' position: Lightning's epoch index and step (issue 23, item 12)
+    assert [(r["epoch"], r["trainer/global_step"]) for r in rows] == [(-1, 0), (0, 7)]
     for row in rows:
         assert {"landscape/1d", "landscape/2d", "landscape/eigenvector"} <= set(row)
         assert all(isinstance(row[k], wandb.Image) for k in row if k.startswith("landscape/"))
-    assert (("landscape/1d",), {"step_metric": "epoch"}) in defined
+
+
+def test_files_written_before_the_position_fields_read_their_epoch_as_epochs_completed():
+    from lightning_flatness.landscape import LandscapeViews, views_to_json
+
+    raw = views_to_json(LandscapeViews(epoch=3, coordinates=[0.0], loss_1d=[1.0]))
+    old = {**{k: v for k, v in raw.items() if k != "epochs_completed"}, "version": 1, "epoch": 3}
+    assert views_from_json(old).epoch == views_from_json(raw).epoch == 3

@@ -100,7 +100,7 @@ def test_trace_is_unbiased_with_honest_stderr():
     values = torch.tensor([r.value for r in runs])
     assert abs(values.mean().item() - h.trace().item()) <= 3 * values.std().item() / math.sqrt(RUNS)
     assert values.std().item() == pytest.approx(exact_se, rel=0.25)
-    reported = torch.tensor([r.stderr for r in runs]).pow(2).mean().sqrt().item()
+    reported = torch.tensor([r.se for r in runs]).pow(2).mean().sqrt().item()
     assert reported == pytest.approx(values.std().item(), rel=0.25)
 
 

@@ -82,3 +82,25 @@ def test_mc_rejects_custom_losses_and_unknown_kinds():
         fisher_trace(model, batches, kind="true")
     # A custom callable is fine for the empirical Fisher.
     assert fisher_trace(model, batches, custom).value == pytest.approx(fisher_trace(model, batches).value, rel=1e-12)
+
+
+def test_mc_labels_depend_only_on_the_mini_batch_position():
+    """Issue 23, item 5: shards of the mini-batches with their positions (``batch_indices``) draw the
+    labels the whole set draws, so the shards' means combine to the whole set's value."""
+    model = tiny_mlp()
+    batches = [(x, y) for x, y in mlp_batches()] * 2  # 4+ mini-batches: two shards of several each
+    whole = fisher_trace(model, batches, kind="mc", num_samples=3, generator=5)
+    shards = [(batches[r::2], range(r, len(batches), 2)) for r in (0, 1)]
+    parts = [fisher_trace(model, part, kind="mc", num_samples=3, generator=5, batch_indices=idx) for part, idx in shards]
+    sizes = [sum(len(b[1]) for b in part) for part, _ in shards]
+    combined = sum(p.value * n for p, n in zip(parts, sizes)) / sum(sizes)
+    assert combined == pytest.approx(whole.value, rel=1e-12)
+    # the same stream for every shard (the old rule) would not combine to it
+    old = [fisher_trace(model, part, kind="mc", num_samples=3, generator=5) for part, _ in shards]
+    assert sum(p.value * n for p, n in zip(old, sizes)) / sum(sizes) != pytest.approx(whole.value, rel=1e-6)
+
+
+def test_mc_batch_indices_must_cover_every_mini_batch():
+    model, batches = tiny_mlp(), mlp_batches()
+    with pytest.raises(ValueError, match="one index per mini-batch"):
+        fisher_trace(model, batches, kind="mc", batch_indices=range(len(batches) - 1))

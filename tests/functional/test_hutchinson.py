@@ -30,7 +30,7 @@ def test_trace_is_unbiased_with_honest_stderr(model_and_batches):
     assert abs(values.mean().item() - exact) <= 3 * se_of_mean
     # The spread across runs and the mean reported stderr both match the exact standard error.
     assert values.std().item() == pytest.approx(exact_stderr, rel=0.2)
-    mean_reported = torch.tensor([r.stderr for r in results]).pow(2).mean().sqrt().item()
+    mean_reported = torch.tensor([r.se for r in results]).pow(2).mean().sqrt().item()
     assert mean_reported == pytest.approx(exact_stderr, rel=0.2)
 
 
@@ -55,15 +55,15 @@ def test_diagonal_hessian_is_recovered_exactly_from_one_probe():
     assert torch.allclose(diag, d, atol=1e-12)
     trace = hessian_trace(model, batches, model_output_loss, num_probes=5, generator=3)
     assert trace.value == pytest.approx(d.sum().item(), abs=1e-12)
-    assert trace.stderr == pytest.approx(0.0, abs=1e-12)
+    assert trace.se == pytest.approx(0.0, abs=1e-12)
 
 
 def test_trace_of_dense_quadratic_converges():
     a = random_symmetric(10, shift=2.0)
     model = Quadratic(a)
     result = hessian_trace(model, quadratic_batches(10), model_output_loss, num_probes=4000, generator=0)
-    assert abs(result.value - a.trace().item()) <= 3 * result.stderr
-    assert result.stderr < 0.2
+    assert abs(result.value - a.trace().item()) <= 3 * result.se
+    assert result.se < 0.2
 
 
 def test_same_generator_seed_reproduces():
@@ -73,3 +73,14 @@ def test_same_generator_seed_reproduces():
     first = hessian_trace(model, batches, model_output_loss, num_probes=9, generator=7)
     second = hessian_trace(model, batches, model_output_loss, num_probes=9, generator=torch.Generator().manual_seed(7))
     assert first == second
+
+
+def test_standard_errors_are_named_se_and_stderr_still_works_with_a_warning():
+    """Issue 23, item 13: ``hessian_trace`` returned ``.stderr`` where the docs promise ``se``."""
+    from lightning_flatness.functional import hessian_trace
+    from tests.helpers.models import mlp_batches, tiny_mlp
+
+    result = hessian_trace(tiny_mlp(), mlp_batches(), num_probes=8, generator=0)
+    assert result.se > 0
+    with pytest.warns(FutureWarning, match=r"TraceResult.stderr is deprecated .* use .se"):
+        assert result.stderr == result.se

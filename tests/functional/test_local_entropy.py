@@ -70,10 +70,10 @@ def results():
 @pytest.mark.parametrize("name", list(CASES))
 def test_free_energy_matches_closed_form_within_stated_error(results, name):
     result, exact, _, _ = results[name]
-    allowed = 4 * result.stderr + result.quadrature_error
-    assert abs(result.value - exact) <= allowed, (name, result.value, exact, result.stderr, result.quadrature_error)
+    allowed = 4 * result.se + result.quadrature_error
+    assert abs(result.value - exact) <= allowed, (name, result.value, exact, result.se, result.quadrature_error)
     assert result.quadrature_error < 0.25
-    assert 0 < result.stderr < 0.05 * max(1.0, abs(exact))
+    assert 0 < result.se < 0.05 * max(1.0, abs(exact))
     assert result.n_grad == RUNGS * STEPS
     assert result.temperature == NOISE**2 / 2
     assert result.gammas[0].item() == GAMMA and result.gammas[-1].item() == pytest.approx(100 * GAMMA)
@@ -81,7 +81,7 @@ def test_free_energy_matches_closed_form_within_stated_error(results, name):
 
 def test_free_energy_separates_sharp_from_flat(results):
     sharp, flat = results["sharp"][0], results["flat"][0]
-    assert sharp.value + 4 * sharp.stderr < flat.value - 4 * flat.stderr
+    assert sharp.value + 4 * sharp.se < flat.value - 4 * flat.se
     # −½ Σ log(1 + h/γ): −4.80 (sharp) vs −0.19 (flat).
     assert sharp.value < -4 and -0.3 < flat.value < 0
 
@@ -107,7 +107,7 @@ def test_euler_integrator_within_stated_error_plus_its_bias():
     )  # fmt: skip
     exact = -0.5 * torch.log1p(h).sum().item()
     bias = step * (h.max().item() + 1.0) / 2 * abs(exact)  # relative eta (h + s) / 2, documented
-    assert abs(result.value - exact) <= 4 * result.stderr + bias + result.quadrature_error
+    assert abs(result.value - exact) <= 4 * result.se + bias + result.quadrature_error
 
 
 def test_unequal_batches_are_weighted_by_sample_count():
@@ -164,7 +164,7 @@ def test_model_and_global_rng_untouched_and_reproducible():
     assert torch.equal(first.mean, again.mean) and first.value == again.value
     assert not torch.equal(first.mean, other.mean)
     assert first.n_grad == 60 and first.mean.dtype == torch.float64
-    assert math.isfinite(first.value) and first.stderr > 0
+    assert math.isfinite(first.value) and first.se > 0
 
 
 @pytest.mark.parametrize(

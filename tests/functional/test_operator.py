@@ -75,7 +75,7 @@ def test_hutchinson_trace_and_diagonal_are_unbiased_with_the_stated_error():
     values = torch.tensor([t.value for t in traces], dtype=torch.float64)
     assert abs(values.mean().item() - torch.trace(a).item()) < 3 * sd_trace / math.sqrt(4 * 400)
     assert values.std().item() == pytest.approx(sd_trace / 2, rel=0.2)  # S = 4 probes
-    assert torch.tensor([t.stderr for t in traces]).mean().item() == pytest.approx(sd_trace / 2, rel=0.2)
+    assert torch.tensor([t.se for t in traces]).mean().item() == pytest.approx(sd_trace / 2, rel=0.2)
     diag = torch.stack([hutchinson_diagonal(operator, num_probes=4, generator=gen) for _ in range(400)])
     sd_diag = off.pow(2).sum(1).sqrt() / 2  # per entry, S = 4
     assert ((diag.mean(0) - torch.diagonal(a)).abs() < 3.5 * sd_diag / math.sqrt(400)).all()

@@ -39,3 +39,20 @@ class ShardMeanLoss(FlatnessMetric):
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         total = sum(F.cross_entropy(ctx.model(x), y, reduction="sum").item() for x, y in ctx.batches)
         return {"flatness/shard_mean_loss": total / ctx.num_samples}
+
+
+class SlowMetric(FlatnessMetric):
+    """Takes ``seconds`` of wall time and logs a constant (the cost of a rarely scheduled metric)."""
+
+    name = "slow"
+
+    def __init__(self, seconds: float = 0.3, every_n_epochs: int | None = None) -> None:
+        super().__init__(every_n_epochs)
+        self.seconds = seconds
+        self.keys = ("flatness/slow",)
+
+    def compute(self, ctx: MeasurementContext) -> dict[str, float]:
+        import time
+
+        time.sleep(self.seconds)
+        return {"flatness/slow": 1.0}

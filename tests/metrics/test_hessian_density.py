@@ -43,13 +43,15 @@ def test_logs_scalars_image_histogram_and_json_at_its_epochs(tmp_path):
     metric = HessianDensity(num_probes=3, lanczos_steps=6, every_n_epochs=2)
     cb, model = fit(tmp_path, metric, [tb, cv], measure_at_start=True)
     acc = events(tb.log_dir)
-    expected = [0, 2, 3]  # initialization, epoch 2, the final weights
-    assert [e.step for e in acc.Images(keys.HESSIAN_DENSITY_IMAGE)] == expected
+    assert [x for x, v in cb.history if keys.HESSIAN_TRACE_SLQ in v] == [0, 2, 3]  # init, epoch 2, the final weights
+    # at Lightning's step and epoch index of the same weights (2 batches an epoch; issue 23, item 12)
+    steps, epochs = [0, 3, 5], [-1, 1, 2]
+    assert [e.step for e in acc.Images(keys.HESSIAN_DENSITY_IMAGE)] == steps
     histograms = acc.Histograms(keys.HESSIAN_DENSITY_HISTOGRAM)
-    assert [e.step for e in histograms] == expected
-    assert [e.step for e in acc.Scalars(keys.HESSIAN_TRACE_SLQ)] == expected
+    assert [e.step for e in histograms] == steps
+    assert [e.step for e in acc.Scalars(keys.HESSIAN_TRACE_SLQ)] == steps
     for name in (tb.log_dir, cv.log_dir):
-        assert sorted(os.listdir(os.path.join(name, "hessian_density"))) == [f"epoch_{x:06d}.json" for x in expected]
+        assert sorted(os.listdir(os.path.join(name, "hessian_density"))) == [f"epoch_{e:06d}.json" for e in epochs]
     # The logged values are the functional ones on the measurement subsample with the metric's seed.
     res = hessian_spectral_density(
         model, cb._data["measure"], num_probes=3, lanczos_steps=6,
@@ -63,7 +65,8 @@ def test_logs_scalars_image_histogram_and_json_at_its_epochs(tmp_path):
     assert final.num == res.num_params and final.sum == pytest.approx(res.trace()[0], rel=1e-4)
     assert sum(final.bucket) == pytest.approx(res.num_params, rel=1e-6)
     saved = read_final_density(tb.log_dir)
-    assert saved["epoch"] == 3 and saved["num_params"] == res.num_params
+    assert (saved["epoch"], saved["step"], saved["epochs_completed"]) == (2, 5, 3)
+    assert saved["num_params"] == res.num_params
     assert torch.allclose(torch.tensor(saved["nodes"], dtype=torch.float64), res.nodes, atol=1e-4)
     grid = torch.tensor(saved["grid"])
     assert torch.trapezoid(torch.tensor(saved["density"]), grid).item() == pytest.approx(1.0, abs=1e-4)
@@ -109,7 +112,7 @@ def test_wandb_offline_gets_image_and_histogram_at_epochs(tmp_path, monkeypatch)
     finally:
         experiment.finish()
     rows = [r for r in logged if keys.HESSIAN_DENSITY_IMAGE in r]
-    assert [r["epoch"] for r in rows] == [2, 3]
+    assert [(r["epoch"], r["trainer/global_step"]) for r in rows] == [(1, 3), (2, 5)]
     assert all(isinstance(r[keys.HESSIAN_DENSITY_IMAGE], wandb.Image) for r in rows)
     assert all(isinstance(r[keys.HESSIAN_DENSITY_HISTOGRAM], wandb.Histogram) for r in rows)
 
@@ -137,7 +140,7 @@ def test_ddp_two_processes_equal_single_process_and_rank_zero_writes(tmp_path):
     logger = CSVLogger(str(tmp_path), name="csv")
     trainer(tmp_path, [cb], logger=logger, max_epochs=1, strategy="ddp_spawn", devices=2).fit(model, dm)
     [version] = os.listdir(os.path.join(tmp_path, "csv"))  # only rank 0 wrote
-    assert os.listdir(os.path.join(tmp_path, "csv", version, "hessian_density")) == ["epoch_000001.json"]
+    assert os.listdir(os.path.join(tmp_path, "csv", version, "hessian_density")) == ["epoch_000000.json"]
     saved = read_final_density(os.path.join(tmp_path, "csv", version))
     res = hessian_spectral_density(model, subsample(dm.train_set, 0, 96, 16), num_probes=2, lanczos_steps=5,
                                    generator=measurement_seed(0, 1, "hessian_density"))  # fmt: skip

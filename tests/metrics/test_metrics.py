@@ -173,12 +173,79 @@ def test_the_regret_hands_its_gradient_to_the_eigenvalue_cold_start():
 
 
 def test_a_noisy_value_warns_once_with_the_samples_it_would_need(tmp_path, monkeypatch):
-    from lightning_flatness import keys
+    from lightning_flatness import NoisyMeasurementWarning, keys
 
     monkeypatch.setattr(keys, "RELATIVE_SE_WARNING", 0.0)  # every value with an error is "noisy"
     cb = FlatnessCallback(metrics=["fisher_trace"], num_samples=64, batch_size=16, gap_num_samples=96)
-    with pytest.warns(UserWarning, match=r"flatness/fisher_trace = .* ± .*About \d+ samples would bring it under 5% \(now 64") as record:
+    with pytest.warns(NoisyMeasurementWarning, match=r"flatness/fisher_trace = .* ± .*About \d+ samples would bring it under 5%") as record:
         trainer(tmp_path, [cb], max_epochs=3).fit(Classifier(), DataModule())
-    noisy = [str(w.message) for w in record if "standard error over the draw" in str(w.message)]
+    noisy = [str(w.message) for w in record if w.category is NoisyMeasurementWarning]
     assert sorted(m.split(" = ")[0].split(": ")[1] for m in noisy) == ["flatness/fisher_trace", "gap/test_loss", "gap/train_loss"]
-    assert any("(now 96, gap_num_samples=96)" in m for m in noisy)
+    assert any("(over the draw of its 96 samples; gap_num_samples=96)" in m for m in noisy)
+
+
+def _noisy_messages(tmp_path, name):
+    """One epoch measuring the Fisher trace (the same values every call); the callback and its notices."""
+    import warnings
+
+    from lightning.pytorch import seed_everything
+
+    seed_everything(0)
+    cb = FlatnessCallback(metrics=["fisher_trace"], num_samples=64, batch_size=16, gap_num_samples=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path / name, [cb], max_epochs=1).fit(Classifier(), DataModule())
+    return cb, [str(w.message) for w in record if "flatness/fisher_trace = " in str(w.message)], record
+
+
+def test_the_noisy_notice_says_when_the_data_cannot_give_the_samples(tmp_path, monkeypatch):
+    """Issue 23, item 10: "about 13999 samples would bring it under 5%" on a 4000-sample training set,
+    and "see docs/faq.md", a file an installed package does not have."""
+    from lightning_flatness import NoisyMeasurementWarning, keys
+
+    monkeypatch.setattr(keys, "RELATIVE_SE_WARNING", 0.0)
+    monkeypatch.setattr(keys, "RELATIVE_SE_TARGET", 0.001)  # needs far more than the 256 training samples
+    cb, (message,), record = _noisy_messages(tmp_path, "a")
+    assert all(w.category is NoisyMeasurementWarning for w in record if "flatness/fisher_trace" in str(w.message))
+    value, se = cb.history[0][1]["flatness/fisher_trace"], cb.history[0][1]["flatness/fisher_trace_se"]
+    whole = f"{abs(se / value) * (64 / 256) ** 0.5:.0%}"
+    assert "more than the 256 samples the training set holds" in message
+    assert f"all of them (num_samples=256) would bring it to about {whole}; beyond that, average the value over runs with several seeds" in message
+    assert "docs/faq.md" not in message and "help(lightning_flatness.NoisyMeasurementWarning)" in message
+    assert "filterwarnings" in NoisyMeasurementWarning.__doc__  # what the pointer leads to, installed
+
+
+def test_the_noisy_notice_never_reads_20_percent_above_20_percent(tmp_path, monkeypatch):
+    """Issue 23, item 10: a relative error just above the threshold printed as "20%, above 20%"."""
+    from lightning_flatness import keys
+
+    monkeypatch.setattr(keys, "RELATIVE_SE_WARNING", 0.0)
+    cb, _, _ = _noisy_messages(tmp_path, "a")
+    row = cb.history[0][1]
+    relative = abs(row["flatness/fisher_trace_se"] / row["flatness/fisher_trace"])
+    monkeypatch.setattr(keys, "RELATIVE_SE_WARNING", relative - 1e-6)  # above it, but the same when printed
+    assert f"{relative:.0%}" == f"{keys.RELATIVE_SE_WARNING:.0%}"
+    again, messages, _ = _noisy_messages(tmp_path, "b")
+    fisher = ("flatness/fisher_trace", "flatness/fisher_trace_se")
+    assert [again.history[0][1][k] for k in fisher] == [row[k] for k in fisher] and messages == []
+
+
+def test_every_logged_value_has_its_se_except_the_keys_the_readme_names():
+    """Issue 23, item 13: the README said every key has a ``_se``; ``flatness/pacgen_curved_fraction``
+    has none. The keys without one are ``keys.NO_SE``, and the README's ``<key>_se`` row names them."""
+    from pathlib import Path
+
+    from lightning_flatness import keys
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    metrics = resolve_metrics(list(BUILTIN))
+    for metric in metrics:
+        metric.setup(model)  # BlockCurvature("by_module") names its keys here
+    logged = {k for m in metrics for k in m.keys} | {keys.SECONDS}
+    logged |= {keys.split_loss(s) for s in ("train", "test")} | {keys.LOSS_GAP}
+    values = {k for k in logged if not k.endswith("_se")}
+    gap_se = {keys.se(k) for k in values if k.startswith(keys.GAP_PREFIX)}  # the gap's, from GapMeter.derived
+    assert {k for k in values if keys.se(k) not in logged | gap_se} == set(keys.NO_SE)
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `<key>_se` |")]
+    assert all(f"`{key}`" in row for key in keys.NO_SE), row

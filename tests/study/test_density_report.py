@@ -6,6 +6,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_flatness.functional import DenseOperator, spectral_density
+from lightning_flatness.metrics import LogPosition
 from lightning_flatness.metrics.spectral_density import read_final_density, write_json
 from lightning_flatness.study.report import make_report
 
@@ -19,7 +20,7 @@ def _run(root, name, scale, epochs=(1, 3)):
     op = DenseOperator(torch.diag(scale * torch.linspace(-0.5, 2.0, 12, dtype=torch.float64)))
     for epoch in epochs:  # the latest is drawn
         res = spectral_density(op, num_probes=2, lanczos_steps=4, generator=epoch)
-        write_json(root / name, res, *res.density(64), epoch)
+        write_json(root / name, res, *res.density(64), LogPosition(epoch, step=8 * epoch - 1))
 
 
 def test_density_overlay_from_the_runs_json_files(tmp_path):
@@ -30,7 +31,7 @@ def test_density_overlay_from_the_runs_json_files(tmp_path):
     w = SummaryWriter(log_dir=str(root / "plain"))  # a run without density files is left out
     w.add_scalar("flatness/hessian_trace_slq", 2.0, 3)
     w.close()
-    assert read_final_density(root / "bs16")["epoch"] == 3 and read_final_density(root / "plain") is None
+    assert read_final_density(root / "bs16")["epochs_completed"] == 3 and read_final_density(root / "plain") is None
     out = tmp_path / "out"
     report = make_report(root, out, echo=False)
     assert out / "hessian_density.png" in report.files

@@ -57,3 +57,17 @@ def test_batch_size_from_hparams_else_the_run_name(tmp_path):
     assert batch_size_of(run("bs64_lr0.1_s2", {})) == 64
     assert batch_size_of(run("sweep/bs8_lr0.3", {})) == 8
     assert batch_size_of(run("abs64", {})) is None and batch_size_of(run("resnet", {})) is None
+
+
+def test_noise_scale_footnote_says_when_the_batch_size_is_unknown(tmp_path):
+    """Issue 23, item 13: a run not made by the sweep (no ``batch_size`` hyperparameter, no ``bs<B>``
+    in its name) had its missing ratio blamed on an unresolved gradient."""
+    w = SummaryWriter(log_dir=str(tmp_path / "runs" / "my_run"))
+    for epoch in range(3):
+        for key, value in logged(32, epoch).items():
+            w.add_scalar(key, value, epoch)
+    w.close()
+    table = make_report(tmp_path / "runs", tmp_path / "out", echo=False, plots=False).markdown.split("Gradient noise")[1]
+    assert "| my_run | unknown | 50 | 150 ± 5 | — | batch size unknown |" in table
+    assert "Batch size unknown: the run's hparams.yaml has no `batch_size`" in table
+    assert "did not resolve the mean gradient" not in table  # it was resolved at every measurement

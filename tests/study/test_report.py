@@ -215,6 +215,7 @@ def test_runs_without_the_metrics_are_a_clear_error(tmp_path):
 
 def test_landscape_overlays_from_the_runs_json_files(tmp_path):
     from lightning_flatness.landscape import LandscapeViews, write_json
+    from lightning_flatness.metrics import LogPosition
 
     root = tmp_path / "runs"
     a = [-1.0, 0.0, 1.0]
@@ -227,7 +228,7 @@ def test_landscape_overlays_from_the_runs_json_files(tmp_path):
             write_json(root / name, LandscapeViews(
                 epoch=epoch, coordinates=a, loss_1d=[s, 0.1, s], eig_coordinates=a, eig_train_loss=[s, 0.1, s],
                 eig_val_loss=[s + 1, 0.5, s + 1], eigenvalue=float(bs), loss_2d=[[s] * 3] * 3, coordinates_2d=a,
-            ))  # fmt: skip
+            ), LogPosition(epoch, step=8 * epoch - 1))  # fmt: skip
     (root / "bs16_lr0.1" / "landscape" / "epoch_000004.json").write_text("{not json")  # skipped: epoch 3 is used
     third = root / "bs256_lr0.1"  # a run without landscape files is left out
     w = SummaryWriter(log_dir=str(third))
@@ -241,3 +242,52 @@ def test_landscape_overlays_from_the_runs_json_files(tmp_path):
     for png in ("landscape_1d.png", "landscape_eigenvector.png"):
         assert out / png in report.files
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rows_logged_at_lightnings_step_are_read_by_epochs_completed():
+    """Issue 23, item 12: rows go to Lightning's step (``val_loss``'s for the same weights) with
+    ``flatness_callback/epochs_completed``; the report reads epochs from it, also where two rows
+    share a step (the initialization and the end of a one-batch first epoch, both at step 0) and
+    where the final row re-logs ``flatness/seconds`` with its total."""
+    from types import SimpleNamespace as Event
+
+    from lightning_flatness.study.runs import by_epochs_completed
+
+    x = "flatness_callback/epochs_completed"
+    events = {  # (step, value, wall_time): init and epoch 1 at step 0; epoch 2 at step 1, then the final metrics
+        x: [Event(step=0, value=0, wall_time=10.0), Event(step=0, value=1, wall_time=20.0),
+            Event(step=1, value=2, wall_time=30.0), Event(step=1, value=2, wall_time=40.0)],
+        "gap/test_loss": [Event(step=0, value=2.3, wall_time=10.0), Event(step=0, value=1.1, wall_time=20.001),
+                          Event(step=1, value=0.7, wall_time=30.0)],
+        "flatness/seconds": [Event(step=1, value=0.5, wall_time=30.0), Event(step=1, value=2.5, wall_time=40.0)],
+    }  # fmt: skip
+    assert by_epochs_completed(events) == {"gap/test_loss": {0: 2.3, 1: 1.1, 2: 0.7}, "flatness/seconds": {2: 2.5}}
+    # logs written before: no epochs_completed, the step was the epochs completed
+    old = {"gap/test_loss": [Event(step=0, value=2.3, wall_time=1.0), Event(step=3, value=0.7, wall_time=2.0)]}
+    assert by_epochs_completed(old) == {"gap/test_loss": {0: 2.3, 3: 0.7}}
+
+
+def test_sample_size_guide_uses_the_size_drawn_not_the_size_asked(tmp_path):
+    """Issue 23, item 9: with ``gap_num_samples=2048`` and a 1000-sample validation set the guide said
+    ``gap/test_loss`` was "measured on 2048" (asking for about 3492 samples); it was measured on 1000."""
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_flatness import FlatnessCallback
+    from lightning_flatness.metrics import samples_needed
+    from tests.helpers.lightning_models import Classifier, DataModule, trainer
+
+    seed_everything(0)
+    cb = FlatnessCallback(metrics=["fisher_trace"], num_samples=64, batch_size=16, gap_num_samples=2048)
+    logger = TensorBoardLogger(str(tmp_path / "runs"), name="mine")  # not a sweep run: no study/*_size
+    trainer(tmp_path, [cb], logger=logger, max_epochs=1).fit(Classifier(), DataModule(n_train=256, n_val=1000))
+    report = make_report(tmp_path / "runs", tmp_path / "out", plots=False, echo=False)
+    guide = {g.key: g for g in report.guide}
+    assert guide["gap/test_loss"].measured_on == 1000
+    assert [(guide[k].measured_on, guide[k].available) for k in ("flatness/fisher_trace", "gap/train_loss", "gap/test_loss")] == [
+        (64, 256), (256, 256), (1000, 1000)]  # fmt: skip
+    assert cb.sample_sizes() == {"measure": 64, "gap_train": 256, "gap_val": 1000}
+    row = cb.history[-1][1]
+    want = samples_needed(1000, row["gap/test_loss"], row["gap/test_loss_se"], 0.05)
+    assert guide["gap/test_loss"].needed == [pytest.approx(want, abs=1)]  # from the float32-logged value and se
+    assert "| gap/test_loss | 1000 | 1000 |" in report.markdown

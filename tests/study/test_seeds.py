@@ -190,10 +190,12 @@ def test_sample_size_guide(seeded, tmp_path):
             assert g.needed[i] == samples_needed(g.measured_on, value, se, 0.05)
     assert guide["flatness/fisher_trace"].needed == [41] * 4  # 2% relative: 256 · (0.02/0.05)² = 40.96
     md = report.markdown
-    assert "Sample-size guide" in md and "| flatness/fisher_trace | 256 | 2.0% → 41 | 2.0% → 41 |" in md
+    assert "Sample-size guide" in md and "| flatness/fisher_trace | 256 | 1000 | 2.0% → 41 | 2.0% → 41 |" in md
     test = guide["gap/test_loss"].needed
-    assert f"| gap/test_loss | 50 | 20.0% → {test[0]} |" in md and f"| no: about {max(test)} |" in md
-    assert "| gap/train_loss | 1000 | 1.0% → 41 |" in md
+    assert f"| gap/test_loss | 50 | 50 | 20.0% → {test[0]} |" in md
+    assert f"| no: about {max(test)}, more than the 50 the data set holds |" in md
+    assert "Where more samples than the data set holds would be needed: average the value over runs" in md
+    assert "| gap/train_loss | 1000 | 1000 | 1.0% → 41 |" in md
     # A run of the callback outside the sweep: its own subsample sizes, no split sizes to cap them.
     from pathlib import Path
 

@@ -63,12 +63,18 @@ def test_sweep_end_to_end_then_report_equals_logged_values(tmp_path, monkeypatch
     from lightning_flatness.landscape.plots import plot_runs
     from lightning_flatness.study.runs import load_runs
 
-    for name in rows:
-        assert [p.name for p in (logdir / name / "landscape").iterdir()] == ["epoch_000002.json"]
-        acc = EventAccumulator(str(logdir / name), size_guidance={"images": 0})
+    import json
+
+    for name in rows:  # Lightning's epoch index 1 (2 epochs completed), at its step for those weights
+        assert [p.name for p in (logdir / name / "landscape").iterdir()] == ["epoch_000001.json"]
+        saved = json.loads((logdir / name / "landscape" / "epoch_000001.json").read_text())
+        assert (saved["epoch"], saved["epochs_completed"]) == (1, 2)
+        acc = EventAccumulator(str(logdir / name), size_guidance={"images": 0, "scalars": 0})
         acc.Reload()
+        step = saved["step"]
+        assert step == acc.Scalars("flatness/hessian_top_eig")[-1].step > 0
         assert {t: [e.step for e in acc.Images(t)] for t in acc.Tags()["images"]} == {
-            "landscape/1d": [2], "landscape/2d": [2], "landscape/eigenvector": [2]}
+            "landscape/1d": [step], "landscape/2d": [step], "landscape/eigenvector": [step]}
     # ... which the report overlays (the report's other plots are off in this test: --no-plots)
     drawn = plot_runs(load_runs(logdir), tmp_path)
     assert [p.name for p in drawn] == ["landscape_1d.png", "landscape_eigenvector.png"]
