@@ -86,16 +86,17 @@ def lanczos(
     matrix whose capacity doubles as needed).
     """
     gen = check_generator(generator)
-    found = _lanczos_run(operator, start, k=k, tol=tol, max_iter=max_iter, generator=gen)[0]
+    found, run = _lanczos_run(operator, start, k=k, tol=tol, max_iter=max_iter, generator=gen)
     # An unconverged run is flagged as it is; one that exhausted the space is exact.
     if check_bool("verify", verify) and found.converged and found.n_products < start.numel():
-        found = _verified(operator, found, k=k, tol=tol, max_iter=max_iter, generator=gen)
+        found = _verified(operator, found, k=k, tol=tol, max_iter=max_iter, generator=gen, norm=run.norm)
     return found
 
 
 def _lanczos_run(
     operator: CurvatureOperator, start: Tensor, *, k: int, tol: float, max_iter: int,
     generator: torch.Generator | int | None, locked: Tensor | None = None, ceiling: float | None = None,
+    norm: float = 0.0,
 ) -> tuple[LanczosResult, _Krylov]:  # fmt: skip
     """One Lanczos run (:func:`lanczos` without ``verify``), and its basis and reorthogonalization count.
 
@@ -103,6 +104,8 @@ def _lanczos_run(
     orthogonal complement (start, products and restarts projected), where the operator's
     dimension is ``P − j``. ``ceiling``: also stop once the top Ritz value has settled
     (:func:`_settled_below`) with ``θ_1 + r_1 ≤ ceiling``: the complement holds nothing above it.
+    ``norm``: ``‖A‖`` as an earlier run on the same operator estimated it, the scale of the rounding
+    and breakdown tests (a check's own estimate sees only the complement, which may be all but 0).
     """
     k, max_iter = check_int("k", k), check_int("max_iter", max_iter)
     tol = check_float("tol", tol, inclusive=False)
@@ -111,7 +114,7 @@ def _lanczos_run(
     if max_iter < k:
         raise ValueError(f"max_iter={max_iter} is smaller than k={k}; allow at least k iterations.")
     gen = check_generator(generator)
-    run = _Krylov(start, max_iter, locked=locked)
+    run = _Krylov(start, max_iter, locked=locked, norm=norm)
     q = start if locked is None else _orthogonalize(start, locked)
     norm = q.norm()
     previous: Tensor | None = None
@@ -130,7 +133,7 @@ def _lanczos_run(
             break
         previous = top if m >= k else (top[:1] if ceiling is not None else None)
         if m < max_iter:
-            q, norm = run.next_vector(w, beta, abs(theta).max().item(), gen)
+            q, norm = run.next_vector(w, beta, max(abs(theta).max().item(), run.reference), gen)
     theta, s = _tridiagonal_eigen(run.alphas, run.betas)
     kept = min(k, len(run.alphas))
     values = theta[:kept].to(device=start.device, dtype=start.dtype)
@@ -140,8 +143,9 @@ def _lanczos_run(
 
 
 def _verified(
-    operator: CurvatureOperator, found: LanczosResult, *, k: int, tol: float, max_iter: int, generator: torch.Generator
-) -> LanczosResult:
+    operator: CurvatureOperator, found: LanczosResult, *, k: int, tol: float, max_iter: int, generator: torch.Generator,
+    norm: float,
+) -> LanczosResult:  # fmt: skip
     """``found`` checked by runs in the orthogonal complement of its vectors (:func:`lanczos`'s ``verify``)."""
     like = found.vectors
     for _ in range(k):
@@ -152,7 +156,7 @@ def _verified(
         start = torch.randn(like.shape[1], generator=generator, dtype=like.dtype).to(like.device)
         check = _lanczos_run(
             operator, start, k=min(k, like.shape[1] - found.vectors.shape[0]), tol=tol, max_iter=max_iter,
-            generator=generator, locked=found.vectors, ceiling=bar,
+            generator=generator, locked=found.vectors, ceiling=bar, norm=norm,
         )[0]  # fmt: skip
         top = check.values[0].item()
         if top <= bar:  # nothing above the k-th held value: every held value is certified
@@ -199,7 +203,9 @@ class _Krylov:
     ``previous`` the same for ``q_{j−1}``; :func:`_next_omega` carries them one step on.
     """
 
-    def __init__(self, start: Tensor, limit: int, full: bool = False, locked: Tensor | None = None) -> None:
+    def __init__(
+        self, start: Tensor, limit: int, full: bool = False, locked: Tensor | None = None, norm: float = 0.0
+    ) -> None:
         eps = torch.finfo(start.dtype).eps
         self.full = full  # orthogonalize every residual against the whole basis
         self.locked = locked  # rows deflated from the operator (the run stays orthogonal to them)
@@ -214,7 +220,8 @@ class _Krylov:
         self.threshold = math.sqrt(self.unit)
         self.omega = torch.ones(1, dtype=torch.float64)
         self.previous = torch.zeros(0, dtype=torch.float64)
-        self.norm = 0.0  # running estimate of ‖A‖ (the largest Gershgorin bound of T's rows)
+        self.reference = norm  # ‖A‖ from an earlier run on the same operator (a check's), else 0
+        self.norm = norm  # running estimate of ‖A‖ (the largest Gershgorin bound of T's rows)
         self.dropped = 0.0  # largest residual discarded at a restart: an error the recurrence does not see
         self.force = False  # reorthogonalize the next residual too
         self.n_reorth = 0  # residuals orthogonalized against the whole basis
@@ -230,6 +237,10 @@ class _Krylov:
         last = self.betas[-1] if j else 0.0
         if j:
             w.sub_(self.basis[j - 1], alpha=last)
+        if self.locked is not None:
+            # The recurrence has A's eigenvalue 0 on span(Y) outside the complement's spectrum: rounding-level
+            # components along Y would grow through it to O(1), unseen by ω (which watches the basis only).
+            w = _orthogonalize(w, self.locked)
         self.alphas.append(alpha)
         beta = w.norm().item()
         self.norm = max(self.norm, abs(alpha) + beta + last)

@@ -280,3 +280,19 @@ def test_a_warm_start_near_the_second_eigenvector_finds_the_top():
     assert out.converged and out.values[0].item() == pytest.approx(values[-1].item(), rel=1e-4)
     assert abs(out.vectors[0] @ vectors[:, -1]).item() > 1 - 1e-3
     assert math.isfinite(out.se[0].item())
+
+
+@pytest.mark.parametrize("k", [2, 4, 5])
+def test_least_squares_in_float32_repeated_eigenvalues(k):
+    """Plain least squares, ``nn.Linear(50, 4)`` in float32 on Gaussian inputs (every eigenvalue fourfold): the
+    check once drifted into the held span and returned values 200x the spectrum with ``converged=True``."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2000, 50, generator=g), torch.randn(2000, 4, generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(50, 4)
+    xt = torch.cat([x, torch.ones(2000, 1)], 1).double()
+    exact = torch.linalg.eigvalsh(torch.kron(torch.eye(4, dtype=torch.float64), xt.T @ xt / 2000 / 2)).flip(0)
+    batches = [(x[i : i + 500], y[i : i + 500]) for i in range(0, 2000, 500)]
+    for seed in range(6):
+        out = hessian_eigenvalues(model, batches, "mse", k=k, generator=seed)
+        assert out.converged and torch.allclose(out.values.double(), exact[:k], rtol=1e-3), (seed, out.values)

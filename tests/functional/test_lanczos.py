@@ -216,3 +216,35 @@ def test_a_separated_top_over_a_strongly_negative_bulk_converges_within_the_boun
     out = lanczos(operator, torch.randn(300, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
     assert out.converged
     assert 0 <= 1.0 - out.values[0].item() <= 1e-4 * 1.0**2 / 0.5
+
+
+@pytest.mark.parametrize(
+    "values, k, seed",
+    [
+        # Negative definite: 0, the deflated operator's eigenvalue on the held span, is above the whole
+        # complement; its rounding-level components once grew through the recurrence to O(1) (20.22 returned).
+        (torch.cat([torch.tensor([-1.0]), torch.linspace(-10, -11, 99)]), 1, 1),
+        (torch.cat([torch.full((3,), -1.0), torch.linspace(-2, -50, 117)]), 5, 1),
+        # A narrow positive bulk: the same growth returned a third copy of 12 (two parallel vectors).
+        (torch.cat([torch.tensor([12.0, 12.0]), torch.linspace(10, 11, 98)]), 3, 2),
+    ],
+)
+def test_the_check_stays_in_the_complement_when_zero_is_outside_its_spectrum(values, k, seed):
+    operator, _ = _dense(values.double(), seed=seed)
+    start = torch.randn(len(values), generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64)
+    out = lanczos(operator, start, k=k, generator=seed)
+    exact = values.double().sort(descending=True).values[:k]
+    assert out.converged and torch.allclose(out.values, exact, rtol=1e-3)
+    assert (out.vectors @ out.vectors.T - torch.eye(k, dtype=torch.float64)).abs().max() < 1e-6
+    true_residual = (out.vectors @ operator.matrix - out.values[:, None] * out.vectors).norm(dim=1)
+    assert (true_residual <= out.residuals * (1 + 1e-6) + 1e-10).all()
+
+
+def test_a_check_in_a_complement_of_zeros_restarts_instead_of_following_rounding():
+    """{2, 1, 0 × 8}, k=7: the check's own |θ| is ~1e-17, so its breakdown test took rounding for a step;
+    it is now scaled by the first run's ‖A‖, and the vectors of 0 come out orthonormal."""
+    operator, _ = _dense(torch.tensor([2.0, 1.0] + [0.0] * 8, dtype=torch.float64), seed=0)
+    start = torch.randn(10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = lanczos(operator, start, k=7)
+    assert torch.allclose(out.values, torch.tensor([2.0, 1.0] + [0.0] * 5, dtype=torch.float64), atol=1e-10)
+    assert (out.vectors @ out.vectors.T - torch.eye(7, dtype=torch.float64)).abs().max() < 1e-8
