@@ -26,6 +26,8 @@ class EigenResult:
     ``n_grad``: gradient passes spent on the start vector (1 for the default cold start).
     ``se`` (k,): standard error of each value with respect to the draw of the mini-batches
     (batch means of each Ritz vector's per-mini-batch Rayleigh quotient; NaN with one mini-batch).
+    ``residuals`` (k,): ``‖H y − θ y‖`` of each pair (a bound for pairs a check found): an
+    eigenvalue lies within it of the value, converged or not.
     """
 
     values: Tensor
@@ -34,6 +36,7 @@ class EigenResult:
     converged: bool
     n_grad: int = 0
     se: Tensor | None = None
+    residuals: Tensor | None = None
 
 STARTS = ("gradient", "random")
 
@@ -124,7 +127,7 @@ def hessian_eigenvalues(
         out, se = lanczos_with_errors(
             objective, operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen, verify=verify
         )
-    return EigenResult(out.values, out.vectors, out.n_products, out.converged, n_grad, se)
+    return EigenResult(out.values, out.vectors, out.n_products, out.converged, n_grad, se, out.residuals)
 
 
 def lanczos_with_errors(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .. import keys
@@ -69,6 +70,7 @@ class HessianEigenvalues(FlatnessMetric):
         self._se_keys = tuple(keys.se(key) for key in values)
         self.keys = values + self._se_keys
         self.vectors: Tensor | None = None  # the last measurement's eigenvectors (k, P)
+        self._warned = False  # about a measurement that did not converge
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         init = self.vectors if self.warm_start else None
@@ -81,6 +83,8 @@ class HessianEigenvalues(FlatnessMetric):
             verify=self.verify,
         )  # fmt: skip
         values, errors = res.values.tolist(), res.se.tolist()
+        if not res.converged:
+            self._warn_unconverged(res)
         self.vectors = res.vectors.detach()
         ctx.shared.eigenvalues, ctx.shared.eigenvectors = res.values, self.vectors
         if res.converged:
@@ -91,6 +95,18 @@ class HessianEigenvalues(FlatnessMetric):
             out.update({keys.se(keys.hessian_eig(j + 1)): e for j, e in enumerate(errors)})
         # One mini-batch has no spread to measure (se NaN): the values are logged without error bars.
         return {key: v for key, v in out.items() if v == v or key not in self._se_keys}
+
+    def _warn_unconverged(self, res: Any) -> None:
+        """Once per metric: a value Lanczos did not converge to is logged, but never without a sign."""
+        if self._warned:
+            return
+        self._warned = True
+        rank_zero_warn(
+            f"HessianEigenvalues: Lanczos did not converge within max_iter={self.max_iter} products per run "
+            f"(tol={self.tol}); the logged {keys.HESSIAN_TOP_EIG} = {res.values[0].item():.4g} is the current Ritz "
+            f"value, a lower bound within {res.residuals[0].item():.2g} (its residual) of an eigenvalue. A cluster "
+            "at the top of the spectrum converges slowly: raise max_iter, or loosen tol. Warned once."
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"vectors": None if self.vectors is None else self.vectors.detach().cpu()}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from lightning_flatness import keys
 from lightning_flatness.metrics import HessianEigenvalues, MeasurementContext
+from tests.helpers.models import mlp_batches, tiny_mlp
 
 BULK = torch.linspace(1.2, 0.3, 38).tolist()
 
@@ -40,3 +42,15 @@ def test_the_top_eigenvalue_is_followed_when_the_top_two_swap(angle):
     assert logged[False, 0] == pytest.approx(8.0, rel=1e-4) and logged[True, 0] == pytest.approx(8.0, rel=1e-4)
     assert logged[False, 1] == pytest.approx(7.22, rel=1e-4)  # the defect the check guards against
     assert logged[True, 1] == pytest.approx(8.0, rel=1e-4)
+
+
+def test_a_value_lanczos_did_not_converge_to_is_logged_with_a_warning_once():
+    model, batches = tiny_mlp(), mlp_batches()
+    metric = HessianEigenvalues(max_iter=2)
+    ctx = MeasurementContext(model=model, batches=batches, loss_fn="cross_entropy", epoch=1, seed=0, num_samples=20)
+    with pytest.warns(UserWarning, match=r"did not converge within max_iter=2 .* a lower bound within"):
+        first = metric.compute(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metric.compute(ctx)  # once per metric
+    assert math.isfinite(first[keys.HESSIAN_TOP_EIG])
