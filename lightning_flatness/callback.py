@@ -357,7 +357,7 @@ class FlatnessCallback(Callback):
         eig = next((m for m in self.metrics if isinstance(m, HessianEigenvalues)), HessianEigenvalues())
         self._landscape.record(
             trainer, pl_module, self._data, x, self._loss, vector=None if vectors is None else vectors[0],
-            eigenvalue=values.get(keys.HESSIAN_TOP_EIG), eigen_kwargs={"tol": eig.tol, "max_iter": eig.max_iter},
+            eigenvalue=values.get(keys.HESSIAN_TOP_EIG), eigen_kwargs=eig.solver_options(),
         )  # fmt: skip
         self._spent += time.perf_counter() - start
 

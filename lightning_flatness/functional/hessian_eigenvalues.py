@@ -57,6 +57,7 @@ def hessian_eigenvalues(
     start: str = "gradient",
     gradient: Tensor | None = None,
     verify: bool = True,
+    error_ratio: float | None = None,
 ) -> EigenResult:
     r"""The ``k`` algebraically largest eigenvalues of :math:`\nabla^2 L(w)` and their eigenvectors.
 
@@ -73,7 +74,11 @@ def hessian_eigenvalues(
     matrix, at no extra cost): a relative error of at most about ``tol·θ_i/δ_i``, ``δ_i`` the
     distance to the rest of the spectrum (:func:`~lightning_flatness.functional.lanczos`).
     ``converged`` is ``False`` if ``max_iter`` iterations did not reach it; the values returned
-    are then the current Ritz values. ``verify`` (default): once converged, Lanczos runs again
+    are then the current Ritz values. ``error_ratio`` (e.g. ``0.1``): stop instead where each
+    value's error bound ``min(r, r²/δ̂)`` and its last change are at most ``error_ratio`` times its
+    standard error over the draw of the mini-batches, computed as the run goes (``tol`` applies
+    where there is none: one mini-batch); a tenth of the standard error adds half a percent to the
+    total error. ``verify`` (default): once converged, Lanczos runs again
     from a Gaussian vector in the orthogonal complement of the converged vectors, which finds
     a repeated eigenvalue (one Krylov space holds one vector of it) and a top eigenvalue that
     a warm start lacked (e.g. last epoch's eigenvector after the top two traded places); its
@@ -112,6 +117,7 @@ def hessian_eigenvalues(
     """
     k, max_iter, cache_chunks = check_int("k", k), check_int("max_iter", max_iter), check_int("cache_chunks", cache_chunks, 0)
     tol = check_float("tol", tol, inclusive=False)
+    error_ratio = None if error_ratio is None else check_float("error_ratio", error_ratio, inclusive=False)
     start = check_choice("start", start, STARTS)
     gen = check_generator(generator)
     with measurement_mode(model):
@@ -125,22 +131,29 @@ def hessian_eigenvalues(
             vector, n_grad = _start_vector(init, dim, objective.w0), 0
         operator = objective.hessian_operator(cache_chunks)
         out, se = lanczos_with_errors(
-            objective, operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen, verify=verify
-        )
+            objective, operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen, verify=verify,
+            error_ratio=error_ratio,
+        )  # fmt: skip
     return EigenResult(out.values, out.vectors, out.n_products, out.converged, n_grad, se, out.residuals)
 
 
 def lanczos_with_errors(
     objective: Objective, operator: HessianOperator, start: Tensor, *, k: int, tol: float, max_iter: int,
-    generator: torch.Generator, verify: bool = True,
+    generator: torch.Generator, verify: bool = True, error_ratio: float | None = None,
 ) -> tuple[LanczosResult, Tensor]:  # fmt: skip
     """:func:`lanczos` on ``operator`` (``objective``'s Hessian or a block of it) and each Ritz
-    value's standard error ``(k,)`` over the mini-batches (:class:`ChunkRayleighQuotients`)."""
+    value's standard error ``(k,)`` over the mini-batches (:class:`ChunkRayleighQuotients`); with
+    ``error_ratio``, Lanczos stops where each value's error is that fraction of its running standard error."""
     # One mini-batch in all has no batch means (the error would be NaN): spare the projections.
     observe = objective.cross_process or _length(objective.batches) != 1
     operator.chunk_observer = quotients = ChunkRayleighQuotients() if observe else None
+    target = None
+    if error_ratio is not None and quotients is not None:
+        target = lambda c: error_ratio * quotients.standard_error(c, objective.reduce_sum, objective.device)  # noqa: E731
     try:
-        out = lanczos(operator, start, k=k, tol=tol, max_iter=max_iter, generator=generator, verify=verify)
+        out = lanczos(
+            operator, start, k=k, tol=tol, max_iter=max_iter, generator=generator, verify=verify, error_target=target
+        )
     finally:
         operator.chunk_observer = None  # later products (e.g. Hutchinson's) are not Lanczos'
     se = torch.full_like(out.values, math.nan)

@@ -16,6 +16,8 @@ from .base import FlatnessMetric, MeasurementContext
 # Lanczos approaches λ_max from below, and a converged Ritz value under half of it would mean
 # the start vector all but missed the top eigenvector.
 SCREEN_MARGIN = 2.0
+# The change-and-residual rule's tolerance where no standard error is known (one mini-batch), and the check's.
+FALLBACK_TOL = 1e-4
 
 
 class HessianEigenvalues(FlatnessMetric):
@@ -31,7 +33,12 @@ class HessianEigenvalues(FlatnessMetric):
 
     Args:
         k: how many of the largest eigenvalues.
-        tol: Lanczos convergence tolerance (relative change and residual; ``docs/metrics.md``).
+        tol: ``None`` (default): Lanczos stops where each value's error bound is ``error_ratio``
+            times its standard error (``docs/metrics.md``); a float: the relative tolerance of
+            the change-and-residual rule instead, e.g. ``1e-4`` (the rule before 0.3).
+        error_ratio: with ``tol=None``, the error each value may keep, as a fraction of its
+            standard error over the draw of the mini-batches: ``0.1`` adds half a percent to the
+            total error. With one mini-batch (no standard error) the rule of ``tol=1e-4`` applies.
         max_iter: Lanczos iteration cap (memory: that many flat vectors).
         cache_chunks: keep the gradient graphs between products when this process's shard has
             at most this many mini-batches: each product is then one second backward pass,
@@ -53,12 +60,13 @@ class HessianEigenvalues(FlatnessMetric):
     uses = ("gradient",)
 
     def __init__(
-        self, k: int = 1, tol: float = 1e-4, max_iter: int = 100, cache_chunks: int = 1, warm_start: bool = True,
-        verify: bool = True, every_n_epochs: int | None = None,
+        self, k: int = 1, tol: float | None = None, error_ratio: float = 0.1, max_iter: int = 100,
+        cache_chunks: int = 1, warm_start: bool = True, verify: bool = True, every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
         self.k = check_int("k", k)
-        self.tol = check_float("tol", tol, inclusive=False)
+        self.tol = None if tol is None else check_float("tol (a relative tolerance, or None)", tol, inclusive=False)
+        self.error_ratio = check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
         self.max_iter = check_int("max_iter", max_iter)
         if self.max_iter < self.k:
             raise ValueError(f"max_iter={max_iter} must be >= k={k}.")
@@ -77,10 +85,10 @@ class HessianEigenvalues(FlatnessMetric):
         if init is not None and init.shape[-1] != sum(p.numel() for p in ctx.model.parameters() if p.requires_grad):
             init = None  # the trainable parameters changed (e.g. unfrozen): start afresh
         res = hessian_eigenvalues(
-            ctx.model, ctx.batches, ctx.loss_fn, k=self.k, tol=self.tol, max_iter=self.max_iter, init=init,
-            generator=ctx.seed_for(self.name), cache_chunks=self.cache_chunks, dtype=ctx.dtype,
+            ctx.model, ctx.batches, ctx.loss_fn, k=self.k, init=init, generator=ctx.seed_for(self.name),
+            cache_chunks=self.cache_chunks, dtype=ctx.dtype,
             gradient=ctx.shared.gradient,  # the regret's, when it ran first: the cold start's pass saved
-            verify=self.verify,
+            **self.solver_options(),
         )  # fmt: skip
         values, errors = res.values.tolist(), res.se.tolist()
         if not res.converged:
@@ -96,6 +104,13 @@ class HessianEigenvalues(FlatnessMetric):
         # One mini-batch has no spread to measure (se NaN): the values are logged without error bars.
         return {key: v for key, v in out.items() if v == v or key not in self._se_keys}
 
+    def solver_options(self) -> dict[str, Any]:
+        """The Lanczos options of :func:`~lightning_flatness.functional.hessian_eigenvalues` this metric uses
+        (also for the landscape's eigenvector)."""
+        matched = self.tol is None
+        return {"tol": FALLBACK_TOL if matched else self.tol, "error_ratio": self.error_ratio if matched else None,
+                "max_iter": self.max_iter, "verify": self.verify}  # fmt: skip
+
     def _warn_unconverged(self, res: Any) -> None:
         """Once per metric: a value Lanczos did not converge to is logged, but never without a sign."""
         if self._warned:
@@ -103,10 +118,13 @@ class HessianEigenvalues(FlatnessMetric):
         self._warned = True
         rank_zero_warn(
             f"HessianEigenvalues: Lanczos did not converge within max_iter={self.max_iter} products per run "
-            f"(tol={self.tol}); the logged {keys.HESSIAN_TOP_EIG} = {res.values[0].item():.4g} is the current Ritz "
+            f"({self._rule()}); the logged {keys.HESSIAN_TOP_EIG} = {res.values[0].item():.4g} is the current Ritz "
             f"value, a lower bound within {res.residuals[0].item():.2g} (its residual) of an eigenvalue. A cluster "
-            "at the top of the spectrum converges slowly: raise max_iter, or loosen tol. Warned once."
+            "at the top of the spectrum converges slowly: raise max_iter, or loosen tol or error_ratio. Warned once."
         )
+
+    def _rule(self) -> str:
+        return f"tol={self.tol}" if self.tol is not None else f"error_ratio={self.error_ratio} of the standard error"
 
     def state_dict(self) -> dict[str, Any]:
         return {"vectors": None if self.vectors is None else self.vectors.detach().cpu()}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_flatness import keys
+from lightning_flatness.functional import hessian_eigenvalues
 from lightning_flatness.metrics import HessianEigenvalues, MeasurementContext
 from tests.helpers.models import mlp_batches, tiny_mlp
 
@@ -54,3 +55,22 @@ def test_a_value_lanczos_did_not_converge_to_is_logged_with_a_warning_once():
         warnings.simplefilter("error")
         metric.compute(ctx)  # once per metric
     assert math.isfinite(first[keys.HESSIAN_TOP_EIG])
+
+
+def test_default_stops_at_a_tenth_of_the_standard_error_and_an_explicit_tol_keeps_the_old_rule():
+    model, batches = tiny_mlp(), mlp_batches()
+    ctx = MeasurementContext(model=model, batches=batches, loss_fn="cross_entropy", epoch=1, seed=0, num_samples=20)
+    seed = ctx.seed_for(HessianEigenvalues.name)
+    default, explicit = HessianEigenvalues(warm_start=False), HessianEigenvalues(tol=1e-4, warm_start=False)
+    assert default.solver_options() == {"tol": 1e-4, "error_ratio": 0.1, "max_iter": 100, "verify": True}
+    assert explicit.solver_options()["error_ratio"] is None
+    matched = hessian_eigenvalues(model, batches, generator=seed, error_ratio=0.1)
+    assert default.compute(ctx)[keys.HESSIAN_TOP_EIG] == matched.values[0].item()
+    old = hessian_eigenvalues(model, batches, generator=seed, tol=1e-4)
+    assert explicit.compute(ctx)[keys.HESSIAN_TOP_EIG] == old.values[0].item()
+
+
+@pytest.mark.parametrize("kwargs", [{"error_ratio": 0.0}, {"error_ratio": 1.5}, {"tol": 0.0}, {"tol": "1e-4"}])
+def test_the_stopping_options_are_checked_at_construction(kwargs):
+    with pytest.raises((ValueError, TypeError), match=next(iter(kwargs))):
+        HessianEigenvalues(**kwargs)

@@ -166,9 +166,11 @@ def test_the_regret_hands_its_gradient_to_the_eigenvalue_cold_start():
         regret.compute(ctx)
         assert torch.equal(ctx.shared.gradient, Objective(model, batches).gradient())  # bit for bit
     values = eig.compute(ctx)
-    alone = hessian_eigenvalues(model, batches, generator=ctx.seed_for("hessian_top_eig"))
+    options = eig.solver_options()
+    alone = hessian_eigenvalues(model, batches, generator=ctx.seed_for("hessian_top_eig"), **options)
     assert values["flatness/hessian_top_eig"] == alone.values[0].item() and alone.n_grad == 1
-    shared = hessian_eigenvalues(model, batches, generator=ctx.seed_for("hessian_top_eig"), gradient=ctx.shared.gradient)
+    shared = hessian_eigenvalues(model, batches, generator=ctx.seed_for("hessian_top_eig"), gradient=ctx.shared.gradient,
+                                 **options)  # fmt: skip
     assert shared.n_grad == 0 and torch.equal(shared.values, alone.values)
 
 
