@@ -22,13 +22,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
 from ._failures import ConfigurationError
 from .functional._losses import LossArg, builtin_losses_and_correct, resolve_loss_fn
-from .functional._per_sample import batch_size
+from .functional._per_sample import batch_size, leading_sizes
 from .validation import SAMPLE_DIMS
 
 try:  # NumPy is a dependency, but keep the module importable without it.
@@ -226,7 +226,7 @@ class SampleLayout:
 
     def count(self, batch: Any) -> int:
         """The number of samples of a batch of :meth:`first`; a clear error when its tensors disagree."""
-        sizes = sorted({t.shape[0] for t in tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0})
+        sizes = leading_sizes(batch)
         if len(sizes) == 1:
             return sizes[0]
         where = "dim 0 of every tensor" if not self.moves else f"the axes of sample_dims={self.sample_dims!r}"

@@ -476,10 +476,8 @@ class FlatnessCallback(Callback):
 
     def _log_artifacts(self, trainer: Trainer, metric: FlatnessMetric, x: int) -> None:
         """The metric's figures, histograms and files (rank 0 only, no collectives); failures follow ``on_error``."""
-        try:
+        with self._failures.guard(f"{metric.name}'s figures", refuse=False):  # a failing figure must not stop training
             metric.log_artifacts(trainer.loggers, position(trainer, x))
-        except Exception as err:  # noqa: BLE001 - a failing figure must not stop training
-            self._failures.handle(f"{metric.name}'s figures", err)
 
     def _measure_gap(self, trainer: Trainer, pl_module: LightningModule, x: int) -> list[str]:
         if self.config["gap_num_samples"] == 0:

@@ -31,15 +31,20 @@ if TYPE_CHECKING:
     from .objective import Objective
 
 
+def leading_sizes(batch: Any) -> list[int]:
+    """The distinct sizes of dim 0 over the tensors (at least 1-D) of ``batch``, sorted: one for a batch of samples."""
+    return sorted({t.shape[0] for t in tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0})
+
+
 def batch_size(batch: Any, purpose: str = "per-sample gradients") -> int:
     """The number of samples in ``batch``: the leading size shared by all its tensors."""
-    sizes = {t.shape[0] for t in tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0}
+    sizes = leading_sizes(batch)
     if len(sizes) != 1:
         raise ValueError(
             f"{purpose} need(s) every tensor in a batch to share the leading (sample) "
-            f"dimension; found leading sizes {sorted(sizes)}."
+            f"dimension; found leading sizes {sizes}."
         )
-    return sizes.pop()
+    return sizes[0]
 
 
 def per_sample_sq_norms(objective: Objective, batch: Any, at: Tensor | None = None) -> Tensor:

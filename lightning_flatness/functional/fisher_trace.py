@@ -106,6 +106,8 @@ def check_mc_loss(loss_fn: LossArg) -> None:
             f'kind="mc" samples labels from the model\'s outputs, which needs loss_fn= one of {list(MC_LOSSES)} '
             '(and, in FlatnessCallback, sample_dims=0); use kind="empirical" with a custom loss_fn.'
         )
+
+
 def _batch_generators(gen: torch.Generator, batch_indices: Sequence[int] | None) -> Iterator[torch.Generator]:
     """One generator per mini-batch, seeded by ``(one draw from gen, the mini-batch's index)``.
 

@@ -75,7 +75,7 @@ def hessian_eigenvalues(
     distance to the rest of the spectrum (:func:`~lightning_flatness.functional.lanczos`).
     ``converged`` is ``False`` if ``max_iter`` iterations did not reach it; the values returned
     are then the current Ritz values. ``error_ratio`` (e.g. ``0.1``): stop instead where each
-    value's error bound ``min(r, r²/δ̂)`` and its last change are at most ``error_ratio`` times its
+    value's residual (an eigenvalue lies within it) and its last change are at most ``error_ratio`` times its
     standard error over the draw of the mini-batches, computed as the run goes (``tol`` applies
     where there is none: one mini-batch); a tenth of the standard error adds half a percent to the
     total error. ``verify`` (default): once converged, Lanczos runs again

@@ -83,7 +83,8 @@ def lanczos(
     eigenvalue below it with a small residual. So, once the first run converges, Lanczos runs
     again from a Gaussian vector in the orthogonal complement of the converged vectors (the
     operator deflated there, :class:`_Krylov`'s ``locked``), as a cold start would: an
-    eigenvalue it finds above ``θ_k`` (beyond ``tol``) was missed and takes its place, and it runs
+    eigenvalue it finds above ``θ_k`` (beyond the error ``θ_k`` may keep: ``tol·|θ_k|``, or its
+    target) was missed and takes its place, and it runs
     again until a run's top value is certified (the values above it are all held). A run whose
     top Ritz value has settled (moved by at most ``tol·|θ_k|``) with ``θ + r ≤ θ_k`` stops
     early. Such a check fails only when its own Gaussian start is deficient, with probability
@@ -173,16 +174,17 @@ def _verified(
     norm: float, target: ErrorTarget | None,
 ) -> LanczosResult:  # fmt: skip
     """``found`` checked by runs in the orthogonal complement of its vectors (:func:`lanczos`'s ``verify``)."""
-    like = found.vectors
+    dim = found.vectors.shape[1]
     for _ in range(k):
+        room = dim - found.vectors.shape[0]  # the complement's dimension
+        if room < 1:
+            break  # nothing outside the held vectors
         kth = found.values[-1].item()
         margin = _margin(found, kth, tol, target)  # what a missed value must exceed θ_k by to matter
         bar = kth + margin
-        if like.shape[1] - found.vectors.shape[0] < 1:
-            break  # nothing outside the held vectors
-        start = torch.randn(like.shape[1], generator=generator, dtype=like.dtype).to(like.device)
+        start = torch.randn(dim, generator=generator, dtype=found.vectors.dtype).to(found.vectors.device)
         check = _lanczos_run(
-            operator, start, k=min(k, like.shape[1] - found.vectors.shape[0]), tol=tol, max_iter=max_iter,
+            operator, start, k=min(k, room), tol=tol, max_iter=max_iter,
             # The check keeps the tol rule: a loose target would let it settle on the value below a missed one.
             generator=generator, locked=found.vectors, ceiling=(bar, tol * abs(kth)), norm=norm,
         )[0]  # fmt: skip

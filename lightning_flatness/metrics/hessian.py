@@ -35,7 +35,7 @@ class HessianEigenvalues(FlatnessMetric):
         k: how many of the largest eigenvalues.
         tol: ``None`` (default): Lanczos stops where each value's error bound is ``error_ratio``
             times its standard error (``docs/metrics.md``); a float: the relative tolerance of
-            the change-and-residual rule instead, e.g. ``1e-4`` (the rule before 0.3).
+            the change-and-residual rule instead, e.g. ``1e-4`` (the rule of earlier releases).
         error_ratio: with ``tol=None``, the error each value may keep, as a fraction of its
             standard error over the draw of the mini-batches: ``0.1`` adds half a percent to the
             total error. With one mini-batch (no standard error) the rule of ``tol=1e-4`` applies.
