@@ -128,10 +128,7 @@ def test_training_is_bit_identical_with_the_metric_and_its_figures(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_ddp_two_processes_equal_single_process_and_rank_zero_writes(tmp_path):
-    from tests.callback.test_callback_ddp import subsample
-
+def _fit_on_two_processes(tmp_path) -> tuple[Classifier, DataModule]:
     seed_everything(0)
     model = Classifier(dropout=0.0)
     dm = DataModule(shuffle=False)
@@ -139,6 +136,25 @@ def test_ddp_two_processes_equal_single_process_and_rank_zero_writes(tmp_path):
                           gap_num_samples=0, every_n_epochs=0)  # fmt: skip
     logger = CSVLogger(str(tmp_path), name="csv")
     trainer(tmp_path, [cb], logger=logger, max_epochs=1, strategy="ddp_spawn", devices=2).fit(model, dm)
+    return model, dm
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_processes_equal_single_process_and_rank_zero_writes(tmp_path):
+    from torch.multiprocessing import ProcessExitedException
+
+    from tests.callback.test_callback_ddp import subsample
+
+    try:
+        model, dm = _fit_on_two_processes(tmp_path)
+    except ProcessExitedException as err:
+        # A spawned process sometimes aborts at interpreter exit, after the fit, with no Python frame ("terminate
+        # called without an active exception": gloo's threads at C++ teardown), in about 1 run in 10 after other
+        # tests of the session, the same at the commit before issue 23. One more fit, in a fresh folder.
+        if err.signal_name != "SIGABRT":
+            raise
+        tmp_path = tmp_path / "again"
+        model, dm = _fit_on_two_processes(tmp_path)
     [version] = os.listdir(os.path.join(tmp_path, "csv"))  # only rank 0 wrote
     assert os.listdir(os.path.join(tmp_path, "csv", version, "hessian_density")) == ["epoch_000000.json"]
     saved = read_final_density(os.path.join(tmp_path, "csv", version))
