@@ -43,7 +43,7 @@ def _note() -> str:
         "denominator of every ratio; HVP = `Objective.hvp`, one product on its own (a forward, a backward with "
         "`create_graph=True`, a second backward); kept graph = a product of `Objective.hessian_operator(cache_chunks=1)`, which "
         "`hessian_eigenvalues` uses: the forward and first backward are built once and kept, so each Lanczos "
-        "product is one second backward (on a single chunk, the default `cache_chunks=1`, at no extra memory); "
+        "product is one second backward (here on a single chunk; by default, `cache_chunks=\"auto\"`, the graphs of as many leading chunks as fit in a memory budget are kept); "
         f"block = `Objective.hvps` with {BLOCK} vectors sharing the first two passes (Hutchinson probes, PACGen's "
         "diagonal); raw double backward = the same passes on the bare module (`torch.autograd.grad` twice, no "
         "bookkeeping), the floor under `Objective.hvp`. Eval-mode BatchNorm runs as an explicit affine map inside "

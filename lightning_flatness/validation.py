@@ -70,6 +70,15 @@ def check_choice(name: str, value: T, accepted: Sequence[T]) -> T:
     return value
 
 
+def check_cache_chunks(value: Any) -> int | str:
+    """``"auto"`` or an integer ``>= 0`` (how many mini-batches' gradient graphs a Hessian operator keeps)."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"cache_chunks must be 'auto' or an integer >= 0, got {value!r}.")
+        return value
+    return check_int("cache_chunks (or 'auto')", value, 0)
+
+
 def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is ``True`` or ``False`` (not merely truthy)."""
     if not isinstance(value, bool):

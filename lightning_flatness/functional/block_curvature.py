@@ -11,7 +11,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from ..validation import BY_MODULE, check_block_name, check_blocks, check_float, check_generator, check_int
+from ._graph_cache import CacheChunks
+from ..validation import BY_MODULE, check_block_name, check_blocks, check_cache_chunks, check_float, check_generator, check_int
 from ._losses import LossArg
 from ._params import resolve_params
 from ._restore import measurement_mode
@@ -113,7 +114,7 @@ def block_curvature(
     max_iter: int = 100,
     generator: torch.Generator | int | None = None,
     dtype: torch.dtype | None = None,
-    cache_chunks: int = 1,
+    cache_chunks: CacheChunks = "auto",
     init: Mapping[str, Tensor] | None = None,
     gradient: Tensor | None = None,
 ) -> dict[str, BlockCurvatureResult]:
@@ -135,8 +136,8 @@ def block_curvature(
     or with ``init``: ``{name: (P_B,) vector}``, e.g. last measurement's ``vector``). A block
     product backpropagates only down to the block's earliest parameter, so it costs a full
     Hessian-vector product for the first layer and much less for the last (``docs/metrics.md``).
-    With at most ``cache_chunks`` mini-batches, the forward pass and gradient graph are built
-    once per block and shared by its Lanczos and trace products. Each block draws from its own
+    The leading mini-batches' forward passes and gradient graphs (``cache_chunks``, as in
+    :func:`hessian_eigenvalues`) are built once per block and shared by its Lanczos and trace products. Each block draws from its own
     generator, seeded from ``generator`` and its name, so adding a block changes no other's.
 
     Example:
@@ -150,7 +151,7 @@ def block_curvature(
         (['head', 'hidden'], 27)
     """
     trace_probes, max_iter = check_int("trace_probes", trace_probes), check_int("max_iter", max_iter)
-    cache_chunks, tol = check_int("cache_chunks", cache_chunks, 0), check_float("tol", tol, inclusive=False)
+    cache_chunks, tol = check_cache_chunks(cache_chunks), check_float("tol", tol, inclusive=False)
     base = int(torch.randint(2**62, (1,), generator=check_generator(generator)))
     resolved = resolve_blocks(model, blocks)
     named = dict(model.named_parameters())
@@ -181,7 +182,7 @@ def _flat_slices(model: nn.Module) -> dict[str, slice]:
 
 def _one_block(
     objective: Objective, params: tuple[str, ...], init: Tensor | None, gradient: Tensor | None,
-    gen: torch.Generator, trace_probes: int, tol: float, max_iter: int, cache_chunks: int,
+    gen: torch.Generator, trace_probes: int, tol: float, max_iter: int, cache_chunks: CacheChunks,
 ) -> BlockCurvatureResult:  # fmt: skip
     size = objective.num_params
     if init is not None and init.numel() == size:

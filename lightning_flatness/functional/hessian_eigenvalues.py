@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..validation import check_choice, check_float, check_generator, check_int
+from ..validation import check_cache_chunks, check_choice, check_float, check_generator, check_int
+from ._graph_cache import CacheChunks
 from ._losses import LossArg
 from ._restore import measurement_mode
 from ._rows import Rows
@@ -53,7 +54,8 @@ def hessian_eigenvalues(
     params: Iterable[Tensor] | None = None,
     dtype: torch.dtype | None = None,
     generator: torch.Generator | int | None = None,
-    cache_chunks: int = 1,
+    cache_chunks: CacheChunks = "auto",
+    cache_bytes: int | None = None,
     start: str = "gradient",
     gradient: Tensor | None = None,
     verify: bool = True,
@@ -96,11 +98,12 @@ def hessian_eigenvalues(
     :func:`grad_cosine_regret`'s), which saves that pass. ``"random"`` starts from ``u`` alone. ``u`` is drawn from ``generator``
     (a fixed seed by default, so results are reproducible).
 
-    Cost: ``n_hvp`` Hessian-vector products. When ``batches`` has at most ``cache_chunks``
-    chunks, the forward passes and gradient graphs are built once and kept, so each product is
-    a single second backward pass per chunk (about 1.7–2× a gradient instead of 2.7–3.1×); the
-    default, 1, does this for a single batch at no extra memory. Raise it to trade memory
-    (that many chunks' graphs held at once) for time on a subsample split into chunks.
+    Cost: ``n_hvp`` Hessian-vector products. The forward passes and gradient graphs of the
+    leading chunks are built once and kept, so each product is a single second backward pass on
+    them (about 1.5–2× a gradient instead of 2.5–3×): with ``cache_chunks="auto"`` (default)
+    while the graphs' measured size stays within ``cache_bytes`` (default: a quarter of the free
+    CUDA memory, 1 GiB on CPU), with an integer for at most that many chunks (``0``: none); see
+    :class:`HessianOperator`.
 
     Memory: the Lanczos basis holds up to ``max_iter`` flat vectors, and the standard errors a
     copy of it.
@@ -115,7 +118,8 @@ def hessian_eigenvalues(
         >>> result.values.shape, result.vectors.shape, result.converged
         (torch.Size([2]), torch.Size([2, 67]), True)
     """
-    k, max_iter, cache_chunks = check_int("k", k), check_int("max_iter", max_iter), check_int("cache_chunks", cache_chunks, 0)
+    k, max_iter, cache_chunks = check_int("k", k), check_int("max_iter", max_iter), check_cache_chunks(cache_chunks)
+    cache_bytes = None if cache_bytes is None else check_int("cache_bytes", cache_bytes, 0)
     tol = check_float("tol", tol, inclusive=False)
     error_ratio = None if error_ratio is None else check_float("error_ratio", error_ratio, inclusive=False)
     start = check_choice("start", start, STARTS)
@@ -129,7 +133,7 @@ def hessian_eigenvalues(
             vector, n_grad = _cold_start(objective, start, gen, gradient)
         else:
             vector, n_grad = _start_vector(init, dim, objective.w0), 0
-        operator = objective.hessian_operator(cache_chunks)
+        operator = objective.hessian_operator(cache_chunks, cache_bytes=cache_bytes)
         out, se = lanczos_with_errors(
             objective, operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen, verify=verify,
             error_ratio=error_ratio,

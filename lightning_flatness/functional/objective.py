@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -22,6 +23,8 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from ._affine_batch_norm import affine_batch_norm
+from ..validation import check_cache_chunks
+from ._graph_cache import CacheChunks, SavedBytes, cache_limits
 from ._losses import LossArg, LossFn, builtin_losses_and_correct, resolve_loss_fn, split_output
 from ._params import flatten, resolve_params, unflatten
 from .operator import CurvatureOperator
@@ -142,10 +145,10 @@ class Objective:
 
         return tree_map(move, batch)
 
-    def iter_batches(self) -> Iterator[Any]:
-        """The batches on the model's device, floating tensors in the compute dtype."""
-        empty = True
-        for batch in self.batches:
+    def iter_batches(self, skip: int = 0) -> Iterator[Any]:
+        """The batches on the model's device, floating tensors in the compute dtype (after the first ``skip``)."""
+        empty = skip == 0  # with skip > 0 the skipped batches were there
+        for batch in itertools.islice(self.batches, skip, None):
             empty = False
             yield self._prepare(batch)
         if empty:
@@ -266,26 +269,50 @@ class Objective:
         of ``g·v`` per vector, so ``K`` products share the first two passes.
         """
         leaves = self.leaves(at)
-        return self._hvps_on(self._gradient_graphs(leaves), leaves, vectors, keep_graphs=False, observer=observer)
+        return self._hvps_on(self._gradient_graphs(leaves), leaves, vectors, observer=observer)
 
     def hvp(self, vector: Tensor, at: Tensor | None = None) -> Tensor:
         """``∇²L(w) v`` for one flat vector."""
         return self.hvps(vector.unsqueeze(0), at)[0]
 
-    def hessian_operator(self, cache_chunks: int = 0, at: Tensor | None = None) -> HessianOperator:
+    def hessian_operator(
+        self, cache_chunks: CacheChunks = 0, at: Tensor | None = None, cache_bytes: int | None = None
+    ) -> HessianOperator:
         """``∇²L(w)`` at ``at`` (default ``w0``) as a :class:`HessianOperator` (see there for ``cache_chunks``)."""
-        return HessianOperator(self, cache_chunks, at)
+        return HessianOperator(self, cache_chunks, at, cache_bytes)
 
-    def _gradient_graphs(self, leaves: list[Tensor]) -> Iterator[tuple[Sequence[Tensor], int]]:
-        """Per chunk, ``(Σ_i ∇ℓ_i, B)`` with the graph that differentiates it again."""
+    def _gradient_graph(self, leaves: list[Tensor], batch: Any) -> tuple[Sequence[Tensor], int]:
+        """``(Σ_i ∇ℓ_i, B)`` of one prepared chunk, with the graph that differentiates it again."""
+        with self._affine_norm:  # its double backward is cheaper than batch norm's own
+            losses = self.losses(leaves, batch)
+            g = torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+        return g, losses.numel()
+
+    def _gradient_graphs(self, leaves: list[Tensor], skip: int = 0) -> Iterator[tuple[Sequence[Tensor], int, bool]]:
+        """Per chunk after the first ``skip``, ``(Σ_i ∇ℓ_i, B, False)``: a graph used once (not kept)."""
+        for batch in self.iter_batches(skip):
+            yield (*self._gradient_graph(leaves, batch), False)
+
+    def _kept_graphs(self, leaves: list[Tensor], max_chunks: float, max_bytes: float) -> tuple[list, int, bool]:
+        """The leading chunks' graphs ``(g, B, True)`` while at most ``max_chunks`` of them fit in ``max_bytes``
+        (measured by :class:`SavedBytes`): the graphs, their bytes, and whether every chunk is among them."""
+        kept: list = []
+        used = 0
+        parameters = {t.untyped_storage().data_ptr() for t in [*leaves, *self._fixed.values()]}
         for batch in self.iter_batches():
-            with self._affine_norm:  # its double backward is cheaper than batch norm's own
-                losses = self.losses(leaves, batch)
-                g = torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True, materialize_grads=True)
-            yield g, losses.numel()
+            if len(kept) >= max_chunks:
+                return kept, used, False
+            with SavedBytes(parameters) as saved:
+                g, size = self._gradient_graph(leaves, batch)
+            saved.add(*g)
+            if used + saved.nbytes > max_bytes:  # this graph is dropped: it and the rest are rebuilt per product
+                return kept, used, False
+            kept.append((g, size, True))
+            used += saved.nbytes
+        return kept, used, True
 
     def _hvps_on(
-        self, graphs: Iterable[tuple[Sequence[Tensor], int]], leaves: list[Tensor], vectors: Tensor, keep_graphs: bool,
+        self, graphs: Iterable[tuple[Sequence[Tensor], int, bool]], leaves: list[Tensor], vectors: Tensor,
         observer: ChunkObserver | None = None,
     ) -> Tensor:  # fmt: skip
         if vectors.dim() != 2 or vectors.shape[1] != self.num_params:
@@ -296,10 +323,10 @@ class Objective:
         # Accumulate straight into views of ``total``: no flattened copy per chunk and product.
         views = [unflatten(row, self.shapes) for row in total]
         count = 0
-        for g, size in graphs:
+        for g, size, kept in graphs:
             for k, v in enumerate(vs):
                 hv = torch.autograd.grad(
-                    g, leaves, grad_outputs=v, retain_graph=keep_graphs or k + 1 < len(vs), allow_unused=True,
+                    g, leaves, grad_outputs=v, retain_graph=kept or k + 1 < len(vs), allow_unused=True,
                     materialize_grads=True,
                 )  # fmt: skip
                 if observer is not None:
@@ -318,39 +345,49 @@ class HessianOperator(CurvatureOperator):
     """``v ↦ ∇²L(w) v`` of an :class:`Objective`, the curvature operator of every estimator here.
 
     Each product is a double-backward Hessian-vector product over every chunk of the data (one
-    forward and two backward passes; a block of ``K`` columns shares the first two). If the
-    data has at most ``cache_chunks`` chunks (by ``len(batches)``), each chunk's forward pass
-    and gradient graph are built once, here, and kept: a product is then one second backward
-    pass per chunk (PyHessian's single-batch trick), about 1.7–2× a gradient instead of
-    2.7–3.1× (``benchmarks/``), for that many chunks' graphs held in memory until the operator
-    is freed. Lanczos, which makes its products one after another, uses ``cache_chunks=1`` by
-    default; ``0`` never keeps graphs. ``chunk_observer``, when set, is called for every chunk of
-    every product as ``chunk_observer(v, Σ_{i∈chunk} ∇²ℓ_i v, chunk size)`` (flat tensors; the
-    chunk's own, not reduced over processes): per-mini-batch parts of a product, e.g. for the
-    sampling error of a Rayleigh quotient. Build it inside
-    :func:`~lightning_flatness.functional.measurement_mode` (eval mode, autocast off); with kept
-    graphs the products no longer depend on the model's mode.
+    forward and two backward passes; a block of ``K`` columns shares the first two). The
+    forward pass and gradient graph of the leading chunks can be built once, here, and kept: a
+    product is then one second backward pass on those chunks (PyHessian's single-batch trick),
+    about 1.5–2× a gradient instead of 2.5–3× (``benchmarks/``), for their graphs held in memory
+    until the operator is freed. ``cache_chunks``: ``"auto"`` keeps the leading chunks while the
+    graphs' measured size (the tensors autograd saves, and the gradients) stays within
+    ``cache_bytes`` (default :func:`graph_budget`: a quarter of the free CUDA memory, 1 GiB on
+    CPU), so small models get the cheap products and large ones a peak memory that stops
+    growing with the subsample at the budget; an integer keeps at most that many chunks'
+    graphs (``0``: none). ``kept_chunks`` and ``kept_bytes`` say what was kept.
+    ``chunk_observer``, when set, is called for every chunk of every product, in the data's
+    order, as ``chunk_observer(v, Σ_{i∈chunk} ∇²ℓ_i v, chunk size)`` (flat tensors; the chunk's
+    own, not reduced over processes): per-mini-batch parts of a product, e.g. for the sampling
+    error of a Rayleigh quotient. Build it inside
+    :func:`~lightning_flatness.functional.measurement_mode` (eval mode, autocast off); the kept
+    chunks' products no longer depend on the model's mode.
     """
 
-    def __init__(self, objective: Objective, cache_chunks: int = 0, at: Tensor | None = None) -> None:
+    def __init__(
+        self, objective: Objective, cache_chunks: CacheChunks = 0, at: Tensor | None = None,
+        cache_bytes: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(objective.num_params, objective.dtype, objective.device)
         self.objective, self.at = objective, at
-        try:
-            chunks = len(objective.batches)  # type: ignore[arg-type]
-        except TypeError:  # no length (a loader over an iterable dataset): never keep graphs
-            chunks = None
-        self._leaves: list[Tensor] | None = None
-        self._graphs: list | None = None
         self.chunk_observer: ChunkObserver | None = None
-        if chunks is not None and chunks <= cache_chunks:
-            self._leaves = objective.leaves(at)
-            self._graphs = list(objective._gradient_graphs(self._leaves))
+        self._leaves = objective.leaves(at)
+        max_chunks, max_bytes = cache_limits(check_cache_chunks(cache_chunks), cache_bytes, objective.device)
+        self._kept, self.kept_bytes, self._all_kept = [], 0, False
+        if max_chunks > 0:
+            self._kept, self.kept_bytes, self._all_kept = objective._kept_graphs(self._leaves, max_chunks, max_bytes)
+
+    @property
+    def kept_chunks(self) -> int:
+        """How many leading chunks' graphs are kept (each product rebuilds the rest)."""
+        return len(self._kept)
 
     @property
     def keeps_graphs(self) -> bool:
-        return self._graphs is not None
+        """Whether every chunk's graph is kept (a product is then one second backward pass throughout)."""
+        return self._all_kept
 
     def _matmat(self, rows: Tensor) -> Tensor:
-        if self._graphs is None:
-            return self.objective.hvps(rows, self.at, self.chunk_observer)
-        return self.objective._hvps_on(self._graphs, self._leaves, rows, keep_graphs=True, observer=self.chunk_observer)
+        graphs = self._kept if self._all_kept else itertools.chain(
+            self._kept, self.objective._gradient_graphs(self._leaves, skip=len(self._kept))
+        )  # fmt: skip
+        return self.objective._hvps_on(graphs, self._leaves, rows, observer=self.chunk_observer)

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..validation import check_bool, check_choice, check_float, check_generator, check_int
+from ._graph_cache import CacheChunks
+from ..validation import check_bool, check_cache_chunks, check_choice, check_float, check_generator, check_int
 from ._losses import LossArg
 from ._restore import measurement_mode
 from ._stats import mean_and_se
@@ -195,13 +196,13 @@ def hessian_spectral_density(
     generator: torch.Generator | int | None = None,
     params: Iterable[Tensor] | None = None,
     dtype: torch.dtype | None = None,
-    cache_chunks: int = 1,
+    cache_chunks: CacheChunks = "auto",
 ) -> SpectralDensityResult:
     r""":func:`spectral_density` of the loss Hessian ``∇²L(w)`` over ``batches`` (Ghorbani et al. 2019).
 
     Cost: ``num_probes × lanczos_steps`` Hessian-vector products (each one forward and two
-    backward passes per mini-batch, or one second backward pass when the data has at most
-    ``cache_chunks`` mini-batches, whose graphs are then kept), and ``lanczos_steps`` flat vectors.
+    backward passes per mini-batch, or one second backward pass on the mini-batches whose
+    graphs are kept: ``cache_chunks``, as in :func:`hessian_eigenvalues`), and ``lanczos_steps`` flat vectors.
 
     Example:
         >>> import torch
@@ -215,7 +216,7 @@ def hessian_spectral_density(
     """
     num_probes, lanczos_steps = check_int("num_probes", num_probes), check_int("lanczos_steps", lanczos_steps)
     probes = check_choice("probes", probes, PROBES)
-    cache_chunks = check_int("cache_chunks", cache_chunks, 0)
+    cache_chunks = check_cache_chunks(cache_chunks)
     gen = check_generator(generator)
     with measurement_mode(model):
         operator = Objective(model, batches, loss_fn, params, dtype).hessian_operator(cache_chunks)

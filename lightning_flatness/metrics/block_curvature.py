@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import keys
 from ..functional import block_curvature, resolve_blocks
 from ..functional.block_curvature import BlockSpec
-from ..validation import BY_MODULE, check_blocks, check_bool, check_float, check_int
+from ..validation import BY_MODULE, check_blocks, check_bool, check_cache_chunks, check_float, check_int
 from .base import FlatnessMetric, MeasurementContext
 
 
@@ -50,7 +50,7 @@ class BlockCurvature(FlatnessMetric):
 
     def __init__(
         self, blocks: BlockSpec = BY_MODULE, trace_probes: int = 64, tol: float = 1e-4, max_iter: int = 100,
-        cache_chunks: int = 1, warm_start: bool = True, every_n_epochs: int | None = None,
+        cache_chunks: int | str = "auto", warm_start: bool = True, every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
         spec = check_blocks(blocks)
@@ -58,7 +58,7 @@ class BlockCurvature(FlatnessMetric):
         self.trace_probes = check_int("trace_probes", trace_probes)
         self.tol = check_float("tol", tol, inclusive=False)
         self.max_iter = check_int("max_iter", max_iter)
-        self.cache_chunks = check_int("cache_chunks", cache_chunks, 0)
+        self.cache_chunks = check_cache_chunks(cache_chunks)
         self.warm_start = check_bool("warm_start", warm_start)
         self.keys = () if spec == BY_MODULE else block_keys(spec)
         self.vectors: dict[str, Tensor] = {}  # each block's last top eigenvector

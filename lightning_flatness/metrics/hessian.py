@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import keys
 from ..functional import hessian_eigenvalues
-from ..validation import check_bool, check_float, check_int
+from ..validation import check_bool, check_cache_chunks, check_float, check_int
 from .base import FlatnessMetric, MeasurementContext
 
 # PACGen's diagonal screen uses twice the measured top eigenvalue as the bound on every H_ii:
@@ -40,9 +40,11 @@ class HessianEigenvalues(FlatnessMetric):
             standard error over the draw of the mini-batches: ``0.1`` adds half a percent to the
             total error. With one mini-batch (no standard error) the rule of ``tol=1e-4`` applies.
         max_iter: Lanczos iteration cap (memory: that many flat vectors).
-        cache_chunks: keep the gradient graphs between products when this process's shard has
-            at most this many mini-batches: each product is then one second backward pass,
-            about half the cost, for that many mini-batches' graphs held in memory; 0 never.
+        cache_chunks: whose gradient graphs to keep between products: ``"auto"`` (default) the
+            leading mini-batches of this process's shard while the graphs' measured size stays
+            within a budget (a quarter of the free CUDA memory, 1 GiB on CPU); an integer, at
+            most that many; ``0`` none. A product on a kept mini-batch is one second backward
+            pass, about 0.6× the cost of one that rebuilds the graph.
         warm_start: start from the previous measurement's eigenvectors.
         verify: after convergence, run Lanczos again from a Gaussian vector in the complement of
             the converged eigenvectors, to find an eigenvalue they missed: a repeated eigenvalue
@@ -61,7 +63,7 @@ class HessianEigenvalues(FlatnessMetric):
 
     def __init__(
         self, k: int = 1, tol: float | None = None, error_ratio: float = 0.1, max_iter: int = 100,
-        cache_chunks: int = 1, warm_start: bool = True, verify: bool = True, every_n_epochs: int | None = None,
+        cache_chunks: int | str = "auto", warm_start: bool = True, verify: bool = True, every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
         self.k = check_int("k", k)
@@ -70,7 +72,7 @@ class HessianEigenvalues(FlatnessMetric):
         self.max_iter = check_int("max_iter", max_iter)
         if self.max_iter < self.k:
             raise ValueError(f"max_iter={max_iter} must be >= k={k}.")
-        self.cache_chunks = check_int("cache_chunks", cache_chunks, 0)
+        self.cache_chunks = check_cache_chunks(cache_chunks)
         self.warm_start = check_bool("warm_start", warm_start)
         self.verify = check_bool("verify", verify)
         eigs = tuple(keys.hessian_eig(j) for j in range(1, self.k + 1)) if self.k > 1 else ()

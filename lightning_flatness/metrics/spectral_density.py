@@ -22,7 +22,7 @@ from .._figures import figure, render, when
 from .._logging import FigureWriter, LogPosition, read_latest_epoch_json, write_epoch_json
 from ..functional import SpectralDensityResult, hessian_spectral_density
 from ..functional.spectral_density import PROBES
-from ..validation import check_bool, check_choice, check_float, check_int
+from ..validation import check_bool, check_cache_chunks, check_choice, check_float, check_int
 from .base import FlatnessMetric, MeasurementContext
 
 SUBDIR = "hessian_density"
@@ -65,7 +65,7 @@ class HessianDensity(FlatnessMetric):
 
     def __init__(
         self, num_probes: int = 4, lanczos_steps: int = 64, probes: str = "rademacher", sigma: float | None = None,
-        negative_threshold: float = 0.01, cache_chunks: int = 1, log_density: bool = True,
+        negative_threshold: float = 0.01, cache_chunks: int | str = "auto", log_density: bool = True,
         every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
@@ -74,7 +74,7 @@ class HessianDensity(FlatnessMetric):
         self.probes = check_choice("probes", probes, PROBES)
         self.sigma = None if sigma is None else check_float("sigma", sigma, inclusive=False)
         self.negative_threshold = check_float("negative_threshold", negative_threshold, maximum=1.0)
-        self.cache_chunks = check_int("cache_chunks", cache_chunks, 0)
+        self.cache_chunks = check_cache_chunks(cache_chunks)
         self.log_density = check_bool("log_density", log_density)
         values = (keys.HESSIAN_DENSITY_NEGATIVE_MASS, keys.HESSIAN_TRACE_SLQ)
         self.keys = values + tuple(keys.se(key) for key in values)

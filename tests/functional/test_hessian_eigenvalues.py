@@ -159,10 +159,12 @@ def test_kept_graphs_give_the_same_products_with_one_forward_per_chunk(sizes, ca
         for v, hv in zip(vectors, products):
             assert torch.equal(hv, objective.hvp(v))
             assert torch.allclose(hv, h @ v, rtol=1e-10, atol=1e-12)
-        # More chunks than cache_chunks: plain products, one forward per chunk and product.
+        # More chunks than cache_chunks: the leading ones kept, a forward of the rest per product.
         calls, handle = _count_forwards(model)
         operator = objective.hessian_operator(len(sizes) - 1)
+        assert operator.kept_chunks == len(sizes) - 1 and not operator.keeps_graphs
         assert torch.equal(operator @ vectors[0], products[0]) and len(calls) == len(sizes)
+        assert torch.equal(operator @ vectors[1], products[1]) and len(calls) == len(sizes) + 1
         handle.remove()
 
 
@@ -180,7 +182,7 @@ def test_lanczos_with_kept_graphs_equals_without():
         hessian_eigenvalues(model, batches, cache_chunks=-1)
 
 
-def test_batches_without_a_length_are_never_cached():
+def test_batches_without_a_length_keep_their_graphs_too():
     from torch.utils.data import DataLoader, IterableDataset
 
     class Stream(IterableDataset):
@@ -191,9 +193,12 @@ def test_batches_without_a_length_are_never_cached():
     model = tiny_mlp()
     loader = DataLoader(Stream(), batch_size=20)
     calls, handle = _count_forwards(model)
-    result = hessian_eigenvalues(model, loader, tol=1e-8)
+    plain = hessian_eigenvalues(model, loader, tol=1e-8, cache_chunks=0)
+    assert len(calls) == plain.n_hvp + plain.n_grad  # a forward per product: nothing kept
+    calls.clear()
+    result = hessian_eigenvalues(model, loader, tol=1e-8)  # "auto": a stream's graphs are kept as it goes
     handle.remove()
-    assert len(calls) == result.n_hvp + result.n_grad  # a forward per product: nothing kept
+    assert len(calls) == 1 + result.n_grad and result.n_hvp == plain.n_hvp
     assert torch.allclose(result.values, hessian_eigenvalues(model, mlp_batches((20,)), tol=1e-8).values, rtol=1e-10)
 
 
