@@ -11,8 +11,10 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from ..validation import (
+    BY_MODULE, check_block_name, check_blocks, check_cache_chunks, check_float, check_generator, check_int,
+)  # fmt: skip
 from ._graph_cache import CacheChunks
-from ..validation import BY_MODULE, check_block_name, check_blocks, check_cache_chunks, check_float, check_generator, check_int
 from ._losses import LossArg
 from ._params import resolve_params
 from ._restore import measurement_mode
@@ -117,6 +119,7 @@ def block_curvature(
     cache_chunks: CacheChunks = "auto",
     init: Mapping[str, Tensor] | None = None,
     gradient: Tensor | None = None,
+    error_ratio: float | None = None,
 ) -> dict[str, BlockCurvatureResult]:
     r"""Top eigenvalue and trace of each diagonal block :math:`H_{BB} = \nabla^2_{w_B} L(w)` of the Hessian.
 
@@ -124,8 +127,9 @@ def block_curvature(
     e.g. ``{"conv": "features.*", "head": "classifier.*"}``, or ``"by_module"``. For each block,
     :math:`L` is differentiated with respect to :math:`w_B` alone, every other parameter held
     fixed (:class:`Objective` with ``params``): :math:`\lambda_{\max}(H_{BB})` by :func:`lanczos`
-    with the eigenvalue's standard error over the mini-batches (as in
-    :func:`hessian_eigenvalues`), and :math:`\operatorname{tr} H_{BB}` by
+    with the eigenvalue's standard error over the mini-batches and ``tol`` or ``error_ratio``
+    as in :func:`hessian_eigenvalues` (``error_ratio=0.1``: each block's Lanczos stops at a tenth
+    of its eigenvalue's standard error), and :math:`\operatorname{tr} H_{BB}` by
     :func:`hutchinson_trace` with ``trace_probes`` probes, or exactly (``P_B`` products with
     the unit vectors, ``trace_se = 0``) when ``P_B <= trace_probes``. By Cauchy interlacing
     :math:`\lambda_{\max}(H_{BB}) \le \lambda_{\max}(H)`, and the blocks' traces sum to the
@@ -152,6 +156,7 @@ def block_curvature(
     """
     trace_probes, max_iter = check_int("trace_probes", trace_probes), check_int("max_iter", max_iter)
     cache_chunks, tol = check_cache_chunks(cache_chunks), check_float("tol", tol, inclusive=False)
+    error_ratio = None if error_ratio is None else check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
     base = int(torch.randint(2**62, (1,), generator=check_generator(generator)))
     resolved = resolve_blocks(model, blocks)
     named = dict(model.named_parameters())
@@ -167,7 +172,8 @@ def block_curvature(
             objective = Objective(model, batches, loss_fn, [named[p] for p in params], dtype)
             block_grad = None if gradient is None else torch.cat([gradient[slices[p]] for p in params])
             start = None if init is None else init.get(name)
-            out[name] = _one_block(objective, tuple(params), start, block_grad, gen, trace_probes, tol, max_iter, cache_chunks)
+            solver = {"tol": tol, "max_iter": max_iter, "error_ratio": error_ratio, "cache_chunks": cache_chunks}
+            out[name] = _one_block(objective, tuple(params), start, block_grad, gen, trace_probes, solver)
     return out
 
 
@@ -182,15 +188,18 @@ def _flat_slices(model: nn.Module) -> dict[str, slice]:
 
 def _one_block(
     objective: Objective, params: tuple[str, ...], init: Tensor | None, gradient: Tensor | None,
-    gen: torch.Generator, trace_probes: int, tol: float, max_iter: int, cache_chunks: CacheChunks,
+    gen: torch.Generator, trace_probes: int, solver: dict[str, Any],
 ) -> BlockCurvatureResult:  # fmt: skip
     size = objective.num_params
     if init is not None and init.numel() == size:
         vector, n_grad = _start_vector(init, size, objective.w0), 0
     else:  # no warm start, or the block changed size: a cold start
         vector, n_grad = _cold_start(objective, "gradient", gen, gradient)
-    operator = objective.hessian_operator(cache_chunks)
-    eig, se = lanczos_with_errors(objective, operator, vector, k=1, tol=tol, max_iter=max_iter, generator=gen)
+    operator = objective.hessian_operator(solver["cache_chunks"])
+    eig, se = lanczos_with_errors(
+        objective, operator, vector, k=1, tol=solver["tol"], max_iter=solver["max_iter"], generator=gen,
+        error_ratio=solver["error_ratio"],
+    )  # fmt: skip
     trace, trace_se = _trace(operator, trace_probes, gen)
     return BlockCurvatureResult(
         eig.values[0].item(), se[0].item(), trace, trace_se, size, operator.n_products, n_grad, eig.converged,

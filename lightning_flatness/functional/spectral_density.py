@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._graph_cache import CacheChunks
 from ..validation import check_bool, check_cache_chunks, check_choice, check_float, check_generator, check_int
+from ._graph_cache import CacheChunks
 from ._losses import LossArg
 from ._restore import measurement_mode
 from ._stats import mean_and_se

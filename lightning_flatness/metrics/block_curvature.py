@@ -13,6 +13,7 @@ from ..functional import block_curvature, resolve_blocks
 from ..functional.block_curvature import BlockSpec
 from ..validation import BY_MODULE, check_blocks, check_bool, check_cache_chunks, check_float, check_int
 from .base import FlatnessMetric, MeasurementContext
+from .hessian import FALLBACK_TOL
 
 
 class BlockCurvature(FlatnessMetric):
@@ -35,8 +36,9 @@ class BlockCurvature(FlatnessMetric):
             patterns of a mapping are checked against the model there too.
         trace_probes: Hutchinson probes per block (a block of at most this many parameters gets
             its exact trace from that many products).
-        tol, max_iter, cache_chunks: Lanczos' options, as for
-            :class:`~lightning_flatness.metrics.HessianEigenvalues`.
+        tol, error_ratio, max_iter, cache_chunks: Lanczos' options, as for
+            :class:`~lightning_flatness.metrics.HessianEigenvalues` (by default each block's
+            Lanczos stops where its eigenvalue's error is a tenth of its standard error).
         warm_start: start each block's Lanczos from its previous top eigenvector (checkpointed).
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
 
@@ -49,14 +51,16 @@ class BlockCurvature(FlatnessMetric):
     uses = ("gradient",)
 
     def __init__(
-        self, blocks: BlockSpec = BY_MODULE, trace_probes: int = 64, tol: float = 1e-4, max_iter: int = 100,
-        cache_chunks: int | str = "auto", warm_start: bool = True, every_n_epochs: int | None = None,
+        self, blocks: BlockSpec = BY_MODULE, trace_probes: int = 64, tol: float | None = None,
+        error_ratio: float = 0.1, max_iter: int = 100, cache_chunks: int | str = "auto", warm_start: bool = True,
+        every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
         spec = check_blocks(blocks)
         self.blocks = blocks
         self.trace_probes = check_int("trace_probes", trace_probes)
-        self.tol = check_float("tol", tol, inclusive=False)
+        self.tol = None if tol is None else check_float("tol (a relative tolerance, or None)", tol, inclusive=False)
+        self.error_ratio = check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
         self.max_iter = check_int("max_iter", max_iter)
         self.cache_chunks = check_cache_chunks(cache_chunks)
         self.warm_start = check_bool("warm_start", warm_start)
@@ -68,7 +72,8 @@ class BlockCurvature(FlatnessMetric):
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         results = block_curvature(
-            ctx.model, ctx.batches, ctx.loss_fn, self.blocks, trace_probes=self.trace_probes, tol=self.tol,
+            ctx.model, ctx.batches, ctx.loss_fn, self.blocks, trace_probes=self.trace_probes,
+            tol=FALLBACK_TOL if self.tol is None else self.tol, error_ratio=self.error_ratio if self.tol is None else None,
             max_iter=self.max_iter, generator=ctx.seed_for(self.name), dtype=ctx.dtype, cache_chunks=self.cache_chunks,
             init=self.vectors if self.warm_start else None, gradient=ctx.shared.gradient,
         )  # fmt: skip

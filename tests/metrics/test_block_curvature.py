@@ -52,12 +52,14 @@ def test_compute_is_the_functional_estimate_and_warm_starts_the_next():
     ctx = MeasurementContext(model=model, batches=batches, loss_fn="cross_entropy", epoch=1, seed=0, num_samples=20)
     out = metric.compute(ctx)
     assert set(out) == set(metric.keys) == block_keys("0", "2")
-    direct = block_curvature(model, batches, trace_probes=4, generator=ctx.seed_for("block_curvature"))
+    direct = block_curvature(model, batches, trace_probes=4, generator=ctx.seed_for("block_curvature"), error_ratio=0.1)
     assert out[keys.hessian_top_eig_block("2")] == direct["2"].top_eig
     assert out[keys.hessian_trace_block("0")] == direct["0"].trace
     assert set(metric.state_dict()["vectors"]) == {"0", "2"}
-    again = metric.compute(ctx)  # from last measurement's eigenvectors: the same eigenvalue
-    assert again[keys.hessian_top_eig_block("2")] == pytest.approx(direct["2"].top_eig, rel=1e-3)
+    again = metric.compute(ctx)  # from last measurement's eigenvectors: the same eigenvalue, within its error target
+    tight = block_curvature(model, batches, trace_probes=4, tol=1e-10, max_iter=300)["2"]
+    for value in (again[keys.hessian_top_eig_block("2")], direct["2"].top_eig):
+        assert abs(value - tight.top_eig) <= 0.1 * tight.top_eig_se
 
 
 def test_the_callback_logs_every_blocks_keys(tmp_path):
