@@ -28,7 +28,7 @@ from ._common import (
     Config, Row, Section, error_text, fmt_ratio, fmt_time, middle, model_label, plain_gradient, sync, timed,
 )  # fmt: skip
 from .callback_cost import _epoch_timer, _skipped, fit_module, loaders
-from .models import Workload, issue_cnn_workload, readme_workload, workloads
+from .models import Workload, issue_cnn_workload, readme_workload, resnet_workload, teacher_workload, workloads
 
 TARGET_TOTAL = 10.0  # gradient-equivalents of one warm measurement
 TARGET_PROJECTED = 1.10  # fit time with / without on a 50k-sample epoch
@@ -61,14 +61,27 @@ class FitResult:
     skipped: list[str]
 
 
+# Section 6's own workloads beside the benchmark's three: name -> (full size, toy size for ``--quick``).
+EXTRA = {
+    "teacher_mlp": (lambda d, seed: teacher_workload(d, seed), lambda d, seed: teacher_workload(d, seed, (40, 64))),
+    "resnet": (lambda d, seed: resnet_workload(d, seed), lambda d, seed: resnet_workload(d, seed, (8, 16), 8)),
+}
+
+
 def _plans(cfg: Config) -> list[Plan]:
     """The issue's workloads; ``--quick``: the toy models, two epochs of 256 samples."""
     if cfg.quick:
-        return [Plan(w, 256, 32, 2) for w in workloads("quick", cfg.device, cfg.models, cfg.seed)]
+        names = cfg.models or ("mlp", "cnn_bn", "transformer", *EXTRA)
+        toys = {w.name: w for w in workloads("quick", cfg.device, names, cfg.seed)}
+        toys.update({name: EXTRA[name][1](cfg.device, cfg.seed) for name in names if name in EXTRA})
+        return [Plan(toys[name], 256, 32, 2) for name in names if name in toys]
     plans = {
         "mlp": lambda: Plan(readme_workload(cfg.device, cfg.seed), 4000, 64, 3),  # the sweep's MLP on mnist1d's size
         "cnn_bn": lambda: Plan(issue_cnn_workload(cfg.device, cfg.seed), 2048, 128, 3),
         "transformer": lambda: Plan(workloads("eigen", cfg.device, ("transformer",), cfg.seed)[0], 4000, 64, 3),
+        # the user's report: 4000 samples, batch 64, 6 epochs
+        "teacher_mlp": lambda: Plan(EXTRA["teacher_mlp"][0](cfg.device, cfg.seed), 4000, 64, 6),
+        "resnet": lambda: Plan(EXTRA["resnet"][0](cfg.device, cfg.seed), 2048, 128, 3),  # as the CNN
     }
     return [plans[name]() for name in (cfg.models or tuple(plans))]
 
@@ -263,7 +276,12 @@ def _notes(cfg: Config, repeats: int) -> list[str]:
         f"a {PROJECTED_EPOCH // 1000}k-sample epoch at the same batch size, where the measurement keeps its size. The "
         "MLP is the batch-size sweep's 40-256-256-10 at mnist1d's 4000 samples (synthetic 40-dimensional inputs); the "
         "CNN is 3×3 convolutions (no bias) each followed by BatchNorm, ReLU and 2×2 max-pooling, then one linear "
-        "layer; the transformer is section 2's.",
+        "layer; the transformer is section 2's. The linear-teacher MLP is the same 40-256-256-10 on a user's task: "
+        "x ~ N(0, I₄₀), label = argmax of a fixed random linear map W x plus Gaussian noise of 0.5 × the logits' std, "
+        "fitted for 6 epochs. The ResNet is a 3×3 stem convolution of stride 2 (no bias) + BatchNorm + ReLU, then "
+        "one residual block per stage (conv-BN-ReLU-conv-BN plus the identity, or a strided 1×1 convolution + "
+        "BatchNorm where the shape changes, ReLU after the sum; every stage after the first halves the side again), "
+        "global average pooling and one linear layer, on the CNN's kind of 3×32×32 images.",
     ]
 
 

@@ -10,7 +10,7 @@ shows as an error cell, the rest still runs.
 
 Examples::
 
-    python -m benchmarks                      # full run (about 16 minutes on 2 CPU cores, 6 of them ``fit``)
+    python -m benchmarks                      # full run (about 17 minutes on 2 CPU cores, 7 of them ``fit``)
     python -m benchmarks --quick              # smoke run, under a minute, prints only
     python -m benchmarks --device cuda        # on a GPU
 """
@@ -31,7 +31,7 @@ import torch
 from ._common import Config, Section, error_text, met_str
 
 SECTION_NAMES = ("hvp", "eigen", "fisher", "memory", "callback", "fit")
-MODEL_NAMES = ("mlp", "cnn_bn", "transformer")
+MODEL_NAMES = ("mlp", "cnn_bn", "transformer", "teacher_mlp", "resnet")  # the last two: section ``fit`` only
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
@@ -112,7 +112,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("--quick", action="store_true", help="toy models and sizes: a smoke run under a minute")
     parser.add_argument("--sections", default=",".join(SECTION_NAMES), help=f"comma-separated subset of {SECTION_NAMES}")
-    parser.add_argument("--models", default=None, help=f"comma-separated subset of {MODEL_NAMES} (default all; quick: mlp)")
+    parser.add_argument("--models", default=None, nargs="+",
+                        help=f"subset of {MODEL_NAMES}, comma- or space-separated (default all; quick: mlp); "
+                        "teacher_mlp and resnet are measured in section fit only")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 5, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> str:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     sections_wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-    models = tuple(m.strip() for m in (args.models or ("mlp" if args.quick else ",".join(MODEL_NAMES))).split(",") if m.strip())
+    models = tuple(m.strip() for m in (",".join(args.models or ()) or ("mlp" if args.quick else ",".join(MODEL_NAMES))).split(",") if m.strip())
     for name in sections_wanted:
         if name not in SECTION_NAMES:
             raise SystemExit(f"unknown section {name!r}; choose from {SECTION_NAMES}")

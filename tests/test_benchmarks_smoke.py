@@ -44,3 +44,38 @@ def test_memory_probe_in_process():
     assert set(result["peaks"]) == {"128", "256"}
     assert all(isinstance(v, int) for v in result["peaks"].values())
     assert torch.get_num_threads() >= 1
+
+
+def test_fit_section_workloads():
+    """Section 6's own workloads: the linear-teacher MLP and the ResNet, at full and toy size."""
+    import torch
+
+    from benchmarks.models import resnet_workload, teacher_workload
+
+    cpu = torch.device("cpu")
+    teacher, net = teacher_workload(cpu), resnet_workload(cpu)
+    assert teacher.num_params == 78_858 and 50_000 <= net.num_params <= 100_000
+    assert teacher.label == "MLP 40-256-256-10, linear teacher" and net.label == "ResNet 16-32-64 on 3x32x32"
+    x, y = teacher.sample(2000, torch.Generator().manual_seed(0))
+    assert x.shape == (2000, 40) and set(y.tolist()) == set(range(10))
+    # the labels follow the teacher: least squares on x separates them far better than chance
+    onehot = torch.nn.functional.one_hot(y, 10).float()
+    fit = torch.linalg.lstsq(x, onehot).solution
+    assert ((x @ fit).argmax(dim=1) == y).float().mean() > 0.5
+    x2, y2 = teacher.sample(2000, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # seeded
+    images, _ = net.sample(4, torch.Generator().manual_seed(0))
+    assert images.shape == (4, 3, 32, 32) and net.model(images).shape == (4, 10)
+    toy = resnet_workload(cpu, channels=(8, 16), side=8)
+    assert toy.model(toy.sample(2, torch.Generator())[0]).shape == (2, 10)
+
+
+def test_quick_fit_section_runs_the_new_workloads():
+    """``--sections fit --quick`` on the linear-teacher MLP and the ResNet, the models space-separated."""
+    from benchmarks.run import main
+
+    text = main(["--quick", "--sections", "fit", "--models", "teacher_mlp", "resnet", "--repeats", "1", "--strict"])
+    table = text.split("## 6.")[1]
+    rows = [line for line in table.splitlines() if line.startswith(("| MLP", "| ResNet"))]
+    assert [r.split(" | ")[0] for r in rows] == ["| MLP 40-64-10, linear teacher (3.3k)", "| ResNet 8-16 on 3x8x8 (5.3k)"]
+    assert all("error:" not in r and r.count("×") >= 10 for r in rows)  # every part column filled
