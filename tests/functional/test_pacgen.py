@@ -223,7 +223,7 @@ def test_normalization_arguments_are_validated(kwargs, error, match):
 
 def test_first_order_diagonal_term_is_unbiased_with_an_honest_error_and_remainder(model_and_batches):
     """Each ρ probe's ``P·vᵀDHv`` against the dense oracle's ``Σ d_i H_ii``; the expansion's remainder against its bound."""
-    from lightning_flatness.functional.pacgen import _linear_diagonal_terms, _RhoDraws
+    from lightning_flatness.functional.pacgen import _linear_diagonal_terms, _remainder_bound, _RhoDraws
 
     model, batches = model_and_batches
     hessian = dense_hessian(model, batches)
@@ -243,22 +243,35 @@ def test_first_order_diagonal_term_is_unbiased_with_an_honest_error_and_remainde
     triples = terms.reshape(-1, 3)
     reported = (triples.var(dim=1) / 3).mean().sqrt().item()
     assert reported == pytest.approx(triples.mean(dim=1).std().item(), rel=0.15)
-    # Ψ(H) = Ψ(0) + Σ d_i H_ii − R with 0 <= R <= ‖DH‖_F², ``num_train`` scaling H and ρ.
+    # Ψ(H) = Ψ(0) + Σ d_i H_ii − R with 0 <= R <= 2 Σ (d_i H_ii)² <= 2‖DH‖_F², ``num_train`` scaling H and ρ;
+    # the bound made from the draws is above it.
     remainder = direct_psi(w, torch.zeros_like(w), n * rho, 0.1, 1.0) + exact - direct_psi(w, n * hessian.diagonal(), n * rho, 0.1, 1.0)
-    assert 0 <= remainder <= (d[:, None] * hessian).pow(2).sum().item()
+    assert 0 <= remainder <= 2 * (d * hessian.diagonal()).pow(2).sum().item() <= 2 * (d[:, None] * hessian).pow(2).sum().item()
+    estimates = dim * v * (v @ hessian) * d
+    assert remainder <= _remainder_bound(estimates[:3], dim * ((v[:3] @ hessian) * d).pow(2).sum(1).mean().item())
     # Without the spread the same remainder bound is too large: the diagonal must be estimated.
     assert _linear_diagonal_terms(_RhoDraws(torch.tensor([rho, rho]), v[:3], v[:3] @ hessian), noise, rho, None, n) is None
 
 
-def test_default_takes_the_diagonal_to_first_order_where_rho_dominates(model_and_batches):
-    model, batches = model_and_batches
+def test_default_takes_the_diagonal_to_first_order_where_its_remainder_is_a_tenth_of_the_error():
+    """Where the remainder bound lets the first-order diagonal through, Ψ is within 0.1 se of Ψ with the exact
+    diagonal (same ρ); on a 2k-parameter MLP the rule is met at about half the seeds (ρ's three draws decide)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 256), nn.Tanh(), nn.Linear(256, 3)).double()
+    batches = mlp_batches()
     diag = dense_hessian(model, batches).diagonal()
-    result = pacgen(model, batches, eps=1.0, generator=0)
-    assert result.n_hvp == 6 and result.curved_fraction == 1  # ρ's products, none for the diagonal
-    assert result == pacgen(model, batches, eps=1.0, generator=0)
-    exact = pacgen(model, batches, eps=1.0, rho=result.rho, hessian_diag=diag)  # the same ρ, the exact diagonal
-    without = pacgen(model, batches, eps=1.0, rho=result.rho, hessian_diag=torch.zeros_like(diag))
-    assert abs(result.value - exact.value) <= 2 * result.se and result.value != without.value
+    first_order = 0
+    for seed in range(10):
+        result = pacgen(model, batches, eps=1.0, generator=seed)
+        assert result == pacgen(model, batches, eps=1.0, generator=seed)
+        if result.n_hvp == 6:  # ρ's products, none for the diagonal
+            first_order += 1
+            exact = pacgen(model, batches, eps=1.0, rho=result.rho, hessian_diag=diag)
+            without = pacgen(model, batches, eps=1.0, rho=result.rho, hessian_diag=torch.zeros_like(diag))
+            assert abs(result.value - exact.value) <= 0.1 * result.se and result.value != without.value
+        else:
+            assert result.n_hvp == 6 + 16
+    assert first_order >= 4, first_order
 
 
 def test_default_estimates_the_diagonal_where_first_order_would_not_be_accurate(model_and_batches):
