@@ -295,18 +295,22 @@ class Objective:
 
     def _kept_graphs(self, leaves: list[Tensor], max_chunks: float, max_bytes: float) -> tuple[list, int, bool]:
         """The leading chunks' graphs ``(g, B, True)`` while at most ``max_chunks`` of them fit in ``max_bytes``
-        (measured by :class:`SavedBytes`): the graphs, their bytes, and whether every chunk is among them."""
+        (measured by :class:`SavedBytes`): the graphs, their bytes, and whether every chunk is among them.
+        Unless ``batches`` is a list or tuple, all chunks or none."""
         kept: list = []
         used = 0
         parameters = {t.untyped_storage().data_ptr() for t in [*leaves, *self._fixed.values()]}
+        # Only a sequence is sure to yield the same chunks in the same order again (a shuffling loader is not):
+        # from anything else a part is never kept beside rebuilt chunks, all or none.
+        partial = isinstance(self.batches, (list, tuple))
         for batch in self.iter_batches():
             if len(kept) >= max_chunks:
-                return kept, used, False
+                return (kept, used, False) if partial else ([], 0, False)
             with SavedBytes(parameters) as saved:
                 g, size = self._gradient_graph(leaves, batch)
             saved.add(*g)
             if used + saved.nbytes > max_bytes:  # this graph is dropped: it and the rest are rebuilt per product
-                return kept, used, False
+                return (kept, used, False) if partial else ([], 0, False)
             kept.append((g, size, True))
             used += saved.nbytes
         return kept, used, True
@@ -354,7 +358,10 @@ class HessianOperator(CurvatureOperator):
     ``cache_bytes`` (default :func:`graph_budget`: a quarter of the free CUDA memory, 1 GiB on
     CPU), so small models get the cheap products and large ones a peak memory that stops
     growing with the subsample at the budget; an integer keeps at most that many chunks'
-    graphs (``0``: none). ``kept_chunks`` and ``kept_bytes`` say what was kept.
+    graphs (``0``: none). Only from a list or tuple of batches are some chunks kept and the rest
+    rebuilt; any other iterable (e.g. a ``DataLoader``, which may shuffle) keeps all its chunks'
+    graphs or none, so a product never mixes two passes' chunks. ``kept_chunks`` and
+    ``kept_bytes`` say what was kept.
     ``chunk_observer``, when set, is called for every chunk of every product, in the data's
     order, as ``chunk_observer(v, Σ_{i∈chunk} ∇²ℓ_i v, chunk size)`` (flat tensors; the chunk's
     own, not reduced over processes): per-mini-batch parts of a product, e.g. for the sampling

@@ -98,3 +98,21 @@ def test_cache_chunks_is_validated():
     with pytest.raises(ValueError, match="cache_bytes"):
         hessian_eigenvalues(model, batches, cache_bytes=-1)
     assert HessianEigenvalues().cache_chunks == "auto"
+
+
+def test_a_shuffling_loader_is_kept_whole_or_not_at_all():
+    """A loader may yield other chunks on its next pass: a product never mixes kept chunks with rebuilt ones."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = tiny_mlp()
+    x, y = torch.cat([b[0] for b in mlp_batches((8, 8, 8, 8))]), torch.cat([b[1] for b in mlp_batches((8, 8, 8, 8))])
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with measurement_mode(model):
+        exact = Objective(model, [(x, y)]).hvp(v)
+        objective = Objective(model, loader)
+        for cache, kept in [(2, 0), ("auto", 4)]:
+            operator = objective.hessian_operator(cache)
+            assert operator.kept_chunks == kept
+            assert torch.allclose(operator @ v, exact, rtol=1e-12, atol=1e-14)
+        assert objective.hessian_operator("auto", cache_bytes=1).kept_chunks == 0
