@@ -366,8 +366,9 @@ class HessianOperator(CurvatureOperator):
     order, as ``chunk_observer(v, Σ_{i∈chunk} ∇²ℓ_i v, chunk size)`` (flat tensors; the chunk's
     own, not reduced over processes): per-mini-batch parts of a product, e.g. for the sampling
     error of a Rayleigh quotient. Build it inside
-    :func:`~lightning_flatness.functional.measurement_mode` (eval mode, autocast off); the kept
-    chunks' products no longer depend on the model's mode.
+    :func:`~lightning_flatness.functional.measurement_mode` (eval mode, autocast off) and use it
+    there, with the model's buffers and mode unchanged: the kept chunks' products no longer see
+    them, while rebuilt chunks would.
     """
 
     def __init__(

@@ -137,8 +137,11 @@ def _linear_diagonal_terms(
 
     At ``H = 0`` the curvature factor is ``c_i = sqrt(s ρ√m N_i)``; where it is above its floor,
     ``∂Ψ/∂H_ii = d_i = s / (2c_i²)`` and ``Ψ(H) = Ψ(0) + Σ_i d_i H_ii − R`` with
-    ``R = Σ_i ½(x_i − log(1 + x_i))``, ``x_i = 2 d_i H_ii``: ``0 ≤ R ≤ Σ_i d_i² H_ii²`` where
-    every ``H_ii ≥ 0``, and twice that for ``|x_i| ≤ ½`` of either sign. A unit ``v`` uniform on
+    ``R = Σ_i ½(x_i − log(1 + x_i))``, ``x_i = 2 d_i H_ii``, while ``c_i² (1 + x_i)`` stays above the
+    floor ``1/N_i²``: ``0 ≤ R ≤ Σ_i d_i² H_ii²`` where every ``H_ii ≥ 0``, and twice that for
+    ``x_i ≥ −½``. A coordinate with ``m_i = 1 − 1/(N_i² c_i²)`` below ``|x_i|`` falls onto the floor,
+    where its error is linear in ``x_i``; ``|error_i| ≤ x_i² / (2 min(1, m_i))`` covers both cases,
+    so each coordinate's term enters the bound weighted by ``1/min(1, m_i)``. A unit ``v`` uniform on
     the sphere has ``E[P v vᵀ] = I``, so ``P·vᵀ D H v`` (the products ``H v`` of ρ's draws) is
     unbiased for ``Σ_i d_i H_ii``, and so is ``P v ⊙ D H v`` for ``d_i H_ii`` coordinate by
     coordinate: :func:`_remainder_bound` makes ``2 Σ_i d_i² H_ii²`` of it. ``None`` (the caller then
@@ -158,7 +161,11 @@ def _linear_diagonal_terms(
     d = torch.where(curved, scale / (2 * curvature), torch.zeros_like(curvature))
     hv = draws.products.to(d)
     estimates = dim * draws.vectors.to(d) * hv * d  # (K, P): each draw's unbiased d_i H_ii
-    bound = _remainder_bound(estimates, dim * (hv * d).pow(2).sum(1).mean().item())
+    # A coordinate near its floor (N_i²c_i² close to 1) falls onto it for a small negative H_ii, where the error
+    # is linear in x_i: |error_i| <= x_i² / (2 min(1, m_i)) with m_i = 1 - 1/(N_i²c_i²) covers both sides.
+    margin = torch.where(curved, 1 - noise.pow(-2) / curvature, torch.ones_like(curvature)).clamp(max=1.0)
+    weight = margin.clamp_min(torch.finfo(margin.dtype).tiny).rsqrt().to(d)
+    bound = _remainder_bound(estimates * weight, dim * (hv * d * weight).pow(2).sum(1).mean().item())
     if not bound <= REMAINDER_RATIO * abs(_dpsi_drho(d, noise)) * draws.ratios.std().item():
         return None
     return estimates.sum(1).cpu()
@@ -376,7 +383,7 @@ def pacgen(
     that bound is within a tenth of the error :math:`\hat\rho` already carries (and no coordinate
     at its floor could leave it, which ``hessian_max`` must show) is the first order used. Otherwise, and when ``rho`` is given, the diagonal is
     estimated with 16 probes. The result's ``n_hvp`` tells which: ``2 * rho_probes`` alone
-    means first order.
+    means the diagonal was not estimated (first order, or, with ``hessian_max``, not needed).
 
     ``normalization`` says which loss the bound behind Ψ takes these of (derived in
     ``docs/metrics.md``): ``"sum"`` (default), the summed training loss :math:`nL`, so

@@ -283,3 +283,33 @@ def test_default_estimates_the_diagonal_where_first_order_would_not_be_accurate(
     assert pacgen(model, batches, eps=1.0, rho=0.05, generator=0).n_hvp == 16  # ρ given: no products to reuse
     explicit = pacgen(model, batches, eps=1.0, num_probes=16, generator=0)
     assert explicit.n_hvp == 16 + 6  # an explicit num_probes always estimates the diagonal
+
+
+def test_first_order_bound_covers_coordinates_that_a_negative_diagonal_puts_on_their_floor():
+    """At a maximum (H = −h·I) with every coordinate just above its floor at H = 0, a small negative H_ii takes it
+    onto the floor, where the first order's error is linear in x_i = 2 d_i H_ii: the bound weights such coordinates
+    by 1/m_i, m_i = 1 − 1/(N_i²c_i²). Before, the rule let through errors of 0.43 (earlier 2.6) standard errors."""
+    dim, h, kappa = 400, 0.06, 40.0
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+
+    def loss_fn(model, batch):  # a cubic in three coordinates gives ρ
+        w = model.w
+        return (-0.5 * h * (w * w).sum() + kappa / 6 * (w[:3] ** 3).sum()).expand(batch.shape[0]) * 1.0
+
+    model, batches = Toy(), [torch.zeros(4, 1, dtype=torch.float64)]
+    exact_diag = torch.full((dim,), -h, dtype=torch.float64)
+    accepted, worst = 0, 0.0
+    for seed in range(20):
+        rho = pacgen(model, batches, loss_fn, num_train=10**6, generator=seed).rho
+        edge = 1 / (rho * math.sqrt(dim) * 0.1**3)  # the num_train that puts every coordinate at its floor at H = 0
+        for n in sorted({math.ceil(edge * f) for f in (1.005, 1.02, 1.05, 1.1, 1.3, 2.0)}):
+            result = pacgen(model, batches, loss_fn, num_train=n, generator=seed)
+            if result.n_hvp == 6 and result.curved > 0:
+                accepted += 1
+                exact = pacgen(model, batches, loss_fn, num_train=n, rho=result.rho, hessian_diag=exact_diag)
+                worst = max(worst, abs(result.value - exact.value) / result.se)
+    assert accepted >= 3 and worst <= 0.1, (accepted, worst)
