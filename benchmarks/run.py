@@ -4,13 +4,14 @@ Sections (``--sections`` picks some): ``hvp`` (HVP / gradient), ``eigen`` (top e
 PyHessian and eigsh on curvlinops), ``fisher`` (Fisher trace vs a loop and BackPACK), ``memory``
 (peak memory vs subsample size), ``callback`` (the whole ``FlatnessCallback`` measurement in
 gradient-equivalents), ``fit`` (the callback at its defaults in ``Trainer.fit``: one measurement in
-gradients, fit time with / without, the projected factor on a 50k-sample epoch). Peers
-(``pyhessian``, ``curvlinops-for-pytorch``, ``backpack-for-pytorch``) are optional: a missing one
-shows as an error cell, the rest still runs.
+gradients, fit time with / without, the projected factor on a 50k-sample epoch), ``error`` (the
+top eigenvalue's total error against the whole data set's at equal cost, vs PyHessian and Cockpit's
+``HessMaxEV``). Peers (``pyhessian``, ``curvlinops-for-pytorch``, ``backpack-for-pytorch``,
+``cockpit-for-pytorch``) are optional: a missing one shows as an error cell, the rest still runs.
 
 Examples::
 
-    python -m benchmarks                      # full run (about 17 minutes on 2 CPU cores, 7 of them ``fit``)
+    python -m benchmarks                      # full run (about 23 minutes on 2 CPU cores, 7 of them ``fit``, 6 ``error``)
     python -m benchmarks --quick              # smoke run, under a minute, prints only
     python -m benchmarks --device cuda        # on a GPU
 """
@@ -30,7 +31,7 @@ import torch
 
 from ._common import Config, Section, error_text, met_str
 
-SECTION_NAMES = ("hvp", "eigen", "fisher", "memory", "callback", "fit")
+SECTION_NAMES = ("hvp", "eigen", "fisher", "memory", "callback", "fit", "error")
 MODEL_NAMES = ("mlp", "cnn_bn", "transformer", "teacher_mlp", "resnet")  # the last two: section ``fit`` only
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -46,6 +47,8 @@ def _section_fn(name: str) -> Callable[[Config], Section]:
         from .memory import run
     elif name == "fit":
         from .fit_cost import run
+    elif name == "error":
+        from .eigen_error import run
     else:
         from .callback_cost import run
     return run
@@ -55,7 +58,7 @@ def _peer_versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for dist in ("pyhessian", "curvlinops-for-pytorch", "backpack-for-pytorch", "scipy"):
+    for dist in ("pyhessian", "curvlinops-for-pytorch", "backpack-for-pytorch", "cockpit-for-pytorch", "scipy"):
         try:
             out.append(f"{dist} {version(dist)}")
         except PackageNotFoundError:

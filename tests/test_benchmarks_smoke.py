@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import pytest
 
@@ -79,3 +80,23 @@ def test_quick_fit_section_runs_the_new_workloads():
     rows = [line for line in table.splitlines() if line.startswith(("| MLP", "| ResNet"))]
     assert [r.split(" | ")[0] for r in rows] == ["| MLP 40-64-10, linear teacher (3.3k)", "| ResNet 8-16 on 3x8x8 (5.3k)"]
     assert all("error:" not in r and r.count("×") >= 10 for r in rows)  # every part column filled
+
+
+def test_quick_error_section(tmp_path):
+    """Section 7 on the toy MLP: ours, PyHessian and Cockpit each give a curve and an error at ours' cost."""
+    pytest.importorskip("pyhessian")
+    with warnings.catch_warnings():  # cockpit-for-pytorch imports pkg_resources (setuptools < 81)
+        warnings.simplefilter("ignore")
+        pytest.importorskip("cockpit")
+    from benchmarks.run import main
+
+    out = tmp_path / "RESULTS.md"
+    text = main(["--quick", "--models", "mlp", "--sections", "error", "--out", str(out), "--strict"])
+    assert out.read_text() == text
+    assert "top eig total error at equal cost, ours / best peer" in text
+    table = text.split("## 7.")[1].split("\n\n")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| MLP")]
+    assert len(rows) == 4 and "error:" not in table
+    for row in rows[:3]:  # ours, PyHessian, Cockpit; then ours without the check, for reference
+        assert "%" in row.split("|")[4]  # an error at ours' cost: each peer's sizes bracket it
+    assert "verify=False" in rows[3]
