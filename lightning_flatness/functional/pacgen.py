@@ -20,7 +20,7 @@ from .objective import HessianOperator, Objective
 NORMALIZATIONS = ("sum", "mean")
 # Hutchinson probes of the diagonal when ``num_probes=None`` cannot take the diagonal to first order.
 DIAGONAL_PROBES = 16
-# The first-order diagonal is taken where its remainder is at most this fraction of ρ̂'s part of Ψ's error.
+# The first-order diagonal is taken where its remainder is at most this fraction of Ψ's standard error.
 REMAINDER_RATIO = 0.1
 
 
@@ -146,9 +146,9 @@ def _linear_diagonal_terms(
     unbiased for ``Σ_i d_i H_ii``, and so is ``P v ⊙ D H v`` for ``d_i H_ii`` coordinate by
     coordinate: :func:`_remainder_bound` makes ``2 Σ_i d_i² H_ii²`` of it. ``None`` (the caller then
     estimates the diagonal) when a coordinate at its floor could leave it (no ``hessian_max`` to
-    show it cannot), when the bound on ``R`` exceeds a tenth of the error ρ̂ already carries (one
-    standard deviation of its draws times ``|∂Ψ/∂ρ|``, a part of Ψ's standard error), or with a
-    single draw (no spread to compare with).
+    show it cannot), when the bound on ``R`` exceeds a tenth of Ψ's standard error from the same
+    draws (``ρ̂``'s part and the first-order term's, as :func:`_standard_error` adds them), or with
+    a single draw (no spread to compare with).
     """
     dim = noise.numel()
     curvature = scale * rho * math.sqrt(dim) * noise  # c_i², of H = 0
@@ -166,9 +166,11 @@ def _linear_diagonal_terms(
     margin = torch.where(curved, 1 - noise.pow(-2) / curvature, torch.ones_like(curvature)).clamp(max=1.0)
     weight = margin.clamp_min(torch.finfo(margin.dtype).tiny).rsqrt().to(d)
     bound = _remainder_bound(estimates * weight, dim * (hv * d * weight).pow(2).sum(1).mean().item())
-    if not bound <= REMAINDER_RATIO * abs(_dpsi_drho(d, noise)) * draws.ratios.std().item():
+    terms = estimates.sum(1)
+    psi_se = math.sqrt(_rho_error(d, noise, draws.ratios) ** 2 + (terms.var() / terms.numel()).item())
+    if not bound <= REMAINDER_RATIO * psi_se:
         return None
-    return estimates.sum(1).cpu()
+    return terms.cpu()
 
 
 def _remainder_bound(estimates: Tensor, frobenius: float) -> float:
@@ -189,6 +191,15 @@ def _remainder_bound(estimates: Tensor, frobenius: float) -> float:
     u_statistic = ((gram.sum() - gram.diagonal().sum()) / pairs).item()
     pair_spread = math.sqrt(max(((spreads.sum() - spreads.diagonal().sum()) / pairs).item(), 0.0))
     return min(2 * (max(u_statistic, 0.0) + 3 * pair_spread), 2 * frobenius)
+
+
+def _rho_error(dpsi_dh: Tensor, noise: Tensor, draws: Tensor) -> float:
+    """``ρ̂``'s part of Ψ's standard error: ``|∂Ψ/∂ρ|`` times one draw's spread (``s/c₄``; NaN with one draw)."""
+    k = draws.numel()
+    if k < 2:
+        return math.nan
+    c4 = math.sqrt(2 / (k - 1)) * math.exp(math.lgamma(k / 2) - math.lgamma((k - 1) / 2))
+    return abs(_dpsi_drho(dpsi_dh, noise)) * draws.std().item() / c4
 
 
 def _dpsi_drho(dpsi_dh: Tensor, noise: Tensor) -> float:
@@ -331,11 +342,10 @@ def _standard_error(inputs: _PACGenInputs, curvature: Tensor, curved: Tensor) ->
         t = inputs.diag_terms.to(dpsi_dh) @ dpsi_dh  # each probe's linearized Ψ
         var += (t.var() / t.numel()).item() if t.numel() > 1 else math.nan
     if inputs.rho_draws is not None:
-        k = inputs.rho_draws.numel()
-        if k < 2:
+        rho_error = _rho_error(dpsi_dh, inputs.noise, inputs.rho_draws)
+        if rho_error != rho_error:
             return math.nan
-        c4 = math.sqrt(2 / (k - 1)) * math.exp(math.lgamma(k / 2) - math.lgamma((k - 1) / 2))
-        var += (_dpsi_drho(dpsi_dh, inputs.noise) * inputs.rho_draws.std().item() / c4) ** 2
+        var += rho_error**2
     if inputs.linear_terms is not None:  # the first-order diagonal term: a mean over ρ's probes
         var += (inputs.linear_terms.var() / inputs.linear_terms.numel()).item()
     return math.sqrt(var)
@@ -380,7 +390,7 @@ def pacgen(
     :math:`H v_k` make one unbiased Hutchinson probe of it. The remainder of the expansion is at
     most :math:`2\sum_i d_i^2 H_{ii}^2` (:math:`d_i = \partial\Psi/\partial H_{ii}`), bounded from
     the same products (a U-statistic over pairs of draws plus three times its spread); only when
-    that bound is within a tenth of the error :math:`\hat\rho` already carries (and no coordinate
+    that bound is within a tenth of Ψ's standard error (and no coordinate
     at its floor could leave it, which ``hessian_max`` must show) is the first order used. Otherwise, and when ``rho`` is given, the diagonal is
     estimated with 16 probes. The result's ``n_hvp`` tells which: ``2 * rho_probes`` alone
     means the diagonal was not estimated (first order, or, with ``hessian_max``, not needed).

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -58,8 +59,16 @@ FIRST_ORDER_PRODUCTS: list[int] = []
 
 
 def pacgen_first_order(batches) -> tuple[float, float]:
-    """The default ``num_probes=None`` where the diagonal mostly enters to first order (a wide box: ρ√m N_i dominates)."""
-    result = pacgen(MODEL, batches, num_train=1000, eps=1.0, generator=next(SEEDS))
+    """The default ``num_probes=None`` with the diagonal to first order in every draw (a wide box: ρ√m N_i
+    dominates): the rule that admits it, a bound on the remainder against a tenth of the error, is relaxed here
+    (on this 51-parameter model the bound rarely shows it; ``test_pacgen.py`` tests the rule), so the error bar
+    of the first-order path itself is what is checked."""
+    module = importlib.import_module("lightning_flatness.functional.pacgen")
+    ratio, module.REMAINDER_RATIO = module.REMAINDER_RATIO, math.inf
+    try:
+        result = pacgen(MODEL, batches, num_train=1000, eps=1.0, generator=next(SEEDS))
+    finally:
+        module.REMAINDER_RATIO = ratio
     FIRST_ORDER_PRODUCTS.append(result.n_hvp)
     return result.value, result.se
 
@@ -75,8 +84,8 @@ def gap_loss_and_se(batches) -> tuple[float, float]:
 def test_reported_error_matches_the_spread_over_redrawn_subsamples(name):
     spread, reported = draws(128, ESTIMATORS[name])
     assert reported == pytest.approx(spread, rel=0.25), (name, spread, reported)
-    if name == "pacgen_first_order":  # the path under test was taken (ρ's 6 products alone) in most draws
-        assert FIRST_ORDER_PRODUCTS.count(6) >= 0.6 * len(FIRST_ORDER_PRODUCTS), FIRST_ORDER_PRODUCTS
+    if name == "pacgen_first_order":  # the path under test was taken (ρ's 6 products alone) in every draw
+        assert FIRST_ORDER_PRODUCTS.count(6) == len(FIRST_ORDER_PRODUCTS), FIRST_ORDER_PRODUCTS
 
 
 @pytest.mark.parametrize("name", ["hessian_top_eig", "grad_cosine_regret", "fisher_trace"])
