@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
-from ._affine_batch_norm import affine_batch_norm
 from ..validation import check_cache_chunks
+from ._affine_batch_norm import affine_batch_norm
 from ._graph_cache import CacheChunks, SavedBytes, cache_limits
 from ._losses import LossArg, LossFn, builtin_losses_and_correct, resolve_loss_fn, split_output
 from ._params import flatten, resolve_params, unflatten
@@ -305,15 +305,17 @@ class Objective:
         partial = isinstance(self.batches, (list, tuple))
         for batch in self.iter_batches():
             if len(kept) >= max_chunks:
-                return (kept, used, False) if partial else ([], 0, False)
+                break
             with SavedBytes(parameters) as saved:
                 g, size = self._gradient_graph(leaves, batch)
             saved.add(*g)
             if used + saved.nbytes > max_bytes:  # this graph is dropped: it and the rest are rebuilt per product
-                return (kept, used, False) if partial else ([], 0, False)
+                break
             kept.append((g, size, True))
             used += saved.nbytes
-        return kept, used, True
+        else:
+            return kept, used, True
+        return (kept, used, False) if partial else ([], 0, False)
 
     def _hvps_on(
         self, graphs: Iterable[tuple[Sequence[Tensor], int, bool]], leaves: list[Tensor], vectors: Tensor,

@@ -181,7 +181,7 @@ def _remainder_bound(estimates: Tensor, frobenius: float) -> float:
     The pairs of independent draws make a U-statistic, unbiased for ``Σ_i (d_i H_ii)²``; one pair's
     spread, ``sqrt(Σ_i e_ki² e_li²)``, is far below it (about ``‖DH‖_F²/√P`` when the mass is spread
     over the coordinates), and three of them are added. On the linear-teacher MLP of the benchmarks
-    (P = 79k) ``‖DH‖_F²`` is 2,000–3,300 and ``Σ_i (d_i H_ii)²`` 12–21 (64 probes): this is 120–230.
+    (P = 79k) ``‖DH‖_F²`` is 2,000–3,300 and ``Σ_i (d_i H_ii)²`` 12–21 (64 probes): this is 120–480.
     """
     k = estimates.shape[0]
     gram = (estimates @ estimates.T).to(torch.float64)

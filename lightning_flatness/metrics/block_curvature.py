@@ -13,7 +13,7 @@ from ..functional import block_curvature, resolve_blocks
 from ..functional.block_curvature import BlockSpec
 from ..validation import BY_MODULE, check_blocks, check_bool, check_cache_chunks, check_float, check_int
 from .base import FlatnessMetric, MeasurementContext
-from .hessian import FALLBACK_TOL
+from .hessian import stopping_rule
 
 
 class BlockCurvature(FlatnessMetric):
@@ -73,8 +73,7 @@ class BlockCurvature(FlatnessMetric):
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         results = block_curvature(
             ctx.model, ctx.batches, ctx.loss_fn, self.blocks, trace_probes=self.trace_probes,
-            tol=FALLBACK_TOL if self.tol is None else self.tol, error_ratio=self.error_ratio if self.tol is None else None,
-            max_iter=self.max_iter, generator=ctx.seed_for(self.name), dtype=ctx.dtype, cache_chunks=self.cache_chunks,
+            **stopping_rule(self.tol, self.error_ratio), max_iter=self.max_iter, generator=ctx.seed_for(self.name), dtype=ctx.dtype, cache_chunks=self.cache_chunks,
             init=self.vectors if self.warm_start else None, gradient=ctx.shared.gradient,
         )  # fmt: skip
         self.vectors = {name: r.vector.detach() for name, r in results.items()}

@@ -20,6 +20,14 @@ SCREEN_MARGIN = 2.0
 FALLBACK_TOL = 1e-4
 
 
+def stopping_rule(tol: float | None, error_ratio: float) -> dict[str, float | None]:
+    """Lanczos' ``tol`` and ``error_ratio`` for a metric's options: ``tol=None`` stops at ``error_ratio`` of the
+    standard error (``FALLBACK_TOL`` where there is none); a float keeps the change-and-residual rule alone."""
+    if tol is None:
+        return {"tol": FALLBACK_TOL, "error_ratio": error_ratio}
+    return {"tol": tol, "error_ratio": None}
+
+
 class HessianEigenvalues(FlatnessMetric):
     """The ``k`` largest eigenvalues of the loss Hessian on the measurement subsample (Lanczos).
 
@@ -109,9 +117,7 @@ class HessianEigenvalues(FlatnessMetric):
     def solver_options(self) -> dict[str, Any]:
         """The Lanczos options of :func:`~lightning_flatness.functional.hessian_eigenvalues` this metric uses
         (also for the landscape's eigenvector)."""
-        matched = self.tol is None
-        return {"tol": FALLBACK_TOL if matched else self.tol, "error_ratio": self.error_ratio if matched else None,
-                "max_iter": self.max_iter, "verify": self.verify}  # fmt: skip
+        return {**stopping_rule(self.tol, self.error_ratio), "max_iter": self.max_iter, "verify": self.verify}
 
     def _warn_unconverged(self, res: Any) -> None:
         """Once per metric: a value Lanczos did not converge to is logged, but never without a sign."""
