@@ -31,6 +31,9 @@ def test_the_top_eigenvalue_is_followed_when_the_top_two_swap(angle):
     """Epoch 1: eigenvalues 8 (e₁) and 7.22 (e₂); epoch 2: 8 along ≈ e₂ and 7.22 along ≈ e₁. Warm-started from
     epoch 1's vector, which is now the second eigenvector, the metric logged 7.22 (with ``verify=False``
     still); with the check it logs 8."""
+    # Seeded: the weights set the cold start's gradient, and torch seeds its global RNG afresh in every process.
+    # Unseeded, 1 run in 4 ended 4e-4 (relative; 0.007 se, within the default rule) short of 8.
+    torch.manual_seed(0)
     model = torch.nn.Linear(40, 1, bias=False).double()
     epochs = [([2.0, 1.9] + BULK, 0.0), ([1.9, 2.0] + BULK, angle)]
     logged = {}
