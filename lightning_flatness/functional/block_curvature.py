@@ -19,8 +19,8 @@ from ._losses import LossArg
 from ._params import resolve_params
 from ._restore import measurement_mode
 from .hessian_eigenvalues import _cold_start, _start_vector, lanczos_with_errors
-from .hutchinson import hutchinson_trace
-from .objective import HessianOperator, Objective
+from .hutchinson import exact_trace, hutchinson_trace
+from .objective import Objective
 
 BlockSpec = Union[str, Mapping[str, Union[str, Sequence[str]]]]  # noqa: UP007 - a runtime alias LightningCLI reads
 
@@ -31,8 +31,8 @@ class BlockCurvatureResult:
 
     ``top_eig``: its largest eigenvalue (Lanczos), ``top_eig_se`` the standard error over the
     draw of the mini-batches (NaN with one mini-batch). ``trace``: ``tr H_BB`` (Hutchinson),
-    ``trace_se`` its standard error over the probes (0 when computed exactly, see
-    :func:`block_curvature`). ``num_params``: ``P_B``. ``n_hvp``: block products made (Lanczos
+    ``trace_se`` its standard error over the probes and the mini-batches (the mini-batches' alone
+    when computed exactly, see :func:`block_curvature`; NaN then with one mini-batch). ``num_params``: ``P_B``. ``n_hvp``: block products made (Lanczos
     and trace), ``n_grad``: block gradients (the start vector). ``vector``: the unit top
     eigenvector ``(P_B,)``, to warm-start the next measurement. ``params``: the parameter names.
     """
@@ -130,8 +130,10 @@ def block_curvature(
     with the eigenvalue's standard error over the mini-batches and ``tol`` or ``error_ratio``
     as in :func:`hessian_eigenvalues` (``error_ratio=0.1``: each block's Lanczos stops at a tenth
     of its eigenvalue's standard error), and :math:`\operatorname{tr} H_{BB}` by
-    :func:`hutchinson_trace` with ``trace_probes`` probes, or exactly (``P_B`` products with
-    the unit vectors, ``trace_se = 0``) when ``P_B <= trace_probes``. By Cauchy interlacing
+    :func:`hutchinson_trace` with ``trace_probes`` probes (with ``error_ratio``, stopped at the first
+    block of 8 whose probe error is within that fraction of the mini-batches' error, at most
+    ``trace_probes``), or exactly (``P_B`` products with the unit vectors, no probe error) when
+    ``P_B <= trace_probes``; ``trace_se`` holds both errors (:class:`TraceResult`). By Cauchy interlacing
     :math:`\lambda_{\max}(H_{BB}) \le \lambda_{\max}(H)`, and the blocks' traces sum to the
     trace over the parameters they cover.
 
@@ -200,16 +202,10 @@ def _one_block(
         objective, operator, vector, k=1, tol=solver["tol"], max_iter=solver["max_iter"], generator=gen,
         error_ratio=solver["error_ratio"],
     )  # fmt: skip
-    trace, trace_se = _trace(operator, trace_probes, gen)
+    trace = exact_trace(operator) if size <= trace_probes else hutchinson_trace(
+        operator, trace_probes, gen, error_ratio=solver["error_ratio"])  # fmt: skip
     return BlockCurvatureResult(
-        eig.values[0].item(), se[0].item(), trace, trace_se, size, operator.n_products, n_grad, eig.converged,
+        eig.values[0].item(), se[0].item(), trace.value, trace.se, size, operator.n_products, n_grad, eig.converged,
         eig.vectors[0], params,
     )  # fmt: skip
 
-
-def _trace(operator: HessianOperator, probes: int, gen: torch.Generator) -> tuple[float, float]:
-    """Hutchinson's estimate and its standard error; exact (se 0) when ``P_B`` unit vectors cost no more."""
-    if operator.num_params <= probes:
-        return operator.to_dense().diagonal().sum().item(), 0.0
-    result = hutchinson_trace(operator, probes, gen)
-    return result.value, result.se

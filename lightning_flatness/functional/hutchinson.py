@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ._graph_cache import CacheChunks
 from ._losses import LossArg
-from .objective import Objective
+from .objective import HessianOperator, Objective
 from .operator import CurvatureOperator
 from ._restore import measurement_mode
-from ._stats import renamed_field
-from ..validation import check_generator, check_int
+from ._stats import MeanAccumulator, renamed_field
+from ..validation import check_cache_chunks, check_float, check_generator, check_int
 
 # Probes evaluated together share one forward and one first backward pass per chunk.
 PROBE_BLOCK = 8
@@ -22,13 +24,58 @@ PROBE_BLOCK = 8
 
 @dataclass(frozen=True)
 class TraceResult:
-    """``value`` = estimate of ``tr ∇²L``, ``se`` = its standard error (``stderr``: deprecated)."""
+    """``value``: the estimate of ``tr A``; ``se``: its standard error, ``sqrt(probe_se² + sample_se²)``
+    (``probe_se`` alone where there is no ``sample_se``); ``stderr``: deprecated.
+
+    ``probe_se``: the part of the probes (the spread of the ``S`` probe terms over ``√S``; 0 for an
+    exact trace). ``sample_se``: the part of the data, for a Hessian over several mini-batches
+    (batch means of each mini-batch's share of the estimate; NaN otherwise). The two are added in
+    quadrature: each also holds the probe-by-mini-batch interaction over ``S·B``, so the sum is
+    conservative by that term, which is the smaller of the two parts' own shares.
+    """
 
     value: float
     se: float
     n_hvp: int
+    probe_se: float = math.nan
+    sample_se: float = math.nan
 
     stderr = renamed_field("se", "stderr")
+
+
+class ChunkQuadraticForms:
+    """A :attr:`HessianOperator.chunk_observer` that keeps ``vᵀ H_c v`` per product vector and chunk.
+
+    ``H_c = Σ_{i∈c} ∇²ℓ_i`` is the chunk's summed Hessian; this process's chunks only. Each
+    vector's row lists its chunks in the data's order (the operator passes the same tensor
+    object for every chunk of one product). Cost: one dot product per chunk and vector.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[int, list[float]] = {}
+        self.sizes: list[int] = []
+
+    def __call__(self, vector: Tensor, chunk_product: Tensor, size: int) -> None:
+        row = self._rows.setdefault(id(vector), [])
+        if len(row) == len(self.sizes):
+            self.sizes.append(size)
+        row.append(float(vector.to(torch.float64) @ chunk_product.to(torch.float64)))
+
+    def take(self) -> Tensor:
+        """``(K, C)`` float64: the forms of the vectors seen since the last call, in order; then forgets them
+        (so a later vector may reuse a freed one's ``id``)."""
+        rows = list(self._rows.values())
+        self._rows = {}
+        return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(self.sizes))
+
+
+def sample_error(forms: Tensor, sizes: list[int], reduce: Callable[[Tensor], Tensor], scale: float = 1.0) -> float:
+    """The data's part of the standard error of ``scale · mean_s Σ_c forms[s, c] / N``: batch means of the
+    chunks' shares ``scale · mean_s forms[s, c] / n_c``, weighted by ``n_c``, over every process's chunks."""
+    acc = MeanAccumulator()
+    if forms.numel():
+        acc.add(scale * forms.mean(0) / torch.tensor(sizes, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64))
+    return acc.result(reduce)[1].item()
 
 
 def rademacher(num: int, dim: int, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -49,21 +96,80 @@ def probe_products(operator: CurvatureOperator, num_probes: int, generator: torc
 
 
 def hutchinson_trace(
-    operator: CurvatureOperator, num_probes: int = 64, generator: torch.Generator | int | None = None
+    operator: CurvatureOperator, num_probes: int = 64, generator: torch.Generator | int | None = None,
+    *, error_ratio: float | None = None,
 ) -> TraceResult:
     r"""Hutchinson estimate of :math:`\operatorname{tr} A` for any symmetric ``operator``.
 
     :math:`\hat t = \frac1S\sum_{s=1}^S z_s^\top A z_s` with Rademacher probes
     :math:`z_s \in \{\pm1\}^P`; unbiased, with variance :math:`2\sum_{i\ne j}A_{ij}^2 / S`
-    (the smallest among probe distributions with i.i.d. entries). ``se`` is the sample
-    standard deviation of the ``S`` terms over :math:`\sqrt S` (0 when ``S = 1``). Cost:
-    ``num_probes`` products, in blocks of 8 columns.
+    (the smallest among probe distributions with i.i.d. entries). ``probe_se`` is the sample
+    standard deviation of the ``S`` terms over :math:`\sqrt S` (0 when ``S = 1``). For a Hessian
+    over mini-batches (:class:`HessianOperator`), each product arrives chunk by chunk, and the
+    chunks' shares of the estimate give ``sample_se``, the error of the data, without another
+    product; ``se`` adds both (:class:`TraceResult`).
+
+    ``error_ratio`` (a Hessian over at least two mini-batches): the probes are drawn in blocks of 8
+    and stop after the first block that leaves ``probe_se <= error_ratio · sample_se``, or at
+    ``num_probes``, whichever comes first; ``0.1`` adds at most half a percent to the total
+    error. The decision uses sums reduced over processes, so every process stops at the same
+    probe. Cost: ``num_probes`` products (fewer with ``error_ratio``), in blocks of 8 columns.
     """
     num_probes = check_int("num_probes", num_probes)
     gen = check_generator(generator)
-    terms = torch.cat([(z * az).sum(1) for z, az in probe_products(operator, num_probes, gen)])
-    se = terms.std().item() / math.sqrt(num_probes) if num_probes > 1 else 0.0
-    return TraceResult(terms.mean().item(), se, num_probes)
+    error_ratio = None if error_ratio is None else check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
+    terms, rows = [], []
+    with _observed(operator) as forms:
+        for z, az in probe_products(operator, num_probes, gen):
+            terms.append((z * az).sum(1).to(torch.float64).cpu())
+            if forms is not None:
+                rows.append(forms.take())
+                probe_se, sample_se = _trace_errors(operator, torch.cat(terms), torch.cat(rows), forms.sizes, False)
+                if error_ratio is not None and probe_se <= error_ratio * sample_se:
+                    break
+    return _trace_result(operator, torch.cat(terms), torch.cat(rows) if rows else None, forms, exact=False)
+
+
+def exact_trace(operator: CurvatureOperator) -> TraceResult:
+    """``tr A`` from ``P`` products with the unit vectors (``probe_se = 0``), with ``sample_se`` as in
+    :func:`hutchinson_trace` for a Hessian over mini-batches. Small operators only."""
+    with _observed(operator) as forms:
+        diagonal = operator.to_dense().diagonal().to(torch.float64).cpu()
+    return _trace_result(operator, diagonal, None if forms is None else forms.take(), forms, exact=True)
+
+
+@contextmanager
+def _observed(operator: CurvatureOperator) -> Iterator[ChunkQuadraticForms | None]:
+    """A :class:`ChunkQuadraticForms` observing a Hessian's products while in the block (``None`` for other
+    operators, which have no mini-batches)."""
+    if not isinstance(operator, HessianOperator):
+        yield None
+        return
+    previous, operator.chunk_observer = operator.chunk_observer, ChunkQuadraticForms()
+    try:
+        yield operator.chunk_observer
+    finally:
+        operator.chunk_observer = previous
+
+
+def _trace_errors(
+    operator: CurvatureOperator, terms: Tensor, forms: Tensor | None, sizes: list[int], exact: bool
+) -> tuple[float, float]:  # fmt: skip
+    """``(probe_se, sample_se)`` of the trace from ``terms`` (probe terms, or the exact diagonal)."""
+    num = terms.numel()
+    probe_se = 0.0 if exact or num < 2 else terms.std().item() / math.sqrt(num)
+    if forms is None or not isinstance(operator, HessianOperator):
+        return probe_se, math.nan
+    return probe_se, sample_error(forms, sizes, operator.objective.reduce_sum, float(num) if exact else 1.0)
+
+
+def _trace_result(
+    operator: CurvatureOperator, terms: Tensor, forms: Tensor | None, observer: ChunkQuadraticForms | None, exact: bool
+) -> TraceResult:  # fmt: skip
+    probe_se, sample_se = _trace_errors(operator, terms, forms, [] if observer is None else observer.sizes, exact)
+    se = math.hypot(probe_se, sample_se) if math.isfinite(sample_se) else probe_se
+    value = terms.sum().item() if exact else terms.mean().item()
+    return TraceResult(value, se, terms.numel(), probe_se, sample_se)
 
 
 def hutchinson_diagonal(
@@ -93,11 +199,17 @@ def hessian_trace(
     generator: torch.Generator | int | None = None,
     params: Iterable[Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    error_ratio: float | None = None,
+    cache_chunks: CacheChunks = "auto",
 ) -> TraceResult:
     r"""Hutchinson estimate of :math:`\operatorname{tr}\nabla^2 L(w)` (:func:`hutchinson_trace` of the Hessian).
 
-    Cost: ``num_probes`` Hessian-vector products; probes are evaluated in blocks of 8 that
-    share the forward and first backward pass of each chunk.
+    ``se`` holds the probes' error and, over several mini-batches, the data's; ``error_ratio``
+    stops the probes at that fraction of the data's (at most ``num_probes``), as in
+    :func:`hutchinson_trace`. Cost: ``num_probes`` Hessian-vector products; probes are
+    evaluated in blocks of 8 that share the forward and first backward pass of each chunk, or
+    only the second backward pass on the chunks whose graphs are kept (``cache_chunks``, as in
+    :func:`hessian_eigenvalues`).
 
     Example:
         >>> import torch
@@ -110,8 +222,10 @@ def hessian_trace(
     """
     num_probes = check_int("num_probes", num_probes)
     gen = check_generator(generator)
+    cache_chunks = check_cache_chunks(cache_chunks)
     with measurement_mode(model):
-        return hutchinson_trace(Objective(model, batches, loss_fn, params, dtype).hessian_operator(), num_probes, gen)
+        operator = Objective(model, batches, loss_fn, params, dtype).hessian_operator(cache_chunks)
+        return hutchinson_trace(operator, num_probes, gen, error_ratio=error_ratio)
 
 
 def hessian_diagonal(

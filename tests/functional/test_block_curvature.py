@@ -15,6 +15,7 @@ from lightning_flatness.functional import (
     resolve_blocks,
 )
 from lightning_flatness.functional.block_curvature import BlockCurvatureResult
+from lightning_flatness.functional._stats import mean_and_se
 from tests.helpers.lightning_models import Classifier
 from tests.helpers.models import mlp_batches, tiny_mlp
 from tests.helpers.oracles import dense_hessian
@@ -76,7 +77,10 @@ def test_top_eigenvalue_matches_the_dense_block(model_and_batches, blocks):
         exact_trace = r.num_params <= PROBES  # the BatchNorm block: P_B unit vectors instead of probes
         assert r.n_grad == 1 and r.n_hvp > (r.num_params if exact_trace else PROBES)
         if exact_trace:
-            assert r.trace == pytest.approx(exact[name].trace().item(), abs=1e-12) and r.trace_se == 0.0
+            assert r.trace == pytest.approx(exact[name].trace().item(), abs=1e-12)
+            shares = torch.tensor([dense_blocks(model, [b], blocks)[name].trace().item() for b in batches], dtype=torch.float64)
+            sizes = torch.tensor([float(len(b[1])) for b in batches], dtype=torch.float64)
+            assert r.trace_se == pytest.approx(mean_and_se(shares, sizes)[1].item(), rel=1e-8)  # batch means
 
 
 def test_blocks_interlace_with_the_whole_hessian():
@@ -100,7 +104,7 @@ def test_trace_is_unbiased_with_honest_stderr():
     values = torch.tensor([r.value for r in runs])
     assert abs(values.mean().item() - h.trace().item()) <= 3 * values.std().item() / math.sqrt(RUNS)
     assert values.std().item() == pytest.approx(exact_se, rel=0.25)
-    reported = torch.tensor([r.se for r in runs]).pow(2).mean().sqrt().item()
+    reported = torch.tensor([r.probe_se for r in runs]).pow(2).mean().sqrt().item()
     assert reported == pytest.approx(values.std().item(), rel=0.25)
 
 
