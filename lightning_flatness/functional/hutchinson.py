@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -47,25 +48,29 @@ class ChunkQuadraticForms:
     """A :attr:`HessianOperator.chunk_observer` that keeps ``vᵀ H_c v`` per product vector and chunk.
 
     ``H_c = Σ_{i∈c} ∇²ℓ_i`` is the chunk's summed Hessian; this process's chunks only. Each
-    vector's row lists its chunks in the data's order (the operator passes the same tensor
-    object for every chunk of one product). Cost: one dot product per chunk and vector.
+    product's row lists its chunks in the data's order: the operator passes the same tensor
+    object for every chunk of one product, and a weak reference tells it from a later vector
+    that reuses a freed one's ``id``. Cost: one dot product per chunk and vector.
     """
 
     def __init__(self) -> None:
-        self._rows: dict[int, list[float]] = {}
+        self._rows: list[list[float]] = []
+        self._current: dict[int, tuple[weakref.ref, list[float]]] = {}
         self.sizes: list[int] = []
 
     def __call__(self, vector: Tensor, chunk_product: Tensor, size: int) -> None:
-        row = self._rows.setdefault(id(vector), [])
+        ref, row = self._current.get(id(vector), (None, []))
+        if ref is None or ref() is not vector:
+            row = []
+            self._rows.append(row)
+            self._current[id(vector)] = (weakref.ref(vector), row)
         if len(row) == len(self.sizes):
             self.sizes.append(size)
         row.append(float(vector.to(torch.float64) @ chunk_product.to(torch.float64)))
 
     def take(self) -> Tensor:
-        """``(K, C)`` float64: the forms of the vectors seen since the last call, in order; then forgets them
-        (so a later vector may reuse a freed one's ``id``)."""
-        rows = list(self._rows.values())
-        self._rows = {}
+        """``(K, C)`` float64: the forms of the products made since the last call, in order; then forgets them."""
+        rows, self._rows, self._current = self._rows, [], {}
         return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(self.sizes))
 
 
@@ -119,7 +124,7 @@ def hutchinson_trace(
     gen = check_generator(generator)
     error_ratio = None if error_ratio is None else check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
     terms, rows = [], []
-    with _observed(operator) as forms:
+    with observed(operator) as forms:
         for z, az in probe_products(operator, num_probes, gen):
             terms.append((z * az).sum(1).to(torch.float64).cpu())
             if forms is not None:
@@ -133,13 +138,13 @@ def hutchinson_trace(
 def exact_trace(operator: CurvatureOperator) -> TraceResult:
     """``tr A`` from ``P`` products with the unit vectors (``probe_se = 0``), with ``sample_se`` as in
     :func:`hutchinson_trace` for a Hessian over mini-batches. Small operators only."""
-    with _observed(operator) as forms:
+    with observed(operator) as forms:
         diagonal = operator.to_dense().diagonal().to(torch.float64).cpu()
     return _trace_result(operator, diagonal, None if forms is None else forms.take(), forms, exact=True)
 
 
 @contextmanager
-def _observed(operator: CurvatureOperator) -> Iterator[ChunkQuadraticForms | None]:
+def observed(operator: CurvatureOperator) -> Iterator[ChunkQuadraticForms | None]:
     """A :class:`ChunkQuadraticForms` observing a Hessian's products while in the block (``None`` for other
     operators, which have no mini-batches)."""
     if not isinstance(operator, HessianOperator):

@@ -33,7 +33,7 @@ from ._graph_cache import CacheChunks
 from ._losses import LossArg
 from ._restore import measurement_mode
 from ._stats import mean_and_se
-from .hutchinson import rademacher
+from .hutchinson import observed, rademacher, sample_error
 from .lanczos import _tridiagonal_eigen, lanczos_tridiagonal
 from .objective import Objective
 from .operator import CurvatureOperator
@@ -51,12 +51,15 @@ class SpectralDensityResult:
         weights: ``(S, m)`` their weights ``τ``; every row sums to 1 (``P τ``: eigenvalue counts).
         num_params: ``P``, the dimension of the operator.
         n_products: operator products made (``≤ num_probes × lanczos_steps``).
+        trace_sample_se: the data's part of :meth:`trace`'s error, for a Hessian over several
+            mini-batches (from each chunk's share of every probe's first product; NaN otherwise).
     """
 
     nodes: Tensor
     weights: Tensor
     num_params: int
     n_products: int
+    trace_sample_se: float = math.nan
 
     def moments(self, order: int) -> tuple[Tensor, Tensor]:
         r"""Estimates of ``(1/P) tr A^k`` for ``k = 1..order`` and their standard errors, each ``(order,)``.
@@ -70,9 +73,12 @@ class SpectralDensityResult:
         return mean_and_se(per_probe)
 
     def trace(self) -> tuple[float, float]:
-        """``tr A = P · (1/P) tr A`` and its standard error (Hutchinson's estimate for Rademacher probes)."""
+        """``tr A = P · (1/P) tr A`` (Hutchinson's estimate for Rademacher probes) and its standard error: the
+        probes' (as :meth:`moments`) and, where known, the data's (``trace_sample_se``) in quadrature."""
         value, se = self.moments(1)
-        return self.num_params * value.item(), self.num_params * se.item()
+        probe_se = self.num_params * se.item()
+        sample = self.trace_sample_se
+        return self.num_params * value.item(), math.hypot(probe_se, sample) if math.isfinite(sample) else probe_se
 
     def negative_mass(self, threshold: float = 0.0, sigma: float = 0.0) -> tuple[float, float]:
         r"""The fraction of the spectrum below ``−c = −threshold · max|θ|`` and its standard error across probes.
@@ -161,13 +167,20 @@ def spectral_density(
     gen = check_generator(generator)
     like = torch.empty(0, dtype=operator.dtype, device=operator.device)
     start = operator.n_products
-    rules = [_gauss_rule(*lanczos_tridiagonal(operator, _probe(probes, operator.num_params, gen, like),
-                                              lanczos_steps, full_reorthogonalization=full))
-             for _ in range(num_probes)]  # fmt: skip
+    rules, first = [], []  # per probe: its quadrature, and each chunk's share of its first product v·H_c v
+    with observed(operator) as forms:
+        for _ in range(num_probes):
+            probe = _probe(probes, operator.num_params, gen, like)
+            rules.append(_gauss_rule(*lanczos_tridiagonal(operator, probe, lanczos_steps, full_reorthogonalization=full)))
+            if forms is not None:
+                first.append(forms.take()[:1])
     width = max(nodes.numel() for nodes, _ in rules)
     nodes = torch.stack([torch.cat([n, n[-1:].expand(width - n.numel())]) for n, _ in rules])
     weights = torch.stack([torch.cat([w, w.new_zeros(width - w.numel())]) for _, w in rules])
-    return SpectralDensityResult(nodes, weights, operator.num_params, operator.n_products - start)
+    sample_se = math.nan
+    if forms is not None:  # a unit probe's vᵀHv is (1/P) tr: the chunks' shares, scaled by P
+        sample_se = sample_error(torch.cat(first), forms.sizes, operator.objective.reduce_sum, operator.num_params)
+    return SpectralDensityResult(nodes, weights, operator.num_params, operator.n_products - start, sample_se)
 
 
 def _probe(kind: str, dim: int, gen: torch.Generator, like: Tensor) -> Tensor:

@@ -177,3 +177,21 @@ def test_bad_arguments_of_the_result_methods():
         with pytest.raises(ValueError, match=name):
             call()
     assert math.isnan(spectral_density(op, num_probes=1, lanczos_steps=3).moments(1)[1].item())
+
+
+def test_the_trace_error_holds_the_mini_batches_share():
+    """The data's part of ``trace()``'s error: batch means of each mini-batch's ``P·mean_s vᵀH_b v`` over the
+    same probes, from the chunks of each probe's first product (no product of its own)."""
+    from lightning_flatness.functional._stats import mean_and_se
+
+    model, batches = tiny_mlp(), mlp_batches()
+    res = hessian_spectral_density(model, batches, num_probes=6, lanczos_steps=4, generator=3)
+    gen, like = torch.Generator().manual_seed(3), torch.empty(0, dtype=torch.float64)
+    probes = torch.stack([_probe("rademacher", res.num_params, gen, like) for _ in range(6)])
+    shares = torch.stack([res.num_params * torch.einsum("sp,pq,sq->s", probes, dense_hessian(model, [b]), probes).mean()
+                          for b in batches])  # fmt: skip
+    sizes = torch.tensor([float(len(b[1])) for b in batches], dtype=torch.float64)
+    want = mean_and_se(shares, sizes)[1].item()
+    assert res.trace_sample_se == pytest.approx(want, rel=1e-8)
+    probe_se = res.num_params * res.moments(1)[1].item()
+    assert res.trace()[1] == pytest.approx(math.hypot(probe_se, want), rel=1e-12)
