@@ -22,8 +22,8 @@ class BlockCurvature(FlatnessMetric):
     Logs ``flatness/hessian_top_eig/<block>`` and ``flatness/hessian_trace/<block>``
     (:func:`~lightning_flatness.keys.hessian_top_eig_block`,
     :func:`~lightning_flatness.keys.hessian_trace_block`), each with ``<key>_se``: over the draw
-    of the mini-batches for the eigenvalue, over the Hutchinson probes for the trace (0 when
-    exact). See :func:`~lightning_flatness.functional.block_curvature`.
+    of the mini-batches for the eigenvalue, over the Hutchinson probes and the mini-batches for the
+    trace (the mini-batches' alone when exact). See :func:`~lightning_flatness.functional.block_curvature`.
 
     Args:
         blocks: ``{block name: parameter-name glob pattern(s)}`` matched against
@@ -34,15 +34,16 @@ class BlockCurvature(FlatnessMetric):
             a mapping the keys are known at construction; with ``"by_module"`` they are set in
             :meth:`setup`, when the callback gets the model (``Trainer.fit`` start), and the
             patterns of a mapping are checked against the model there too.
-        trace_probes: Hutchinson probes per block (a block of at most this many parameters gets
-            its exact trace from that many products).
+        trace_probes: Hutchinson probes per block, at most (a block of at most this many
+            parameters gets its exact trace from that many products).
         tol, error_ratio, max_iter, cache_chunks: Lanczos' options, as for
             :class:`~lightning_flatness.metrics.HessianEigenvalues` (by default each block's
-            Lanczos stops where its eigenvalue's error is a tenth of its standard error).
+            Lanczos stops where its eigenvalue's error is a tenth of its standard error, and its
+            trace's probes where their error is a tenth of the mini-batches'; ``tol`` given: every probe).
         warm_start: start each block's Lanczos from its previous top eigenvector (checkpointed).
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
 
-    Cost per block: its Lanczos products plus ``min(trace_probes, P_B)`` block products (+1 block
+    Cost per block: its Lanczos products plus at most ``min(trace_probes, P_B)`` block products (+1 block
     gradient on a cold start without the regret's gradient); a block product backpropagates only
     down to the block's first layer (``docs/metrics.md``).
     """

@@ -40,7 +40,8 @@ class HessianDensity(FlatnessMetric):
     (the weight of the Ritz values there; see
     :meth:`~lightning_flatness.functional.SpectralDensityResult.negative_mass`), and
     ``flatness/hessian_trace_slq`` (``P·(1/S)Σ vᵀHv``, Hutchinson's trace from the same
-    probes), each with its standard error across probes; with ``log_density``, also the
+    probes), each with its standard error across probes (the trace's also over the mini-batches,
+    :meth:`~lightning_flatness.functional.SpectralDensityResult.trace`); with ``log_density``, also the
     smoothed density as a figure, a histogram and a JSON file (see this module's docstring).
 
     Args:
