@@ -89,12 +89,14 @@ def rademacher(num: int, dim: int, generator: torch.Generator, like: Tensor) -> 
     return (2 * z - 1).to(device=like.device, dtype=like.dtype)
 
 
-def probe_products(operator: CurvatureOperator, num_probes: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(Z, A Z)`` as rows: blocks of Rademacher probes ``Z`` ``(K, P)`` and their products."""
+def probe_products(
+    operator: CurvatureOperator, num_probes: int, generator: torch.Generator, block_size: int = PROBE_BLOCK
+) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
+    """Yield ``(Z, A Z)`` as rows: blocks of at most ``block_size`` Rademacher probes ``Z`` ``(K, P)`` and their products."""
     like = torch.empty(0, dtype=operator.dtype, device=operator.device)
     remaining = num_probes
     while remaining > 0:
-        block = min(PROBE_BLOCK, remaining)
+        block = min(block_size, remaining)
         z = rademacher(block, operator.num_params, generator, like)
         yield z, (operator @ z.T).T
         remaining -= block

@@ -6,7 +6,7 @@ from .. import keys
 from .._failures import ConfigurationError
 from ..functional import pacgen
 from ..functional._losses import LossArg
-from ..functional.pacgen import NORMALIZATIONS
+from ..functional.pacgen import ERROR_RATIO, NORMALIZATIONS
 from ..validation import check_bool, check_choice, check_float, check_int
 from .base import FlatnessMetric, MeasurementContext
 
@@ -25,8 +25,11 @@ class PACGen(FlatnessMetric):
         rho: the Hessian-Lipschitz constant; ``None`` estimates it (``2 * rho_probes`` HVPs).
         num_probes: Hutchinson probes of the Hessian's diagonal; ``None`` (default): the diagonal
             to first order from ``rho``'s own products when that is accurate (no product of its
-            own; on large models the rule), else 16 probes (``docs/metrics.md``).
+            own; on large models the rule), else probes in blocks of 4 until their part of Ψ's
+            error is ``error_ratio`` of ``rho``'s, at most 16 (``docs/metrics.md``).
         rho_probes: finite-difference draws of the ``rho`` estimate.
+        error_ratio: with ``num_probes=None``, the fraction of Ψ's standard error the first-order
+            remainder may reach, and of ``rho``'s part the diagonal's probes stop at (default 0.1).
         screen: use ``hessian_max`` from :class:`~lightning_flatness.metrics.HessianEigenvalues`
             (when it runs in the same measurement and converged) as a bound on every ``H_ii``:
             where it shows ``H_ii`` cannot move Ψ off its floor, the diagonal is not needed.
@@ -39,7 +42,7 @@ class PACGen(FlatnessMetric):
     def __init__(
         self, normalization: str = "sum", num_train: int | None = None, gamma: float = 0.1, eps: float = 0.1,
         rho: float | None = None, num_probes: int | None = None, rho_probes: int = 3, screen: bool = True,
-        every_n_epochs: int | None = None,
+        error_ratio: float = ERROR_RATIO, every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
         self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
@@ -50,6 +53,7 @@ class PACGen(FlatnessMetric):
         self.num_probes = None if num_probes is None else check_int("num_probes (probes, or None)", num_probes)
         self.rho_probes = check_int("rho_probes", rho_probes)
         self.screen = check_bool("screen", screen)
+        self.error_ratio = check_float("error_ratio", error_ratio, inclusive=False)
         self.keys = (keys.PACGEN, keys.se(keys.PACGEN), keys.PACGEN_CURVED_FRACTION)
 
     def check_setup(self, loss_fn: LossArg, train_size: int | None) -> None:
@@ -70,6 +74,6 @@ class PACGen(FlatnessMetric):
             ctx.model, ctx.batches, ctx.loss_fn, normalization=self.normalization, num_train=num_train,
             gamma=self.gamma, eps=self.eps, rho=self.rho, num_probes=self.num_probes, rho_probes=self.rho_probes,
             generator=ctx.seed_for(self.name), hessian_max=ctx.shared.hessian_max if self.screen else None,
-            dtype=ctx.dtype,
+            dtype=ctx.dtype, error_ratio=self.error_ratio,
         )  # fmt: skip
         return {keys.PACGEN: pac.value, keys.se(keys.PACGEN): pac.se, keys.PACGEN_CURVED_FRACTION: pac.curved_fraction}
