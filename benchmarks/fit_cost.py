@@ -269,7 +269,7 @@ def _notes(cfg: Config, repeats: int) -> list[str]:
         "(all but the first; the eigenvalue starts from the previous epoch's vectors). first (cold) = the first "
         "measurement's total. HVPs = the Hessian-vector products (full passes over the subsample's mini-batches) "
         "of the warm measurements, range: the eigenvalue's Lanczos iterations from the previous epoch's vector, and "
-        "PACGen's (6: ρ's draws, the diagonal to first order; 22: with 16 Hutchinson probes of the diagonal).",
+        "PACGen's (6: ρ's draws, the diagonal to first order; 10-22: with 4-16 Hutchinson probes of the diagonal).",
         "fit with / without = wall time of `Trainer.fit` with the callback (the gradient timings taken off) / "
         "without. epoch = the middle training epoch without the callback (its validation included). projected = 1 + "
         f"warm measurement seconds / (epoch × {PROJECTED_EPOCH} / training samples): the fit time with / without on "

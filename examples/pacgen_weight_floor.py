@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--data", choices=sorted(SETUPS), default="mnist1d")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--max-epochs", type=int, default=3000)
-    parser.add_argument("--probes", type=int, default=16, help="Hutchinson probes of the diagonal (the callback's 16)")
+    parser.add_argument("--probes", type=int, default=16, help="Hutchinson probes of the diagonal (the callback's most, 16)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", type=Path, help="keep each run's final weights in this folder")
     parser.add_argument("--load", type=Path, help="measure the weights saved there instead of training")
