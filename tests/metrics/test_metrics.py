@@ -50,7 +50,7 @@ def test_options_are_kept_under_their_names_and_shown_in_repr():
     pac = PACGen(gamma=0.2, rho=0.0)
     assert pac.hparams() == dict(
         normalization="sum", num_train=None, gamma=0.2, eps=0.1, rho=0.0, num_probes=None, rho_probes=3, screen=True,
-        every_n_epochs=None,
+        error_ratio=0.1, every_n_epochs=None,
     )
     assert repr(pac) == "PACGen(gamma=0.2, rho=0.0)" and repr(FisherTrace()) == "FisherTrace()"
 
