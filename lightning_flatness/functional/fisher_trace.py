@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..validation import check_choice, check_generator, check_int
 from ._losses import LossArg, resolve_loss_fn
-from ._per_sample import per_sample_sq_norms
+from ._per_sample import check_per_sample, per_sample_path, per_sample_sq_norms
 from ._restore import measurement_mode
 from ._stats import MeanAccumulator
 from .objective import Objective
@@ -33,6 +33,8 @@ class FisherResult:
     se: float = float("nan")
     # kind="empirical": ‖∇ℓ_i‖² of every sample, one tensor per batch of this process (for grad_noise_scale)
     sample_sq_norms: tuple[Tensor, ...] | None = field(default=None, repr=False, compare=False)
+    # how the per-sample norms were computed: "ghost", "ghost+vmap", "ghost+loop", "vmap" or "loop"
+    per_sample_path: str = ""
 
 
 def fisher_trace(
@@ -46,6 +48,7 @@ def fisher_trace(
     params: Iterable[Tensor] | None = None,
     dtype: torch.dtype | None = None,
     batch_indices: Sequence[int] | None = None,
+    per_sample: str = "auto",
 ) -> FisherResult:
     r"""Trace of the (empirical or true) Fisher information of the per-sample loss.
 
@@ -68,8 +71,12 @@ def fisher_trace(
     Per-sample squared gradient norms come without a Python loop over samples: ghost norms for
     the parameters of linear, 2-D convolution, normalization, embedding and plain self-attention
     layers (no per-sample gradient formed), ``torch.func.vmap`` over ``torch.func.grad`` for the
-    rest, in sub-chunks of at most ``2**25`` numbers (``_per_sample.py``, ``_ghost.py``). Cost:
-    ``n_grad = 1`` (empirical) or ``num_samples`` (mc) per-sample-gradient passes over ``batches``.
+    rest, in sub-chunks of at most ``2**25`` numbers, or, where ``vmap`` fails (recurrent layers,
+    ``nn.Embedding(max_norm=...)``, reentrant checkpointing, ...), one backward pass per sample
+    (``_per_sample.py``, ``_ghost.py``). ``per_sample="auto"`` tries these on two samples of the
+    first batch once per model and keeps the path (``per_sample_path`` says which);
+    ``"vmap"`` or ``"loop"`` force the fallback. Cost: ``n_grad = 1`` (empirical) or
+    ``num_samples`` (mc) per-sample-gradient passes over ``batches``.
 
     Example:
         >>> import torch
@@ -81,6 +88,7 @@ def fisher_trace(
         True
     """
     kind = check_choice("kind", kind, KINDS)
+    per_sample = check_per_sample(per_sample)
     num_samples = check_int("num_samples", num_samples)
     gen = check_generator(generator)
     with measurement_mode(model):
@@ -88,7 +96,7 @@ def fisher_trace(
         if kind == "mc":
             check_mc_loss(loss_fn)
         draws = _batch_generators(gen, batch_indices) if kind == "mc" else None
-        total, count, spread, norms = _sq_norm_sums(objective, kind, num_samples, draws)
+        total, count, spread, norms, path = _sq_norm_sums(objective, kind, num_samples, draws, per_sample)
         se = spread.result(objective.reduce_sum)[1].item()
     if count == 0:
         raise ValueError("batches is empty: pass at least one sample.")
@@ -96,7 +104,7 @@ def fisher_trace(
     value = total.item() / (count * (1 if kind == "empirical" else num_samples))
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError("loss_fn produced non-finite per-sample gradients (NaN or inf).")
-    return FisherResult(value, n_grad, se, tuple(norms) if kind == "empirical" else None)
+    return FisherResult(value, n_grad, se, tuple(norms) if kind == "empirical" else None, path)
 
 
 def check_mc_loss(loss_fn: LossArg) -> None:
@@ -122,17 +130,18 @@ def _batch_generators(gen: torch.Generator, batch_indices: Sequence[int] | None)
 
 
 def _sq_norm_sums(
-    objective: Objective, kind: str, num_samples: int, draws: Iterator[torch.Generator] | None
-) -> tuple[Tensor, int, MeanAccumulator, list[Tensor]]:
+    objective: Objective, kind: str, num_samples: int, draws: Iterator[torch.Generator] | None, per_sample: str
+) -> tuple[Tensor, int, MeanAccumulator, list[Tensor], str]:
     """``Σ ‖∇ℓ‖²`` over every sample (and label draw), in float64, and the number of inputs, over
-    processes; the per-input values' sums for the standard error (not yet reduced); and each
-    batch's per-sample values (this process's)."""
+    processes; the per-input values' sums for the standard error (not yet reduced); each
+    batch's per-sample values (this process's); and the per-sample path of the first batch."""
     total = torch.zeros((), dtype=torch.float64, device=objective.device)
     spread = MeanAccumulator(device=objective.device)
-    count, norms = 0, []
+    count, norms, path = 0, [], ""
     for batch in objective.iter_batches():
+        path = path or per_sample_path(objective, batch, per_sample).name
         if kind == "empirical":
-            sq = per_sample_sq_norms(objective, batch)
+            sq = per_sample_sq_norms(objective, batch, per_sample=per_sample)
             count += sq.numel()
             spread.add(sq)
         else:
@@ -140,16 +149,16 @@ def _sq_norm_sums(
             gen = next(draws, None)
             if gen is None:
                 raise ValueError("batch_indices has fewer entries than batches: give one index per mini-batch.")
-            sq = _mc_sq_norms(objective, batch, num_samples, gen)
+            sq = _mc_sq_norms(objective, batch, num_samples, gen, per_sample)
             count += sq.numel() // num_samples
             spread.add(sq.reshape(num_samples, -1).mean(0))  # per input: the mean over its label draws
         total += sq.sum(dtype=torch.float64)
         norms.append(sq)
     total, count = objective.reduce(total, count)
-    return total, count, spread, norms
+    return total, count, spread, norms, path
 
 
-def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.Generator) -> Tensor:
+def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.Generator, per_sample: str) -> Tensor:
     x = batch[0]
     out = objective.outputs(x)
     norms = []
@@ -159,14 +168,14 @@ def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.
             raise ValueError('kind="mc" with "cross_entropy" needs logits of shape (B, C).')
         labels = torch.multinomial(probs, num_samples, replacement=True, generator=gen).to(out.device)
         for s in range(num_samples):
-            norms.append(per_sample_sq_norms(objective, (x, labels[:, s])))
+            norms.append(per_sample_sq_norms(objective, (x, labels[:, s]), per_sample=per_sample))
     elif objective.loss_name == "bce_with_logits":
         probs = torch.sigmoid(out.detach().to(torch.float64).cpu())
         for _ in range(num_samples):
             labels = torch.bernoulli(probs, generator=gen).to(out.device, out.dtype)
-            norms.append(per_sample_sq_norms(objective, (x, labels)))
+            norms.append(per_sample_sq_norms(objective, (x, labels), per_sample=per_sample))
     else:
         for _ in range(num_samples):
             noise = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-            norms.append(per_sample_sq_norms(objective, (x, out + noise)))
+            norms.append(per_sample_sq_norms(objective, (x, out + noise), per_sample=per_sample))
     return torch.cat(norms)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ._losses import LossArg
-from ._per_sample import per_sample_sq_norms
+from ._per_sample import check_per_sample, per_sample_sq_norms
 from ._restore import measurement_mode
 from ._stats import MeanAccumulator
 from .objective import Objective
@@ -51,6 +51,7 @@ def grad_noise_scale(
     batch_gradient_dots: Sequence[float] | None = None,
     params: Iterable[Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    per_sample: str = "auto",
 ) -> GradNoiseScaleResult:
     r"""The simple gradient noise scale :math:`B_\text{simple} = \operatorname{tr}\Sigma / |G|^2`.
 
@@ -81,7 +82,8 @@ def grad_noise_scale(
     ``batches``, e.g. :class:`RegretResult`'s), ``sample_sq_norms`` (one tensor of
     :math:`|g_i|^2` per batch, e.g. :class:`FisherResult`'s), ``batch_gradient_dots``
     (:math:`\bar g_b\cdot\bar G` per batch, e.g. :class:`RegretResult`'s); with all three it
-    takes no pass over the data. Under :func:`cross_process_reduction` each process passes its
+    takes no pass over the data. ``per_sample``: how the per-sample norms are computed, as in
+    :func:`fisher_trace` (``"auto"``, ``"vmap"`` or ``"loop"``). Under :func:`cross_process_reduction` each process passes its
     shard and the result is the whole subsample's.
 
     Example:
@@ -94,12 +96,13 @@ def grad_noise_scale(
         >>> r.trace_cov > 0 and r.num_samples == 64
         True
     """
+    per_sample = check_per_sample(per_sample)
     passes = int(gradient is None) + int(sample_sq_norms is None) + int(batch_gradient_dots is None)
     # With every input given nothing evaluates the model: skip the mode switch (most of the cost then).
     with measurement_mode(model) if passes else contextlib.nullcontext():
         objective = Objective(model, batches, loss_fn, params, dtype)
         mean = (objective.gradient() if gradient is None else _checked_gradient(gradient, objective)).to(torch.float64)
-        counts, sq_means = _sq_norm_means(objective, sample_sq_norms)
+        counts, sq_means = _sq_norm_means(objective, sample_sq_norms, per_sample)
         dots = _projections(objective, mean, counts, batch_gradient_dots)
         return _estimate(objective, mean, counts, sq_means, dots, passes)
 
@@ -113,9 +116,11 @@ def _checked_gradient(gradient: Tensor, objective: Objective) -> Tensor:
     return gradient
 
 
-def _sq_norm_means(objective: Objective, given: Sequence[Tensor] | None) -> tuple[Tensor, Tensor]:
+def _sq_norm_means(objective: Objective, given: Sequence[Tensor] | None, per_sample: str) -> tuple[Tensor, Tensor]:
     """Per batch of this process: its sample count and mean ``|g_i|²`` (float64), computed unless given."""
-    norms = given if given is not None else [per_sample_sq_norms(objective, b) for b in objective.iter_batches()]
+    if given is None:
+        given = [per_sample_sq_norms(objective, b, per_sample=per_sample) for b in objective.iter_batches()]
+    norms = given
     if len(norms) == 0:
         raise ValueError("batches is empty: pass at least one batch.")
     counts = torch.tensor([float(t.numel()) for t in norms], dtype=torch.float64)

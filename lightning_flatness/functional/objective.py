@@ -68,10 +68,18 @@ class _LossModule(nn.Module):
         self.loss_fn = loss_fn
         self.builtin = builtin
 
-    def forward(self, batch: Any, with_correct: bool = False) -> Any:
+    def forward(self, batch: Any, with_correct: bool = False, backward: bool = False) -> Any:
         if with_correct and self.builtin is not None:  # a built-in loss knows its accuracy from the same outputs
             return builtin_losses_and_correct(self.builtin, self.model, batch)
-        return self.loss_fn(self.model, batch)
+        out = self.loss_fn(self.model, batch)
+        if not backward:
+            return out
+        # Back-propagated here, while functional_call's tensors are still in place: code that runs
+        # the forward pass again during backward (checkpoint(use_reentrant=True)) must see them.
+        losses = split_output(out)[0]
+        if losses.requires_grad:
+            losses.sum().backward()
+        return losses.detach()
 
 
 def compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
@@ -157,6 +165,18 @@ class Objective:
     def losses(self, w: Tensor | Sequence[Tensor], batch: Any) -> Tensor:
         """Per-sample losses ``(B,)`` at parameters ``w`` (flat vector or tensor list)."""
         return self._evaluate(w, batch, with_correct=False)[0]
+
+    def backward_losses(self, tensors: Sequence[Tensor], batch: Any) -> Tensor:
+        """Per-sample losses ``(B,)`` at the parameters ``tensors``, their sum back-propagated into the
+        ``.grad`` of those that require it.
+
+        For the per-sample loop: unlike ``torch.autograd.grad`` on :meth:`losses`, this works under
+        ``torch.utils.checkpoint(..., use_reentrant=True)``, which supports only ``.backward()`` and
+        recomputes its block during it, with the parameters substituted at that time.
+        """
+        state = dict(self._fixed)
+        state.update(zip(self.names, tensors))
+        return functional_call(self._module, state, (batch,), {"backward": True})
 
     def _evaluate(self, w: Tensor | Sequence[Tensor], batch: Any, with_correct: bool) -> tuple[Tensor, Tensor | None]:
         tensors = unflatten(w, self.shapes) if isinstance(w, Tensor) else w

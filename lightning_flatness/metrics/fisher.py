@@ -6,6 +6,7 @@ from .. import keys
 from .._failures import ConfigurationError
 from ..functional import fisher_trace
 from ..functional._losses import LossArg
+from ..functional._per_sample import check_per_sample
 from ..functional.fisher_trace import KINDS, check_mc_loss
 from ..validation import check_choice, check_int
 from .base import FlatnessMetric, MeasurementContext
@@ -18,6 +19,9 @@ class FisherTrace(FlatnessMetric):
         kind: ``"empirical"`` (the data's labels) or ``"mc"`` (labels drawn from the model: the
             true Fisher; the built-in losses only).
         mc_samples: labels drawn per input with ``kind="mc"``.
+        per_sample: how per-sample gradients are formed for the parameters ghost norms do not
+            cover: ``"auto"`` (``vmap`` where it works, else a loop over samples; tried once per
+            model), ``"vmap"`` or ``"loop"`` (see :func:`~lightning_flatness.functional.fisher_trace`).
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
 
     With ``flatness/fisher_trace_se``, the standard error over the draw of the samples (per-sample
@@ -30,10 +34,13 @@ class FisherTrace(FlatnessMetric):
     provides = ("sample_sq_norms",)  # with kind="empirical": the noise scale's per-sample norms
     sample_weighted = True
 
-    def __init__(self, kind: str = "empirical", mc_samples: int = 1, every_n_epochs: int | None = None) -> None:
+    def __init__(
+        self, kind: str = "empirical", mc_samples: int = 1, every_n_epochs: int | None = None, per_sample: str = "auto"
+    ) -> None:
         super().__init__(every_n_epochs)
         self.kind = check_choice("kind", kind, KINDS)
         self.mc_samples = check_int("mc_samples", mc_samples)
+        self.per_sample = check_per_sample(per_sample)
         self.keys = (keys.FISHER_TRACE, keys.se(keys.FISHER_TRACE))
 
     def check_setup(self, loss_fn: LossArg, train_size: int | None) -> None:
@@ -47,6 +54,7 @@ class FisherTrace(FlatnessMetric):
         fis = fisher_trace(
             ctx.model, ctx.batches, ctx.loss_fn, kind=self.kind, num_samples=self.mc_samples,
             generator=ctx.seed_for(self.name), dtype=ctx.dtype, batch_indices=ctx.batch_indices,
+            per_sample=self.per_sample,
         )  # fmt: skip
         ctx.shared.sample_sq_norms = fis.sample_sq_norms  # None with kind="mc"
         return {keys.FISHER_TRACE: fis.value, keys.se(keys.FISHER_TRACE): fis.se}

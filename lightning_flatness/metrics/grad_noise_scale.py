@@ -6,6 +6,7 @@ import warnings
 
 from .. import keys
 from ..functional import grad_noise_scale
+from ..functional._per_sample import check_per_sample
 from ..functional.grad_noise_scale import GradNoiseScaleResult
 from .base import FlatnessMetric, MeasurementContext
 
@@ -28,13 +29,16 @@ class GradientNoiseScale(FlatnessMetric):
 
     Args:
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
+        per_sample: how its own per-sample norms are formed, when ``fisher_trace`` does not provide
+            them: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`~lightning_flatness.metrics.FisherTrace`).
     """
 
     name = "grad_noise_scale"
     uses = ("gradient", "sample_sq_norms", "batch_gradient_dots")
 
-    def __init__(self, every_n_epochs: int | None = None) -> None:
+    def __init__(self, every_n_epochs: int | None = None, per_sample: str = "auto") -> None:
         super().__init__(every_n_epochs)
+        self.per_sample = check_per_sample(per_sample)
         self.keys = (keys.GRAD_NOISE_SCALE, keys.se(keys.GRAD_NOISE_SCALE))
         self._warned = False
 
@@ -42,7 +46,7 @@ class GradientNoiseScale(FlatnessMetric):
         shared = ctx.shared
         result = grad_noise_scale(
             ctx.model, ctx.batches, ctx.loss_fn, gradient=shared.gradient, sample_sq_norms=shared.sample_sq_norms,
-            batch_gradient_dots=shared.batch_gradient_dots, dtype=ctx.dtype,
+            batch_gradient_dots=shared.batch_gradient_dots, dtype=ctx.dtype, per_sample=self.per_sample,
         )  # fmt: skip
         if not result.resolved:  # no value rather than a negative or infinite one; said once
             if not self._warned:
