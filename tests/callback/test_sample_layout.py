@@ -223,3 +223,11 @@ def test_a_failure_while_logging_a_measurement_follows_on_error(tmp_path, monkey
     cb = FlatnessCallback(metrics=["fisher_trace"], num_samples=32, batch_size=16, on_error="raise")
     with pytest.raises(RuntimeError, match="the logger is gone"):
         trainer(tmp_path, [cb], max_epochs=2).fit(Classifier(), DataModule())
+
+
+def test_a_recurrent_model_gets_every_default_metric_with_errors_raised(tmp_path):
+    """Issue 25, item 3: ``nn.LSTM``'s per-sample gradients (no ``vmap`` batching rule) come from the loop, so
+    with ``on_error="raise"`` nothing is skipped."""
+    cb, _ = fit_recurrent(tmp_path, False, False, loss_fn=loss_batch_first, on_error="raise")
+    values = cb.history[-1][1]
+    assert all(math.isfinite(values[key]) for key in MEASURED), values
