@@ -126,7 +126,7 @@ def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise SystemExit(
-            "The default data set needs the `mnist1d` package: pip install mnist1d (or pass --data digits)."
+            "The default data set needs the `mnist1d` package: pip install 'lightning-flatness[study]' (or mnist1d)."
         ) from err
     args = get_dataset_args()  # 5000 samples, train_split 0.8: 4000 train / 1000 test, seed 42
     with _preserved_global_rng():
@@ -143,7 +143,7 @@ def _digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise SystemExit("--data digits needs scikit-learn: pip install scikit-learn.") from err
+        raise SystemExit("--data digits needs scikit-learn: pip install 'lightning-flatness[study]' (or scikit-learn).") from err
     digits = load_digits()
     x, y = _tensors(digits.data / 16.0, digits.target)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
