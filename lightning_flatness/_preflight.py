@@ -23,7 +23,17 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ._failures import ConfigurationError
-from .functional._losses import BuiltinLossError, LossArg, LossFn, resolve_loss_fn, split_output
+from .functional._losses import (
+    HF_LOSSES,
+    BuiltinLoss,
+    BuiltinLossError,
+    LossArg,
+    LossFn,
+    hf_loss_for,
+    looks_like_hf,
+    resolve_loss_fn,
+    split_output,
+)
 from .functional.objective import Objective
 from .functional._restore import measurement_mode
 
@@ -62,12 +72,15 @@ def _what_to_do(who: str) -> str:
     )
 
 
-def _describe(batch: Any) -> str:
-    if isinstance(batch, Tensor):
-        return f"a Tensor of shape {tuple(batch.shape)}"
-    if isinstance(batch, (tuple, list)):
-        return f"a {type(batch).__name__} of {len(batch)} element(s)"
-    return f"a {type(batch).__name__}"
+def _hf_hint(batch: Any, name: str | None, who: str) -> str:
+    """Names the Hugging Face built-in that fits when the batches look like Hugging Face's and another loss is set."""
+    if name in HF_LOSSES or not looks_like_hf(batch):
+        return ""
+    return (
+        f'The batches look like Hugging Face\'s (a dict with "input_ids" and "labels"): pass '
+        f'{who}(loss_fn="{hf_loss_for(batch)}") (the built-ins {list(HF_LOSSES)} call model(**inputs) with every key '
+        'but "labels" and read its .logits; docs/faq.md, "Hugging Face transformers"). Or: '
+    )
 
 
 def _checked(fn: LossFn, name: str | None, who: str) -> LossFn:
@@ -80,7 +93,8 @@ def _checked(fn: LossFn, name: str | None, who: str) -> LossFn:
         except NotImplementedError as err:
             if _MISSING_FORWARD not in str(err):
                 raise
-            calls = f'the default loss_fn="{name}" calls model(x)' if name else "your loss_fn calls a module without forward"
+            call = "model(**inputs)" if name in HF_LOSSES else "model(x)"
+            calls = f'the built-in loss_fn="{name}" calls {call}' if name else "your loss_fn calls a module without forward"
             raise LossFnError(
                 f"{who}: cannot evaluate the loss: {err} ({calls}). A LightningModule whose training_step calls a "
                 "submodule often defines no forward. Either define forward (e.g. `def forward(self, x): return "
@@ -109,17 +123,19 @@ def probe_loss(model: nn.Module, batch: Any, loss_fn: LossArg, who: str) -> None
     Raises:
         LossFnError: (a ``TypeError``) whose message names ``who``, what went wrong and what to
             do, when the module has no ``forward`` (the default losses call ``model(x)``), when
-            ``loss_fn`` is a built-in name and the batch is not ``(inputs, targets)`` or the
-            model's outputs do not fit it (e.g. ``"cross_entropy"`` on one output unit), or
+            ``loss_fn`` is a built-in and the batch's structure does not fit it (not a pair
+            ``(inputs, targets)``, a dict whose inputs and targets it cannot tell apart, or no
+            ``"labels"`` for the ``"hf_*"`` losses, the message then naming the loss that fits a
+            Hugging Face batch) or the model's outputs do not fit it (e.g. ``"cross_entropy"`` on one output unit), or
             when the loss returns neither per-sample losses ``(B,)`` nor ``(losses, correct)``.
             Any other exception of the loss propagates unchanged.
     """
     fn, name = resolve_loss_fn(loss_fn)
-    if name is not None and not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-        raise LossFnError(
-            f'{who}: the default loss_fn="{name}" needs batches that are pairs (inputs, targets), but the training '
-            f"batches are {_describe(batch)}. {_what_to_do(who)}"
-        )
+    if isinstance(fn, BuiltinLoss):
+        try:
+            fn.check_batch(batch)
+        except BuiltinLossError as err:
+            raise LossFnError(f"{who}: {err} {_hf_hint(batch, name, who)}{_what_to_do(who)}") from err
     with measurement_mode(model), torch.no_grad():
         objective = Objective(model, [head(batch, PROBE_SAMPLES)], _checked(fn, name, who))
         losses = objective.losses(objective.w0, next(objective.iter_batches()))

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
 from ._failures import ConfigurationError
-from .functional._losses import LossArg, builtin_losses_and_correct, resolve_loss_fn
+from .functional._losses import BuiltinLoss, LossArg, resolve_loss_fn
 from .functional._per_sample import batch_size, leading_sizes
 from .validation import SAMPLE_DIMS
 
@@ -253,8 +253,8 @@ class NativeLoss:
 
     def __call__(self, model: Any, batch: Any) -> Any:
         native = self.layout.native(batch)
-        if self.builtin is not None:
-            return builtin_losses_and_correct(self.builtin, model, native)
+        if isinstance(self.fn, BuiltinLoss):
+            return self.fn.losses_and_correct(model, native)
         return self.fn(model, native)
 
 

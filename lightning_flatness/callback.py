@@ -18,7 +18,7 @@ from ._failures import ON_ERROR, ConfigurationError, FailurePolicy
 from ._logging import LoggerWriter, position, status
 from ._preflight import check_strategy, probe_loss
 from .functional import measurement_mode
-from .functional._losses import LossArg, check_loss_fn
+from .functional._losses import LossArg, check_batch_keys, check_loss_fn, with_batch_keys
 from .landscape import LandscapeOptions, LandscapeRecorder
 from .metrics import (
     DEFAULT_METRICS,
@@ -66,10 +66,19 @@ class FlatnessCallback(Callback):
         batch_size: mini-batch size of the measurement subsample (the regret's mini-batches) and
             of every data pass (peak memory).
         source: ``"train"`` or ``"val"``: where the measurement subsample is drawn from.
-        loss_fn: ``"cross_entropy"``, ``"bce_with_logits"`` (one logit per sample), ``"mse"``, or a
-            callable ``loss_fn(model, batch)`` returning the per-sample losses ``(B,)``, or the pair
-            ``(losses, correct)`` with ``correct`` a bool ``(B,)`` tensor for the gap's accuracy
-            (a callable's accuracy is logged only then).
+        loss_fn: ``"cross_entropy"``, ``"bce_with_logits"`` (one logit per sample), ``"mse"``
+            (batches ``(inputs, targets)`` or dicts, see ``batch_keys``; they call ``model(inputs)``),
+            ``"hf_sequence_classification"``, ``"hf_causal_lm"``, ``"hf_token_classification"``
+            (Hugging Face dict batches with ``"labels"``; they call ``model(**inputs)`` and read
+            ``.logits``; ``docs/configuration.md``), or a callable ``loss_fn(model, batch)``
+            returning the per-sample losses ``(B,)``, or the pair ``(losses, correct)`` with
+            ``correct`` a bool ``(B,)`` tensor for the gap's accuracy (a callable's accuracy is
+            logged only then).
+        batch_keys: ``(inputs_key, targets_key)``: the entries of dict batches that
+            ``"cross_entropy"``, ``"bce_with_logits"`` and ``"mse"`` read. ``None`` (default)
+            recognizes a dict holding exactly one of the pairs ``("x", "y")``,
+            ``("input", "target")``, ``("inputs", "targets")``, ``("image", "label")``,
+            ``("images", "labels")`` and refuses any other dict at the start of training.
         gap_num_samples: size of the train and validation subsamples of the gap (all if fewer).
         seed: seeds the subsample draws and the stochastic estimators.
         measure_at_start: also measure in ``on_train_start`` so curves start at initialization.
@@ -98,6 +107,7 @@ class FlatnessCallback(Callback):
         batch_size: int = 64,
         source: str = "train",
         loss_fn: Union[str, Callable] = "cross_entropy",
+        batch_keys: Union[tuple[str, str], None] = None,
         gap_num_samples: int = 2048,
         seed: int = 0,
         measure_at_start: bool = False,
@@ -113,14 +123,15 @@ class FlatnessCallback(Callback):
         self.metrics: list[FlatnessMetric] = resolve_metrics(specs)
         self.config = _checked_config(
             self.metrics, every_n_epochs=every_n_epochs, num_samples=num_samples, batch_size=batch_size, source=source,
-            loss_fn=loss_fn, gap_num_samples=gap_num_samples, seed=seed, measure_at_start=measure_at_start,
+            loss_fn=loss_fn, batch_keys=batch_keys, gap_num_samples=gap_num_samples, seed=seed, measure_at_start=measure_at_start,
             max_overhead=max_overhead, on_error=on_error, log_hyperparams=log_hyperparams, sample_dims=sample_dims,
         )  # fmt: skip
         if landscape is not None and not isinstance(landscape, LandscapeOptions):
             raise TypeError(f"landscape must be a LandscapeOptions or None, got {landscape!r}.")
         self.loss_fn: LossArg = loss_fn
         self._layout = sub.SampleLayout(self.config["sample_dims"])
-        self._loss = self._layout.loss(loss_fn)  # what the metrics and the gap evaluate: on samples-first batches
+        # what the metrics and the gap evaluate: on samples-first batches, dict entries named by batch_keys
+        self._loss = self._layout.loss(with_batch_keys(loss_fn, self.config["batch_keys"]))
         self.values: MetricCollection = _collection(self.metrics, self.config["gap_num_samples"] > 0)
         self.history: list[tuple[int, dict[str, float]]] = []
         self._order = execution_order(self.metrics)
@@ -565,6 +576,8 @@ def _checked_config(metrics: list[FlatnessMetric], **cfg: Any) -> dict[str, Any]
         )
     out["source"] = check_choice("source", cfg["source"], SOURCES)
     check_loss_fn(cfg["loss_fn"])
+    out["batch_keys"] = check_batch_keys(cfg["batch_keys"])
+    with_batch_keys(cfg["loss_fn"], out["batch_keys"])  # refuses batch_keys with a callable or an "hf_*" loss
     if cfg["max_overhead"] is not None:
         out["max_overhead"] = check_float("max_overhead", cfg["max_overhead"], inclusive=False, maximum=1.0)
     out["on_error"] = check_choice("on_error", cfg["on_error"], ON_ERROR)

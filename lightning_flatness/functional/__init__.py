@@ -11,7 +11,17 @@ the algorithms that take any :class:`CurvatureOperator` (:func:`lanczos`,
 same parts.
 """
 
-from ._losses import BUILTIN_LOSSES, bce_with_logits_loss, cross_entropy_loss, mse_loss
+from ._losses import (
+    BUILTIN_LOSSES,
+    DICT_KEYS,
+    BuiltinLoss,
+    bce_with_logits_loss,
+    cross_entropy_loss,
+    hf_causal_lm_loss,
+    hf_sequence_classification_loss,
+    hf_token_classification_loss,
+    mse_loss,
+)
 from ._params import flatten, unflatten
 from ._per_sample import per_sample_sq_norms
 from ._restore import measurement_mode
@@ -33,6 +43,8 @@ from .spectral_density import SpectralDensityResult, hessian_spectral_density, s
 
 __all__ = [
     "BUILTIN_LOSSES",
+    "BuiltinLoss",
+    "DICT_KEYS",
     "CrossProcess",
     "CurvatureOperator",
     "DenseOperator",
@@ -57,6 +69,9 @@ __all__ = [
     "flatten",
     "grad_cosine_regret",
     "grad_noise_scale",
+    "hf_causal_lm_loss",
+    "hf_sequence_classification_loss",
+    "hf_token_classification_loss",
     "hessian_diagonal",
     "hessian_eigenvalues",
     "hessian_top_eigenvalue",

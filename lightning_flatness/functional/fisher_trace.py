@@ -159,6 +159,11 @@ def _sq_norm_sums(
 
 
 def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.Generator, per_sample: str) -> Tensor:
+    if not isinstance(batch, (tuple, list)):  # the drawn labels replace the targets of a pair (x, y)
+        raise ValueError(
+            f'kind="mc" needs batches that are pairs (inputs, targets); got {type(batch).__name__}. Use '
+            'kind="empirical" for dict batches.'
+        )
     x = batch[0]
     out = objective.outputs(x)
     norms = []

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 from ..validation import check_cache_chunks
 from ._affine_batch_norm import affine_batch_norm
 from ._graph_cache import CacheChunks, SavedBytes, cache_limits
-from ._losses import LossArg, LossFn, builtin_losses_and_correct, resolve_loss_fn, split_output
+from ._losses import BuiltinLoss, LossArg, LossFn, resolve_loss_fn, split_output
 from ._params import flatten, resolve_params, unflatten
 from .operator import CurvatureOperator
 
@@ -69,8 +69,8 @@ class _LossModule(nn.Module):
         self.builtin = builtin
 
     def forward(self, batch: Any, with_correct: bool = False, backward: bool = False) -> Any:
-        if with_correct and self.builtin is not None:  # a built-in loss knows its accuracy from the same outputs
-            return builtin_losses_and_correct(self.builtin, self.model, batch)
+        if with_correct and isinstance(self.loss_fn, BuiltinLoss):  # it knows its accuracy from the same outputs
+            return self.loss_fn.losses_and_correct(self.model, batch)
         out = self.loss_fn(self.model, batch)
         if not backward:
             return out
