@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Sequence, Union
 
@@ -192,6 +193,7 @@ class FlatnessCallback(Callback):
         self._probe_pending = True
         if self._data is not None:  # else the first training batch is probed (an iterable dataset)
             self._probe(pl_module, self._data["measure"][0], refuse=True)
+            self._start_metrics(trainer, pl_module)
         if self.config["measure_at_start"] and self._last_step != trainer.global_step:
             if self._data is None:
                 rank_zero_warn("FlatnessCallback: measure_at_start skipped: the subsample of an iterable dataset "
@@ -258,6 +260,21 @@ class FlatnessCallback(Callback):
         with self._failures.guard("the loss probe", refuse=refuse):
             self._layout.count(batch)
             probe_loss(pl_module, batch, self._loss, "FlatnessCallback")
+
+    def _start_metrics(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Each metric's once-per-fit decisions (:meth:`FlatnessMetric.on_start`), on the first measurement
+        mini-batch, logged with the hyperparameters. With an iterable dataset there is no subsample yet, and
+        the metrics decide at their first measurement instead."""
+        ctx = self._context(trainer, pl_module, 0)
+        if not ctx.batches:
+            return
+        ctx = dataclasses.replace(ctx, batches=list(ctx.batches[:1]), num_samples=sub.batch_size_of(ctx.batches[0]))
+        decided: dict[str, Any] = {}
+        for metric in self.metrics:
+            with self._failures.guard(f"{metric.name}'s start", refuse=False):
+                decided.update({f"{metric.name}.{k}": v for k, v in metric.on_start(ctx).items()})
+        if decided and self.config["log_hyperparams"]:
+            self._writer.write_hyperparams(trainer, decided)
 
     def _check_start(self, trainer: Trainer) -> None:
         """What the trainer's data shows about the configuration, refused before the first training step."""

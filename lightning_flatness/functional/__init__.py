@@ -28,7 +28,7 @@ from ._restore import measurement_mode
 from .adaptive_sharpness import AdaptiveSharpnessResult, adaptive_sharpness, without_normalization
 from .block_curvature import BlockCurvatureResult, block_curvature, resolve_blocks
 from .fisher_rao import FisherRaoResult, fisher_rao_norm
-from .fisher_trace import FisherResult, fisher_trace
+from .fisher_trace import FisherResult, choose_per_sample_path, fisher_trace
 from .grad_cosine_regret import RegretResult, grad_cosine_regret
 from .grad_noise_scale import GradNoiseScaleResult, grad_noise_scale
 from .hessian_eigenvalues import EigenResult, hessian_eigenvalues, hessian_top_eigenvalue
@@ -61,6 +61,7 @@ __all__ = [
     "RegretResult",
     "TraceResult",
     "bce_with_logits_loss",
+    "choose_per_sample_path",
     "cross_entropy_loss",
     "cross_process_reduction",
     "eigenvector_slice",

@@ -184,3 +184,26 @@ def _mc_sq_norms(objective: Objective, batch: Any, num_samples: int, gen: torch.
             noise = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
             norms.append(per_sample_sq_norms(objective, (x, out + noise), per_sample=per_sample))
     return torch.cat(norms)
+
+
+def choose_per_sample_path(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: LossArg = "cross_entropy",
+    *,
+    per_sample: str = "auto",
+    dtype: torch.dtype | None = None,
+) -> str:
+    """The per-sample path :func:`fisher_trace` and ``grad_noise_scale`` take on ``model``: ``"ghost"``,
+    ``"ghost+vmap"``, ``"ghost+loop"``, ``"vmap"`` or ``"loop"``.
+
+    Decided here, on two samples of the first of ``batches``, and kept for the model (its loss,
+    dtype, device, parameters and batch structure), so the estimators that follow reuse it
+    without trying again: the callback calls this once when training starts and logs the answer
+    with the hyperparameters. ``per_sample`` as in :func:`fisher_trace`.
+    """
+    per_sample = check_per_sample(per_sample)
+    with measurement_mode(model):
+        objective = Objective(model, batches, loss_fn, dtype=dtype)
+        return per_sample_path(objective, next(objective.iter_batches()), per_sample).name
+

@@ -197,6 +197,17 @@ class FlatnessMetric:
         measurement. The default accepts everything.
         """
 
+    def on_start(self, ctx: MeasurementContext) -> Mapping[str, Any]:
+        """Called once by the callback when training starts, after the loss has been checked, with a context
+        whose ``batches`` are the first mini-batch of this process's measurement subsample.
+
+        Decide here what is decided once per fit (e.g. how per-sample gradients are formed) and
+        return what to log about it with the hyperparameters, as ``{name: value}`` (logged as
+        ``<metric name>.<name>``). A failure follows the callback's ``on_error``. The default
+        decides nothing.
+        """
+        return {}
+
     def compute(self, ctx: MeasurementContext) -> Mapping[str, float]:
         """``{key: value}`` for this measurement; every key of ``self.keys`` that was measured."""
         raise NotImplementedError

@@ -7,7 +7,7 @@ from .._failures import ConfigurationError
 from ..functional import fisher_trace
 from ..functional._losses import LossArg
 from ..functional._per_sample import check_per_sample
-from ..functional.fisher_trace import KINDS, check_mc_loss
+from ..functional.fisher_trace import KINDS, check_mc_loss, choose_per_sample_path
 from ..validation import check_choice, check_int
 from .base import FlatnessMetric, MeasurementContext
 
@@ -49,6 +49,11 @@ class FisherTrace(FlatnessMetric):
                 check_mc_loss(loss_fn)
             except ValueError as err:
                 raise ConfigurationError(f"FisherTrace: {err}") from err
+
+    def on_start(self, ctx: MeasurementContext) -> dict[str, str]:
+        """Chooses the per-sample path once, when training starts (logged as ``<name>.per_sample_path``)."""
+        path = choose_per_sample_path(ctx.model, ctx.batches, ctx.loss_fn, per_sample=self.per_sample, dtype=ctx.dtype)
+        return {"per_sample_path": path}
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         fis = fisher_trace(

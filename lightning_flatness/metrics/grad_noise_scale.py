@@ -7,6 +7,7 @@ import warnings
 from .. import keys
 from ..functional import grad_noise_scale
 from ..functional._per_sample import check_per_sample
+from ..functional.fisher_trace import choose_per_sample_path
 from ..functional.grad_noise_scale import GradNoiseScaleResult
 from .base import FlatnessMetric, MeasurementContext
 
@@ -41,6 +42,11 @@ class GradientNoiseScale(FlatnessMetric):
         self.per_sample = check_per_sample(per_sample)
         self.keys = (keys.GRAD_NOISE_SCALE, keys.se(keys.GRAD_NOISE_SCALE))
         self._warned = False
+
+    def on_start(self, ctx: MeasurementContext) -> dict[str, str]:
+        """Chooses the per-sample path once, when training starts (logged as ``<name>.per_sample_path``)."""
+        path = choose_per_sample_path(ctx.model, ctx.batches, ctx.loss_fn, per_sample=self.per_sample, dtype=ctx.dtype)
+        return {"per_sample_path": path}
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         shared = ctx.shared

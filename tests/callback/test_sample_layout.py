@@ -225,9 +225,20 @@ def test_a_failure_while_logging_a_measurement_follows_on_error(tmp_path, monkey
         trainer(tmp_path, [cb], max_epochs=2).fit(Classifier(), DataModule())
 
 
-def test_a_recurrent_model_gets_every_default_metric_with_errors_raised(tmp_path):
-    """Issue 25, item 3: ``nn.LSTM``'s per-sample gradients (no ``vmap`` batching rule) come from the loop, so
-    with ``on_error="raise"`` nothing is skipped."""
+def test_a_recurrent_model_gets_every_default_metric_with_errors_raised(tmp_path, monkeypatch):
+    """Issue 25, item 3: the per-sample path is chosen once, when training starts (tried once in the whole
+    fit), and logged with the hyperparameters; with ``on_error="raise"`` nothing is skipped. (This
+    sequence-first LSTM takes ``vmap``; a batch-first GRU's loop is in ``test_works_with.py``.)"""
+    import importlib
+
+    per_sample = importlib.import_module("lightning_flatness.functional._per_sample")
+    tries, logged = [], {}
+    real_try = per_sample._try_paths
+    monkeypatch.setattr(per_sample, "_try_paths", lambda *a: tries.append(a) or real_try(*a))
+    real_write = LoggerWriter.write_hyperparams
+    monkeypatch.setattr(LoggerWriter, "write_hyperparams", lambda self, t, c: logged.update(c) or real_write(self, t, c))
     cb, _ = fit_recurrent(tmp_path, False, False, loss_fn=loss_batch_first, on_error="raise")
     values = cb.history[-1][1]
     assert all(math.isfinite(values[key]) for key in MEASURED), values
+    assert logged["fisher_trace.per_sample_path"] == logged["grad_noise_scale.per_sample_path"] == "ghost+vmap"
+    assert len(tries) == 1 and len(cb.history) >= 1

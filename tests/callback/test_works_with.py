@@ -35,7 +35,21 @@ class ManualClassifier(Classifier):
         return loss
 
 
+class RecurrentClassifier(Classifier):
+    """A batch-first GRU over the 8 features read as 4 steps of 2: its per-sample gradients need the loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.GRU(2, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        out, _ = self.net(x.reshape(x.shape[0], 4, 2))
+        return self.head(out[:, -1])
+
+
 SETUPS = {
+    "recurrent_gru": (RecurrentClassifier, {}),
     "gradient_accumulation": (Classifier, dict(accumulate_grad_batches=3, gradient_clip_val=0.5)),
     "manual_optimization": (ManualClassifier, {}),
     "max_steps_mid_epoch": (Classifier, dict(max_steps=11, max_epochs=-1)),
