@@ -62,11 +62,10 @@ def cross_process_reduction(hook: CrossProcess) -> Iterator[None]:
 class _LossModule(nn.Module):
     """Wraps ``(model, loss_fn)`` so ``functional_call`` can substitute the model's tensors."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, builtin: str | None) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
-        self.builtin = builtin
 
     def forward(self, batch: Any, with_correct: bool = False, backward: bool = False) -> Any:
         if with_correct and isinstance(self.loss_fn, BuiltinLoss):  # it knows its accuracy from the same outputs
@@ -127,7 +126,7 @@ class Objective:
         self.shapes = [p.shape for _, p in named]
         self.device = named[0][1].device
         measured = {id(p) for _, p in named}
-        self._module = _LossModule(model, self.loss_fn, self.loss_name)
+        self._module = _LossModule(model, self.loss_fn)
         # Every other tensor (frozen parameters, buffers) in the compute dtype, fixed.
         self._fixed = {
             "model." + n: self._cast(t.detach())

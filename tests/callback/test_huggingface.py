@@ -234,3 +234,27 @@ def test_an_hf_loss_on_a_model_whose_forward_returns_no_logits_says_what_forward
     batch = default_collate([data[i] for i in range(4)])
     with pytest.raises(LossFnError, match=r"def forward\(self, \*\*inputs\): return self.model\(\*\*inputs\)"):
         probe_loss(Loss(bert), batch, "hf_sequence_classification", "FlatnessCallback")
+
+
+# --------------------------------------------------------------------------- per-sample gradients
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_fisher_trace_takes_the_loop_and_equals_a_per_sample_loop_in_float64(case):
+    """Issue 25, item 3: HF's masking code has no ``vmap`` rule, so the parameters ghost norms do not cover take
+    the per-sample loop; the trace equals a plain loop of per-sample gradients."""
+    from lightning_flatness.functional import fisher_trace
+
+    build, task, loss_fn = CASES[case]
+    torch.manual_seed(0)
+    model = HFModule(build).double()
+    data = Sequences(6, task)
+    batch = default_collate([data[i] for i in range(6)])  # with padded sequences
+    result = fisher_trace(model, [batch], loss_fn, dtype=torch.float64)
+    assert result.per_sample_path == "ghost+loop"
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    with measurement_mode(model):
+        for i in range(6):
+            one = {k: v[i : i + 1] for k, v in batch.items()}
+            grads = torch.autograd.grad(BUILTIN_LOSSES[loss_fn](model, one).sum(), params, allow_unused=True)
+            norms.append(sum((g**2).sum() for g in grads if g is not None).item())
+    assert result.value == pytest.approx(sum(norms) / 6, rel=1e-10)
