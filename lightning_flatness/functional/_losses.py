@@ -192,6 +192,14 @@ def _binary_correct(outputs: Tensor, y: Tensor) -> Tensor:
 
 
 def _mse(outputs: Tensor, y: Tensor) -> Tensor:
+    if outputs.shape != y.shape:
+        if outputs.numel() != y.numel() or outputs.shape[:1] != y.shape[:1]:
+            raise BuiltinLossError(
+                f'loss_fn="mse" needs targets with the outputs\' shape; the model returns shape {tuple(outputs.shape)} '
+                f"and the targets have shape {tuple(y.shape)} (broadcasting them would pair every output with every "
+                "target)."
+            )
+        y = y.reshape(outputs.shape)  # (B,) targets for (B, 1) outputs: the same numbers per sample
     squared = (outputs - y) ** 2
     return squared.reshape(squared.shape[0], -1).mean(dim=1)
 

@@ -106,12 +106,21 @@ def per_sample_path(objective: Objective, batch: Any, per_sample: str = "auto") 
     device, measured parameters and batch structure, so every later measurement reuses it.
     """
     per_sample = check_per_sample(per_sample)
-    key = (per_sample, objective.loss_fn, objective.dtype, objective.device, tuple(objective.names))
-    key += _structure(batch)
     paths = _PATHS.setdefault(objective.model, {})
+    key = _key(objective, batch, per_sample)
     if key not in paths:
         paths[key] = _try_paths(objective, batch, per_sample)
     return paths[key]
+
+
+def _key(objective: Objective, batch: Any, per_sample: str) -> tuple:
+    key = (per_sample, objective.loss_fn, objective.dtype, objective.device, tuple(objective.names))
+    return key + _structure(batch)
+
+
+def _keep(objective: Objective, batch: Any, per_sample: str, path: PerSamplePath) -> None:
+    """Replaces the kept path (a ``vmap`` that failed on a later batch gives way to the loop)."""
+    _PATHS.setdefault(objective.model, {})[_key(objective, batch, per_sample)] = path
 
 
 def _structure(batch: Any) -> tuple:
@@ -180,6 +189,14 @@ def per_sample_sq_norms(objective: Objective, batch: Any, at: Tensor | None = No
     if path.ghost:
         ghost = _ghost_part(objective, batch, tensors, size, total)
     rest = [i for i in range(len(tensors)) if i not in ghost]
+    if rest and path.fallback == "vmap" and per_sample == "auto":
+        vmapped, failure = _attempt(lambda: _vmap_sq_norms(objective, batch, tensors, rest, size))
+        if failure is None:
+            return total + vmapped
+        # The trial samples did not reach every operation (a branch taken only for some batch shapes): from now
+        # on this model takes the loop.
+        _keep(objective, batch, per_sample, PerSamplePath(path.ghost, "loop"))
+        path = PerSamplePath(path.ghost, "loop")
     if rest:
         fallback = _vmap_sq_norms if path.fallback == "vmap" else _loop_sq_norms
         total += fallback(objective, batch, tensors, rest, size)

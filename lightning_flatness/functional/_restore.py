@@ -36,14 +36,23 @@ def _compiled_entries(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
         OptimizedModule = ()  # noqa: N806
     out = []
     for m in model.modules():
-        if isinstance(m, OptimizedModule):
+        if isinstance(m, OptimizedModule) and _compiled(m.__dict__.get("forward")):
             out.append((m, "forward", m._orig_mod.__call__))
         if getattr(m, "_compiled_call_impl", None) is not None:
             out.append((m, "_compiled_call_impl", None))
         ctx = getattr(m, "_compiler_ctx", None)
-        if isinstance(ctx, dict) and callable(ctx.get("original_forward")):
+        if isinstance(ctx, dict) and callable(ctx.get("original_forward")) and _compiled(m.__dict__.get("forward")):
             out.append((m, "forward", ctx["original_forward"]))
     return out
+
+
+def _compiled(forward: object) -> bool:
+    """Whether ``forward`` is still Dynamo's wrapper (or the lazy check in front of it), not a ``forward`` user
+    code set since: that one is left alone."""
+    target = getattr(forward, "__func__", None)
+    if target is not None and getattr(target, "__name__", "") == "_call_lazy_check":
+        return True
+    return hasattr(forward, "_torchdynamo_orig_callable")
 
 
 @contextlib.contextmanager

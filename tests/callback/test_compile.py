@@ -99,3 +99,17 @@ def test_training_is_bit_identical_and_the_measurement_compiles_nothing(tmp_path
     assert plain_graphs > 0 and measured_graphs == plain_graphs  # no graph compiled for the measurement
     a, b = plain.state_dict(), measured.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_forward_user_code_set_on_a_compiled_module_is_measured_as_it_is():
+    """Found by review: a ``forward`` replaced after compiling was swapped for the compiled module's original one."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3).double()
+    compiled = torch.compile(net, backend=BACKEND)
+    compiled.forward = lambda x: 2 * net(x)  # noqa: E731 - user code, after torch.compile
+    x = torch.randn(5, 4, dtype=torch.float64)
+    from lightning_flatness.functional._restore import eager_modules
+
+    with eager_modules(compiled):
+        inside = compiled(x)
+    assert torch.equal(inside, 2 * net(x))

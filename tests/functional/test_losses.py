@@ -121,3 +121,16 @@ def test_bce_monte_carlo_fisher_draws_bernoulli_labels():
     assert abs(result.value - exact) <= 3 * stderr, (result.value, exact, stderr)
     # the data's labels give another value (the empirical Fisher): the test tells them apart
     assert abs(fisher_trace(model, batches, "bce_with_logits").value - exact) > 3 * stderr
+
+
+def test_mse_pairs_each_output_with_its_own_target():
+    """Found by review: outputs ``(B, 1)`` against targets ``(B,)`` broadcast to ``(B, B)`` and every sample's loss
+    averaged over all targets, silently; now the targets are read per sample, and shapes that do not match are
+    refused."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    want = (model(x).squeeze(1) - y) ** 2
+    assert torch.allclose(BUILTIN_LOSSES["mse"](model, (x, y)), want)
+    with pytest.raises(BuiltinLossError, match="shape"):
+        BUILTIN_LOSSES["mse"](nn.Linear(3, 2).double(), (x, y))

@@ -183,3 +183,34 @@ def test_mc_fisher_on_a_recurrent_model_runs():
     model, batch, _ = _case("LSTM")
     result = fisher_trace(model, [batch], kind="mc", num_samples=2, generator=0)
     assert result.per_sample_path == "ghost+loop" and result.value > 0
+
+
+class ShapeDependent(nn.Module):
+    """A GRU only for sequences longer than 4 steps: two trial samples of short ones show ``vmap`` working."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru, self.lin, self.head = nn.GRU(3, 5, batch_first=True), nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        if x.shape[1] > 4:
+            return self.head(self.gru(x)[0][:, -1])
+        return self.head(torch.tanh(self.lin(x)).mean(1))
+
+
+def test_a_kept_vmap_path_that_fails_on_a_later_batch_gives_way_to_the_loop():
+    """Found by review: the path kept from short sequences (``vmap``) raised on long ones; now the loop takes over
+    for them and from then on."""
+    torch.manual_seed(0)
+    model = ShapeDependent().double()
+    g = torch.Generator().manual_seed(1)
+    short = (torch.randn(6, 3, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (6,), generator=g))
+    long = (torch.randn(6, 6, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (6,), generator=g))
+    assert fisher_trace(model, [short]).per_sample_path == "ghost+vmap"
+    result = fisher_trace(model, [long])
+    params, norms = list(model.parameters()), []
+    for i in range(6):  # the plain loop; `lin` is unused on long sequences
+        loss = F.cross_entropy(model(long[0][i : i + 1]), long[1][i : i + 1])
+        norms.append(sum((g**2).sum() for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None))
+    assert result.value == pytest.approx(torch.stack(norms).mean().item(), rel=1e-10)
+    assert fisher_trace(model, [long]).per_sample_path == "ghost+loop"
