@@ -1,0 +1,186 @@
+r"""Accuracy and loss under adversarial input perturbations: FGSM and PGD (Goodfellow et al. 2015; Madry et al.
+2018), in the :math:`L_\infty` or :math:`L_2` ball of radius :math:`\epsilon` around each input.
+
+The inputs are perturbed, never the model: every pass runs inside
+:func:`~lightning_flatness.functional.measurement_mode` (eval mode, parameters, buffers, ``.grad``
+and every RNG state as before), and the random start draws from its own generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..validation import check_choice, check_float, check_generator, check_int
+from ._losses import BuiltinLoss, LossArg, resolve_loss_fn, split_output
+from ._restore import measurement_mode
+from ._stats import MeanAccumulator
+
+ATTACKS = ("fgsm", "pgd")
+NORMS = ("linf", "l2")
+
+
+@dataclass(frozen=True)
+class AdversarialResult:
+    """Accuracy and mean loss on the perturbed inputs, the clean accuracy, and the drop between them.
+
+    Each ``*_se`` is the standard error over the samples (the drop's is paired: per-sample
+    differences). ``n_grad``: input-gradient passes over ``batches`` (FGSM 1, PGD ``1 + steps``).
+    """
+
+    accuracy: float
+    accuracy_se: float
+    loss: float
+    loss_se: float
+    clean_accuracy: float
+    clean_accuracy_se: float
+    drop: float
+    drop_se: float
+    n_grad: int
+
+
+def _losses_and_correct(loss_fn: Any, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+    losses, correct = loss_fn.losses_and_correct(model, batch) if isinstance(loss_fn, BuiltinLoss) else \
+        split_output(loss_fn(model, batch))  # fmt: skip
+    if correct is None:
+        raise ValueError(
+            "adversarial_accuracy needs each sample's correctness: use a built-in classification loss "
+            '("cross_entropy", "bce_with_logits") or a loss_fn returning (losses, correct).'
+        )
+    return losses, correct
+
+
+def _inputs(batch: Any) -> Tensor:
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[0], Tensor):
+        raise TypeError("adversarial_accuracy perturbs the inputs of batches that are pairs (inputs, targets) with a "
+                        f"tensor of inputs; got {type(batch).__name__}.")  # fmt: skip
+    if not batch[0].is_floating_point():
+        raise TypeError(
+            f"adversarial_accuracy perturbs the inputs, which must be floating point; these are {batch[0].dtype} "
+            "(token ids?). Perturbing embeddings instead is not supported: measure a model that takes float inputs."
+        )
+    return batch[0]
+
+
+def _step(grad: Tensor, norm: str) -> Tensor:
+    """The steepest-ascent direction of unit size in ``norm``: the sign (L∞) or the normalized gradient (L2)."""
+    if norm == "linf":
+        return grad.sign()
+    flat = grad.reshape(grad.shape[0], -1)
+    return (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)).reshape(grad.shape)
+
+
+def _project(delta: Tensor, norm: str, epsilon: float) -> Tensor:
+    if norm == "linf":
+        return delta.clamp(-epsilon, epsilon)
+    flat = delta.reshape(delta.shape[0], -1)
+    scale = (epsilon / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
+    return (flat * scale).reshape(delta.shape)
+
+
+def _random_start(x: Tensor, norm: str, epsilon: float, gen: torch.Generator) -> Tensor:
+    """A uniform point of the L∞ box, or of the L2 ball (direction uniform, radius ε·U^(1/d))."""
+    shape = x.shape
+    if norm == "linf":
+        u = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
+        return (epsilon * u).to(x)
+    d = math.prod(shape[1:])
+    z = torch.randn(shape[0], d, generator=gen, dtype=torch.float64)
+    radius = epsilon * torch.rand(shape[0], 1, generator=gen, dtype=torch.float64) ** (1 / d)
+    return (z / z.norm(dim=1, keepdim=True) * radius).reshape(shape).to(x)
+
+
+def _evaluate(loss_fn: Any, model: nn.Module, batch: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample ``(losses, correct, ∇_x Σ losses)`` at inputs ``x``."""
+    x = x.detach().requires_grad_(True)
+    losses, correct = _losses_and_correct(loss_fn, model, (x, *batch[1:]))
+    (grad,) = torch.autograd.grad(losses.sum(), x)
+    return losses.detach(), correct.detach(), grad
+
+
+def _attack_batch(
+    loss_fn: Any, model: nn.Module, batch: Any, opts: dict[str, Any], gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Per-sample ``(clean correct, attacked correct, attacked loss)`` for one batch.
+
+    PGD counts a sample as robust only if the FGSM point and every iterate classify it correctly,
+    and reports the largest loss among them: never weaker than FGSM on the same inputs.
+    """
+    x0 = _inputs(batch)
+    eps, norm = opts["epsilon"], opts["norm"]
+    clean_losses, clean, grad = _evaluate(loss_fn, model, batch, x0)
+    losses, correct, _ = _evaluate(loss_fn, model, batch, x0 + _project(eps * _step(grad, norm), norm, eps))
+    if opts["attack"] == "fgsm":
+        return clean, correct, losses
+    delta = _random_start(x0, norm, eps, gen) if opts["random_start"] else torch.zeros_like(x0)
+    for _ in range(opts["steps"]):
+        step_losses, step_correct, g = _evaluate(loss_fn, model, batch, x0 + delta)
+        losses, correct = torch.maximum(losses, step_losses), correct & step_correct
+        delta = _project(delta + opts["step_size"] * _step(g, norm), norm, eps)
+    final_losses, final_correct, _ = _evaluate(loss_fn, model, batch, x0 + delta)
+    return clean, correct & final_correct, torch.maximum(losses, final_losses)
+
+
+def adversarial_accuracy(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: LossArg = "cross_entropy",
+    *,
+    attack: str = "pgd",
+    norm: str = "linf",
+    epsilon: float = 0.1,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    generator: torch.Generator | int | None = None,
+) -> AdversarialResult:
+    r"""Accuracy and loss of ``model`` on inputs perturbed by FGSM or PGD within ``epsilon`` in ``norm``.
+
+    FGSM: :math:`x' = x + \epsilon\,\operatorname{sign}\nabla_x\ell` (L∞) or
+    :math:`x + \epsilon\,\nabla_x\ell/\|\nabla_x\ell\|_2` (L2), per sample. PGD: from a uniform point
+    of the ball (``random_start``) or from ``x``, ``steps`` steps of size ``step_size`` (default
+    :math:`2.5\epsilon/\text{steps}`, Madry et al.) along the same directions, each projected back
+    onto the ball; a sample counts as robust only if the FGSM point and every iterate classify it
+    correctly, and its loss is the largest among them, so PGD is never weaker than FGSM on the same
+    inputs. The inputs are not clamped to a data range. ``epsilon=0`` gives the clean accuracy.
+
+    On a linear classifier with two classes both attacks are exact: the worst perturbation lowers
+    the margin :math:`(w_y - w_j)^\top x + b_y - b_j` by :math:`\epsilon\|w_y - w_j\|_1` (L∞) or
+    :math:`\epsilon\|w_y - w_j\|_2` (L2), the dual norm, and the loss's gradient points there.
+
+    Batches are pairs ``(inputs, targets, ...)`` with floating-point inputs; ``loss_fn`` must give
+    each sample's correctness (a built-in classification loss, or ``(losses, correct)``). Cost:
+    ``n_grad`` input-gradient passes (FGSM 1, PGD ``1 + steps``) and as many loss evaluations, per
+    batch. Standard errors are over the samples.
+
+    Example:
+        >>> import torch
+        >>> from lightning_flatness.functional import adversarial_accuracy
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(2, 2)
+        >>> batches = [(torch.randn(16, 2), torch.randint(0, 2, (16,)))]
+        >>> r = adversarial_accuracy(model, batches, attack="fgsm", epsilon=0.0)
+        >>> r.accuracy == r.clean_accuracy, r.n_grad
+        (True, 1)
+    """
+    opts = {
+        "attack": check_choice("attack", attack, ATTACKS), "norm": check_choice("norm", norm, NORMS),
+        "epsilon": check_float("epsilon", epsilon), "steps": check_int("steps", steps),
+        "random_start": bool(random_start),
+    }  # fmt: skip
+    opts["step_size"] = 2.5 * opts["epsilon"] / opts["steps"] if step_size is None else check_float("step_size", step_size)
+    gen = check_generator(generator)
+    fn, _ = resolve_loss_fn(loss_fn)
+    acc = MeanAccumulator(4)  # per sample: attacked correct, attacked loss, clean correct, clean − attacked
+    with measurement_mode(model):
+        for batch in batches:
+            clean, correct, losses = _attack_batch(fn, model, batch, opts, gen)
+            c, a = clean.double(), correct.double()
+            acc.add(torch.stack([a, losses.double(), c, c - a], dim=1))
+    mean, se = acc.result()
+    n_grad = 1 if opts["attack"] == "fgsm" else 1 + opts["steps"]
+    return AdversarialResult(*(v for pair in zip(mean.tolist(), se.tolist()) for v in pair), n_grad)
