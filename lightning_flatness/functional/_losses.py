@@ -410,6 +410,14 @@ def split_output(out: Any) -> tuple[Tensor, Optional[Tensor]]:
     return losses, correct
 
 
+def losses_and_correct(loss_fn: LossFn, model: nn.Module, batch: Any) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-sample losses and correctness from one forward pass: a built-in loss's own, else what the callable
+    returns, checked by :func:`split_output` (``None``: no accuracy)."""
+    if isinstance(loss_fn, BuiltinLoss):
+        return loss_fn.losses_and_correct(model, batch)
+    return split_output(loss_fn(model, batch))
+
+
 def resolve_loss_fn(loss_fn: LossArg) -> tuple[LossFn, str | None]:
     """Return ``(callable, builtin_name)``: a built-in name or function as its :class:`BuiltinLoss`, and
     ``builtin_name`` ``None`` for user callables."""

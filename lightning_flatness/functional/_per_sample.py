@@ -189,18 +189,18 @@ def per_sample_sq_norms(objective: Objective, batch: Any, at: Tensor | None = No
     if path.ghost:
         ghost = _ghost_part(objective, batch, tensors, size, total)
     rest = [i for i in range(len(tensors)) if i not in ghost]
-    if rest and path.fallback == "vmap" and per_sample == "auto":
-        vmapped, failure = _attempt(lambda: _vmap_sq_norms(objective, batch, tensors, rest, size))
-        if failure is None:
-            return total + vmapped
-        # The trial samples did not reach every operation (a branch taken only for some batch shapes): from now
-        # on this model takes the loop.
-        _keep(objective, batch, per_sample, PerSamplePath(path.ghost, "loop"))
-        path = PerSamplePath(path.ghost, "loop")
-    if rest:
-        fallback = _vmap_sq_norms if path.fallback == "vmap" else _loop_sq_norms
-        total += fallback(objective, batch, tensors, rest, size)
-    return total
+    if not rest:
+        return total
+    if path.fallback == "vmap":
+        try:
+            return total + _vmap_sq_norms(objective, batch, tensors, rest, size)
+        except Exception:
+            if per_sample != "auto":
+                raise
+            # The trial samples did not reach every operation (a branch taken only for some batch shapes): from
+            # now on this model takes the loop.
+            _keep(objective, batch, per_sample, PerSamplePath(path.ghost, "loop"))
+    return total + _loop_sq_norms(objective, batch, tensors, rest, size)
 
 
 def _ghost_part(objective: Objective, batch: Any, tensors: list[Tensor], size: int, total: Tensor) -> set[int]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..validation import check_choice, check_float, check_generator, check_int
-from ._losses import BuiltinLoss, LossArg, resolve_loss_fn, split_output
+from ._losses import LossArg, losses_and_correct, resolve_loss_fn
 from ._restore import measurement_mode
 from ._stats import MeanAccumulator
 
@@ -44,8 +44,7 @@ class AdversarialResult:
 
 
 def _losses_and_correct(loss_fn: Any, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
-    losses, correct = loss_fn.losses_and_correct(model, batch) if isinstance(loss_fn, BuiltinLoss) else \
-        split_output(loss_fn(model, batch))  # fmt: skip
+    losses, correct = losses_and_correct(loss_fn, model, batch)
     if correct is None:
         raise ValueError(
             "adversarial_accuracy needs each sample's correctness: use a built-in classification loss "

@@ -118,9 +118,9 @@ def _checked_gradient(gradient: Tensor, objective: Objective) -> Tensor:
 
 def _sq_norm_means(objective: Objective, given: Sequence[Tensor] | None, per_sample: str) -> tuple[Tensor, Tensor]:
     """Per batch of this process: its sample count and mean ``|g_i|²`` (float64), computed unless given."""
-    if given is None:
-        given = [per_sample_sq_norms(objective, b, per_sample=per_sample) for b in objective.iter_batches()]
-    norms = given
+    norms = given if given is not None else [
+        per_sample_sq_norms(objective, b, per_sample=per_sample) for b in objective.iter_batches()
+    ]
     if len(norms) == 0:
         raise ValueError("batches is empty: pass at least one batch.")
     counts = torch.tensor([float(t.numel()) for t in norms], dtype=torch.float64)

@@ -79,7 +79,8 @@ def sample_error(forms: Tensor, sizes: list[int], reduce: Callable[[Tensor], Ten
     chunks' shares ``scale · mean_s forms[s, c] / n_c``, weighted by ``n_c``, over every process's chunks."""
     acc = MeanAccumulator()
     if forms.numel():
-        acc.add(scale * forms.mean(0) / torch.tensor(sizes, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64))
+        counts = torch.tensor(sizes, dtype=torch.float64)
+        acc.add(scale * forms.mean(0) / counts, counts)
     return acc.result(reduce)[1].item()
 
 
@@ -131,9 +132,10 @@ def hutchinson_trace(
             terms.append((z * az).sum(1).to(torch.float64).cpu())
             if forms is not None:
                 rows.append(forms.take())
-                probe_se, sample_se = _trace_errors(operator, torch.cat(terms), torch.cat(rows), forms.sizes, False)
-                if error_ratio is not None and probe_se <= error_ratio * sample_se:
-                    break
+                if error_ratio is not None:  # the sums are reduced over processes: only where they decide
+                    probe_se, sample_se = _trace_errors(operator, torch.cat(terms), torch.cat(rows), forms.sizes, False)
+                    if probe_se <= error_ratio * sample_se:
+                        break
     return _trace_result(operator, torch.cat(terms), torch.cat(rows) if rows else None, forms, exact=False)
 
 
@@ -174,9 +176,14 @@ def _trace_result(
     operator: CurvatureOperator, terms: Tensor, forms: Tensor | None, observer: ChunkQuadraticForms | None, exact: bool
 ) -> TraceResult:  # fmt: skip
     probe_se, sample_se = _trace_errors(operator, terms, forms, [] if observer is None else observer.sizes, exact)
-    se = math.hypot(probe_se, sample_se) if math.isfinite(sample_se) else probe_se
     value = terms.sum().item() if exact else terms.mean().item()
-    return TraceResult(value, se, terms.numel(), probe_se, sample_se)
+    return TraceResult(value, combined_error(probe_se, sample_se), terms.numel(), probe_se, sample_se)
+
+
+def combined_error(probe_se: float, sample_se: float) -> float:
+    """A trace's standard error: the probes' and the data's in quadrature, the probes' alone where the data's
+    is unknown (NaN: one mini-batch, or an operator without mini-batches)."""
+    return math.hypot(probe_se, sample_se) if math.isfinite(sample_se) else probe_se
 
 
 def hutchinson_diagonal(

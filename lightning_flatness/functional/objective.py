@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 from ..validation import check_cache_chunks
 from ._affine_batch_norm import affine_batch_norm
 from ._graph_cache import CacheChunks, SavedBytes, cache_limits
-from ._losses import BuiltinLoss, LossArg, LossFn, resolve_loss_fn, split_output
+from ._losses import LossArg, LossFn, losses_and_correct, resolve_loss_fn, split_output
 from ._params import flatten, resolve_params, unflatten
 from .operator import CurvatureOperator
 
@@ -68,8 +68,8 @@ class _LossModule(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, batch: Any, with_correct: bool = False, backward: bool = False) -> Any:
-        if with_correct and isinstance(self.loss_fn, BuiltinLoss):  # it knows its accuracy from the same outputs
-            return self.loss_fn.losses_and_correct(self.model, batch)
+        if with_correct:  # a built-in loss knows its accuracy from the same outputs
+            return losses_and_correct(self.loss_fn, self.model, batch)
         out = self.loss_fn(self.model, batch)
         if not backward:
             return out

@@ -212,7 +212,7 @@ def _linear_diagonal_terms(
     if not curved.all():  # a floor coordinate the bound cannot keep there needs its H_ii
         if hessian_max is None or not bool(curved[_coordinates_that_need_h(noise, rho, hessian_max, scale)].all()):
             return None
-    d = torch.where(curved, scale / (2 * curvature), torch.zeros_like(curvature))
+    d = _dpsi_dh(curvature, noise, scale)
     hv = draws.products.to(d)
     estimates = dim * draws.vectors.to(d) * hv * d  # (K, P): each draw's unbiased d_i H_ii
     # A coordinate near its floor (N_i²c_i² close to 1) falls onto it for a small negative H_ii, where the error

@@ -33,7 +33,7 @@ from ._graph_cache import CacheChunks
 from ._losses import LossArg
 from ._restore import measurement_mode
 from ._stats import mean_and_se
-from .hutchinson import observed, rademacher, sample_error
+from .hutchinson import combined_error, observed, rademacher, sample_error
 from .lanczos import _tridiagonal_eigen, lanczos_tridiagonal
 from .objective import Objective
 from .operator import CurvatureOperator
@@ -76,9 +76,7 @@ class SpectralDensityResult:
         """``tr A = P · (1/P) tr A`` (Hutchinson's estimate for Rademacher probes) and its standard error: the
         probes' (as :meth:`moments`) and, where known, the data's (``trace_sample_se``) in quadrature."""
         value, se = self.moments(1)
-        probe_se = self.num_params * se.item()
-        sample = self.trace_sample_se
-        return self.num_params * value.item(), math.hypot(probe_se, sample) if math.isfinite(sample) else probe_se
+        return self.num_params * value.item(), combined_error(self.num_params * se.item(), self.trace_sample_se)
 
     def negative_mass(self, threshold: float = 0.0, sigma: float = 0.0) -> tuple[float, float]:
         r"""The fraction of the spectrum below ``−c = −threshold · max|θ|`` and its standard error across probes.

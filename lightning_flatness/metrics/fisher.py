@@ -12,6 +12,13 @@ from ..validation import check_choice, check_int
 from .base import FlatnessMetric, MeasurementContext
 
 
+def per_sample_path_at_start(ctx: MeasurementContext, per_sample: str) -> dict[str, str]:
+    """:meth:`FlatnessMetric.on_start` of the metrics built on per-sample norms: the path is chosen once, when
+    training starts, and logged as ``<name>.per_sample_path``."""
+    path = choose_per_sample_path(ctx.model, ctx.batches, ctx.loss_fn, per_sample=per_sample, dtype=ctx.dtype)
+    return {"per_sample_path": path}
+
+
 class FisherTrace(FlatnessMetric):
     """``flatness/fisher_trace``: the mean squared per-sample gradient norm (:func:`~lightning_flatness.functional.fisher_trace`).
 
@@ -51,9 +58,7 @@ class FisherTrace(FlatnessMetric):
                 raise ConfigurationError(f"FisherTrace: {err}") from err
 
     def on_start(self, ctx: MeasurementContext) -> dict[str, str]:
-        """Chooses the per-sample path once, when training starts (logged as ``<name>.per_sample_path``)."""
-        path = choose_per_sample_path(ctx.model, ctx.batches, ctx.loss_fn, per_sample=self.per_sample, dtype=ctx.dtype)
-        return {"per_sample_path": path}
+        return per_sample_path_at_start(ctx, self.per_sample)
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         fis = fisher_trace(

@@ -7,9 +7,9 @@ import warnings
 from .. import keys
 from ..functional import grad_noise_scale
 from ..functional._per_sample import check_per_sample
-from ..functional.fisher_trace import choose_per_sample_path
 from ..functional.grad_noise_scale import GradNoiseScaleResult
 from .base import FlatnessMetric, MeasurementContext
+from .fisher import per_sample_path_at_start
 
 
 class GradientNoiseScale(FlatnessMetric):
@@ -44,9 +44,7 @@ class GradientNoiseScale(FlatnessMetric):
         self._warned = False
 
     def on_start(self, ctx: MeasurementContext) -> dict[str, str]:
-        """Chooses the per-sample path once, when training starts (logged as ``<name>.per_sample_path``)."""
-        path = choose_per_sample_path(ctx.model, ctx.batches, ctx.loss_fn, per_sample=self.per_sample, dtype=ctx.dtype)
-        return {"per_sample_path": path}
+        return per_sample_path_at_start(ctx, self.per_sample)
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         shared = ctx.shared
