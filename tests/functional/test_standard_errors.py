@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchmetrics import MeanMetric, MetricCollection
 
-from lightning_flatness.functional import fisher_trace, grad_cosine_regret, hessian_eigenvalues, hessian_trace, pacgen
+from lightning_flatness.functional import adversarial_accuracy, fisher_trace, grad_cosine_regret, hessian_eigenvalues, hessian_trace, pacgen
 from lightning_flatness.functional._stats import MeanAccumulator, mean_and_se
 from lightning_flatness.metrics import GapMeter, samples_needed
 from tests.helpers.models import tiny_mlp
@@ -47,6 +47,10 @@ ESTIMATORS = {
     "fisher_trace": lambda b: (lambda r: (r.value, r.se))(fisher_trace(MODEL, b)),
     "fisher_trace_mc": lambda b: (lambda r: (r.value, r.se))(fisher_trace(MODEL, b, kind="mc", generator=len(b[0][1]))),
     "gap_loss": lambda b: gap_loss_and_se(b),
+    # accuracy under attack and its paired drop from the clean accuracy (PGD's random start redrawn too)
+    "adversarial_pgd_accuracy": lambda b: (lambda r: (r.accuracy, r.accuracy_se))(
+        adversarial_accuracy(MODEL, b, epsilon=0.3, steps=5, generator=next(SEEDS))),
+    "adversarial_fgsm_drop": lambda b: (lambda r: (r.drop, r.drop_se))(adversarial_accuracy(MODEL, b, attack="fgsm", epsilon=0.3)),
     # the probes are redrawn with the subsample: se holds both errors (here 1.05x the spread; probe_se alone 0.78x)
     "hessian_trace": lambda b: (lambda r: (r.value, r.se))(hessian_trace(MODEL, b, num_probes=64, generator=next(SEEDS))),
     # PACGen's own randomness (probes, rho's draws) is redrawn with the subsample: a new seed each time
