@@ -7,6 +7,7 @@ from .callback import FlatnessCallback
 from .landscape import LandscapeOptions
 from .metrics import (
     AdaptiveSharpness,
+    AdversarialRobustness,
     BlockCurvature,
     FisherRaoNorm,
     FisherTrace,
@@ -44,5 +45,6 @@ __all__ = [
     "metrics",
     "HessianDensity",
     "AdaptiveSharpness",
+    "AdversarialRobustness",
     "FisherRaoNorm",
 ]

@@ -271,7 +271,7 @@ class FlatnessCallback(Callback):
         ctx = dataclasses.replace(ctx, batches=list(ctx.batches[:1]), num_samples=sub.batch_size_of(ctx.batches[0]))
         decided: dict[str, Any] = {}
         for metric in self.metrics:
-            with self._failures.guard(f"{metric.name}'s start", refuse=False):
+            with self._failures.guard(f"{metric.name}'s start", refuse=True):  # a ConfigurationError refuses the fit
                 decided.update({f"{metric.name}.{k}": v for k, v in metric.on_start(ctx).items()})
         if decided and self.config["log_hyperparams"]:
             self._writer.write_hyperparams(trainer, decided)
@@ -442,9 +442,9 @@ class FlatnessCallback(Callback):
 
     def _complete_final(self, trainer: Trainer, pl_module: LightningModule, x: int) -> None:
         """The final weights were measured at an epoch end, where metrics on their own schedule may
-        not have been due: measure those now, into the same row (and at the same step), whose
+        not have been due (or measure more at the final weights, ``remeasure_at_final``): measure those now, into the same row (and at the same step), whose
         ``flatness/seconds`` then includes their time."""
-        skipped = [m for m in self._order if not m.due(x, final=False)]
+        skipped = [m for m in self._order if not m.due(x, final=False) or m.remeasure_at_final()]
         if not skipped or self._data is None:
             return
         start = time.perf_counter()
@@ -476,16 +476,20 @@ class FlatnessCallback(Callback):
         assert self._data is not None, "the measurement subsample is drawn in on_train_start"
         rank, world = trainer.global_rank, trainer.world_size
         batches = sub.shard(self._data["measure"], rank, world)
+        held_out = self._data.get("gap_val")
         return MeasurementContext(
             model=pl_module, batches=batches, loss_fn=self._loss, epoch=x, seed=self.config["seed"],
             num_samples=sum(sub.batch_size_of(b) for b in batches), world_size=world, rank=rank,
             train_size=self._train_size, batch_indices=sub.shard(range(len(self._data["measure"])), rank, world),
+            held_out=None if held_out is None else sub.shard(held_out, rank, world),
+            held_out_indices=None if held_out is None else sub.shard(range(len(held_out)), rank, world),
         )  # fmt: skip
 
     def _measure_metrics(
         self, trainer: Trainer, ctx: MeasurementContext, metrics: list[FlatnessMetric], final: bool
     ) -> list[str]:
         updated: list[str] = []
+        ctx.final = final
         due = [m for m in metrics if m.due(ctx.epoch, final)]
         for i, metric in enumerate(due):
             status(trainer, f"flatness: epoch {ctx.epoch}: {metric.name} ({i + 1}/{len(due)})")

@@ -69,6 +69,15 @@ def split_acc(split: str) -> str:
     return f"gap/{split}_acc"
 
 
+# Robustness to adversaries on the gap's held-out subsample (AdversarialRobustness): per attack "fgsm", "pgd".
+ROBUST_PREFIX = "robust/"
+
+
+def robust_keys(attack: str) -> tuple[str, str, str]:
+    """``robust/{attack}_acc``, ``robust/{attack}_loss``, ``robust/{attack}_drop`` (clean − attacked accuracy)."""
+    return f"{ROBUST_PREFIX}{attack}_acc", f"{ROBUST_PREFIX}{attack}_loss", f"{ROBUST_PREFIX}{attack}_drop"
+
+
 # Loss-landscape images.
 LANDSCAPE_1D = "landscape/1d"
 LANDSCAPE_2D = "landscape/2d"
@@ -94,7 +103,7 @@ def subsample_of(key: str) -> str:
     """The subsample ``key`` is measured on: the gap's train or validation one, else the measurement subsample."""
     if key in (TRAIN_LOSS, TRAIN_ACC):
         return "gap_train"
-    if key in (TEST_LOSS, TEST_ACC):
+    if key in (TEST_LOSS, TEST_ACC) or key.startswith(ROBUST_PREFIX):
         return "gap_val"
     return "measure"
 
@@ -118,7 +127,7 @@ RELATIVE_SE_TARGET = 0.05  # the sample-size guide: samples for a relative stand
 REPORT_ORDER = (
     HESSIAN_TOP_EIG, GRAD_COSINE_REGRET, GRAD_COSINE, FISHER_TRACE, PACGEN, PACGEN_CURVED_FRACTION,
     ADAPTIVE_SHARPNESS, FISHER_RAO_NORM, GRAD_NOISE_SCALE, TRAIN_LOSS, TEST_LOSS, LOSS_GAP,
-    TRAIN_ACC, TEST_ACC, ACC_GAP, SECONDS,
+    TRAIN_ACC, TEST_ACC, ACC_GAP, *robust_keys("fgsm"), *robust_keys("pgd"), SECONDS,
 )  # fmt: skip
 OVERVIEW = (HESSIAN_TOP_EIG, GRAD_COSINE_REGRET, FISHER_TRACE, PACGEN, LOSS_GAP, ACC_GAP)
 

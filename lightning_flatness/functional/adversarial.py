@@ -8,17 +8,18 @@ and every RNG state as before), and the random start draws from its own generato
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..validation import check_choice, check_float, check_generator, check_int
+from ..validation import check_bool, check_choice, check_float, check_generator, check_int
 from ._losses import LossArg, losses_and_correct, resolve_loss_fn
 from ._restore import measurement_mode
-from ._stats import MeanAccumulator
+from ._stats import MeanAccumulator, Reduce
 
 ATTACKS = ("fgsm", "pgd")
 NORMS = ("linf", "l2")
@@ -53,7 +54,7 @@ def _losses_and_correct(loss_fn: Any, model: nn.Module, batch: Any) -> tuple[Ten
     return losses, correct
 
 
-def _inputs(batch: Any) -> Tensor:
+def perturbable_inputs(batch: Any) -> Tensor:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[0], Tensor):
         raise TypeError("adversarial_accuracy perturbs the inputs of batches that are pairs (inputs, targets) with a "
                         f"tensor of inputs; got {type(batch).__name__}.")  # fmt: skip
@@ -93,35 +94,90 @@ def _random_start(x: Tensor, norm: str, epsilon: float, gen: torch.Generator) ->
     return (z / z.norm(dim=1, keepdim=True) * radius).reshape(shape).to(x)
 
 
-def _evaluate(loss_fn: Any, model: nn.Module, batch: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample ``(losses, correct, ∇_x Σ losses)`` at inputs ``x``."""
+def _evaluate(loss_fn: Any, model: nn.Module, batch: Any, x: Tensor, grad: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-sample ``(losses, correct, ∇_x Σ losses)`` at inputs ``x`` (the gradient only with ``grad``)."""
+    if not grad:
+        with torch.no_grad():
+            losses, correct = _losses_and_correct(loss_fn, model, (x, *batch[1:]))
+        return losses, correct, None
     x = x.detach().requires_grad_(True)
     losses, correct = _losses_and_correct(loss_fn, model, (x, *batch[1:]))
-    (grad,) = torch.autograd.grad(losses.sum(), x)
-    return losses.detach(), correct.detach(), grad
+    (g,) = torch.autograd.grad(losses.sum(), x)
+    return losses.detach(), correct.detach(), g
 
 
 def _attack_batch(
     loss_fn: Any, model: nn.Module, batch: Any, opts: dict[str, Any], gen: torch.Generator
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Per-sample ``(clean correct, attacked correct, attacked loss)`` for one batch.
+) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:  # fmt: skip
+    """Per-sample clean correctness, and ``{attack: (attacked correct, attacked loss)}`` for one batch.
 
-    PGD counts a sample as robust only if the FGSM point and every iterate classify it correctly,
-    and reports the largest loss among them: never weaker than FGSM on the same inputs.
+    One pass serves both attacks: PGD starts where FGSM ends. PGD counts a sample as robust only if
+    the FGSM point and every iterate classify it correctly, and reports the largest loss among them:
+    never weaker than FGSM on the same inputs.
     """
-    x0 = _inputs(batch)
+    x0 = perturbable_inputs(batch)
     eps, norm = opts["epsilon"], opts["norm"]
-    clean_losses, clean, grad = _evaluate(loss_fn, model, batch, x0)
-    losses, correct, _ = _evaluate(loss_fn, model, batch, x0 + _project(eps * _step(grad, norm), norm, eps))
-    if opts["attack"] == "fgsm":
-        return clean, correct, losses
-    delta = _random_start(x0, norm, eps, gen) if opts["random_start"] else torch.zeros_like(x0)
-    for _ in range(opts["steps"]):
-        step_losses, step_correct, g = _evaluate(loss_fn, model, batch, x0 + delta)
-        losses, correct = torch.maximum(losses, step_losses), correct & step_correct
-        delta = _project(delta + opts["step_size"] * _step(g, norm), norm, eps)
-    final_losses, final_correct, _ = _evaluate(loss_fn, model, batch, x0 + delta)
-    return clean, correct & final_correct, torch.maximum(losses, final_losses)
+    _, clean, grad = _evaluate(loss_fn, model, batch, x0)
+    losses, correct, _ = _evaluate(loss_fn, model, batch, x0 + _project(eps * _step(grad, norm), norm, eps), grad=False)
+    out = {"fgsm": (correct, losses)}
+    if "pgd" in opts["attacks"]:
+        delta = _random_start(x0, norm, eps, gen) if opts["random_start"] else torch.zeros_like(x0)
+        for _ in range(opts["steps"]):
+            step_losses, step_correct, g = _evaluate(loss_fn, model, batch, x0 + delta)
+            losses, correct = torch.maximum(losses, step_losses), correct & step_correct
+            delta = _project(delta + opts["step_size"] * _step(g, norm), norm, eps)
+        final_losses, final_correct, _ = _evaluate(loss_fn, model, batch, x0 + delta, grad=False)
+        out["pgd"] = (correct & final_correct, torch.maximum(losses, final_losses))
+    return clean, out
+
+
+def attack_options(
+    attacks: Sequence[str], norm: str, epsilon: float, steps: int, step_size: float | None, random_start: bool
+) -> dict[str, Any]:  # fmt: skip
+    """The attacks' options, validated (each error names the argument and what it accepts)."""
+    chosen = tuple(check_choice("attack", a, ATTACKS) for a in attacks)
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"attacks must name each of {ATTACKS} at most once, and at least one; got {tuple(attacks)!r}.")
+    opts = {
+        "attacks": chosen, "norm": check_choice("norm", norm, NORMS), "epsilon": check_float("epsilon", epsilon),
+        "steps": check_int("steps", steps), "random_start": check_bool("random_start", random_start),
+    }  # fmt: skip
+    opts["step_size"] = 2.5 * opts["epsilon"] / opts["steps"] if step_size is None else check_float("step_size", step_size, inclusive=False)
+    return opts
+
+
+def attack_statistics(
+    model: nn.Module, batches: Iterable[Any], loss_fn: LossArg, opts: dict[str, Any],
+    generators: Iterable[torch.Generator], reduce: Reduce | None = None,
+) -> dict[str, AdversarialResult]:  # fmt: skip
+    """``{attack: AdversarialResult}`` over ``batches`` (the model measured in place, inside
+    :func:`measurement_mode`); ``generators``: one per batch, for PGD's random start; ``reduce`` sums
+    the per-sample statistics over processes (each holding a shard of the batches)."""
+    fn, _ = resolve_loss_fn(loss_fn)
+    attacks = opts["attacks"]
+    acc = MeanAccumulator(1 + 3 * len(attacks))  # per sample: clean correct; per attack: correct, loss, drop
+    with measurement_mode(model):
+        for batch, gen in zip(batches, generators):
+            clean, attacked = _attack_batch(fn, model, batch, opts, gen)
+            c = clean.double()
+            columns = [c] + [t for a in attacks for t in _columns(c, *attacked[a])]
+            acc.add(torch.stack(columns, dim=1))
+    mean, se = (t.tolist() for t in acc.result(reduce))
+    n_grad = {"fgsm": 1, "pgd": 1 + opts["steps"]}
+    return {a: _result(mean, se, 1 + 3 * i, n_grad[a]) for i, a in enumerate(attacks)}
+
+
+def _result(mean: list[float], se: list[float], j: int, n_grad: int) -> AdversarialResult:
+    """One attack's result from the accumulated columns: clean at 0; correct, loss, drop from ``j``."""
+    return AdversarialResult(
+        accuracy=mean[j], accuracy_se=se[j], loss=mean[j + 1], loss_se=se[j + 1],
+        clean_accuracy=mean[0], clean_accuracy_se=se[0], drop=mean[j + 2], drop_se=se[j + 2], n_grad=n_grad,
+    )  # fmt: skip
+
+
+def _columns(clean: Tensor, correct: Tensor, losses: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    attacked = correct.double()
+    return attacked, losses.double(), clean - attacked
 
 
 def adversarial_accuracy(
@@ -166,20 +222,6 @@ def adversarial_accuracy(
         >>> r.accuracy == r.clean_accuracy, r.n_grad
         (True, 1)
     """
-    opts = {
-        "attack": check_choice("attack", attack, ATTACKS), "norm": check_choice("norm", norm, NORMS),
-        "epsilon": check_float("epsilon", epsilon), "steps": check_int("steps", steps),
-        "random_start": bool(random_start),
-    }  # fmt: skip
-    opts["step_size"] = 2.5 * opts["epsilon"] / opts["steps"] if step_size is None else check_float("step_size", step_size)
+    opts = attack_options((attack,), norm, epsilon, steps, step_size, random_start)
     gen = check_generator(generator)
-    fn, _ = resolve_loss_fn(loss_fn)
-    acc = MeanAccumulator(4)  # per sample: attacked correct, attacked loss, clean correct, clean − attacked
-    with measurement_mode(model):
-        for batch in batches:
-            clean, correct, losses = _attack_batch(fn, model, batch, opts, gen)
-            c, a = clean.double(), correct.double()
-            acc.add(torch.stack([a, losses.double(), c, c - a], dim=1))
-    mean, se = acc.result()
-    n_grad = 1 if opts["attack"] == "fgsm" else 1 + opts["steps"]
-    return AdversarialResult(*(v for pair in zip(mean.tolist(), se.tolist()) for v in pair), n_grad)
+    return attack_statistics(model, batches, loss_fn, opts, itertools.repeat(gen))[opts["attacks"][0]]

@@ -59,6 +59,12 @@ def cross_process_reduction(hook: CrossProcess) -> Iterator[None]:
         _CROSS_PROCESS.reset(token)
 
 
+def process_sum() -> Callable[[Tensor], Tensor] | None:
+    """The sum over processes of :func:`cross_process_reduction`'s hook in force, ``None`` outside one."""
+    hook = _CROSS_PROCESS.get()
+    return None if hook is None else hook.sum
+
+
 class _LossModule(nn.Module):
     """Wraps ``(model, loss_fn)`` so ``functional_call`` can substitute the model's tensors."""
 

@@ -2,12 +2,13 @@
 
 ``FlatnessCallback(metrics=[HessianEigenvalues(k=3), GradCosineRegret(), FisherTrace(kind="mc"),
 PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``,
-``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"``, ``"hessian_density"``, ``"adaptive_sharpness"`` and ``"fisher_rao_norm"`` stand for the default-configured
+``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"``, ``"hessian_density"``, ``"adaptive_sharpness"``, ``"fisher_rao_norm"`` and ``"adversarial_robustness"`` stand for the default-configured
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
 from .._logging import LogPosition
 from .adaptive_sharpness import AdaptiveSharpness
+from .adversarial import AdversarialRobustness
 from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement_seed, samples_needed
 from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
@@ -46,5 +47,6 @@ __all__ = [
     "BlockCurvature",
     "HessianDensity",
     "AdaptiveSharpness",
+    "AdversarialRobustness",
     "FisherRaoNorm",
 ]

@@ -126,6 +126,12 @@ class MeasurementContext:
             not depend on the sharding (``fisher_trace(kind="mc")``).
         dtype: the compute dtype (``None``: the parameters' own, at least float32).
         shared: results handed between the metrics of this measurement.
+        held_out: this process's shard of the gap's held-out (validation) subsample, whole
+            mini-batches on the model's device (``None`` without validation data or with
+            ``gap_num_samples=0``), for metrics measured on unseen samples.
+        held_out_indices: the position of each of ``held_out`` among the whole held-out subsample's
+            mini-batches (``None``: ``0, 1, 2, ...``).
+        final: whether these are the final weights (measured once after training).
     """
 
     model: nn.Module
@@ -140,6 +146,9 @@ class MeasurementContext:
     batch_indices: Sequence[int] | None = None
     dtype: torch.dtype | None = None
     shared: SharedResults = field(default_factory=SharedResults)
+    held_out: Sequence[Any] | None = None
+    held_out_indices: Sequence[int] | None = None
+    final: bool = False
 
     def seed_for(self, name: str) -> int:
         """A seed for the metric called ``name`` at this measurement (the same on every process)."""
@@ -225,6 +234,11 @@ class FlatnessMetric:
     def due(self, epoch: int, final: bool) -> bool:
         """Whether to measure at the callback's measurement at ``epoch``."""
         return final or self.every_n_epochs is None or epoch % self.every_n_epochs == 0
+
+    def remeasure_at_final(self) -> bool:
+        """Whether the final weights need a measurement of their own even when the epoch's measurement
+        of the same weights ran this metric (it measures more at ``ctx.final``). ``False`` by default."""
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         """State carried between measurements and saved in checkpoints (none by default)."""

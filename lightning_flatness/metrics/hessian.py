@@ -59,6 +59,10 @@ class HessianEigenvalues(FlatnessMetric):
             (``k > 1``), or, from a warm start, a top eigenvalue that overtook last epoch's
             (:func:`~lightning_flatness.functional.lanczos`). Costs one more, usually shorter,
             Lanczos run; ``False`` spares it and leaves both unchecked.
+        final_k: at the final weights only, the ``final_k`` largest eigenvalues instead of ``k``
+            (``None``: ``k``), e.g. ``20`` for the top of the spectrum per run (Yao et al. 2018,
+            Figure 3) at the cost of one longer Lanczos run per fit; the per-epoch cost is unchanged.
+            Logged as ``flatness/hessian_eig_{j}``, ``j = 1..final_k``, with their standard errors.
         every_n_epochs: see :class:`~lightning_flatness.metrics.FlatnessMetric`.
 
     Cost: one Hessian-vector product per Lanczos iteration (+1 gradient on a cold start), the
@@ -71,19 +75,22 @@ class HessianEigenvalues(FlatnessMetric):
 
     def __init__(
         self, k: int = 1, tol: float | None = None, error_ratio: float = 0.1, max_iter: int = 100,
-        cache_chunks: int | str = "auto", warm_start: bool = True, verify: bool = True, every_n_epochs: int | None = None,
+        cache_chunks: int | str = "auto", warm_start: bool = True, verify: bool = True, final_k: int | None = None,
+        every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
         self.k = check_int("k", k)
         self.tol = None if tol is None else check_float("tol (a relative tolerance, or None)", tol, inclusive=False)
         self.error_ratio = check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
         self.max_iter = check_int("max_iter", max_iter)
-        if self.max_iter < self.k:
-            raise ValueError(f"max_iter={max_iter} must be >= k={k}.")
+        self.final_k = None if final_k is None else check_int("final_k", final_k, minimum=self.k)
+        if self.max_iter < max(self.k, self.final_k or 0):
+            raise ValueError(f"max_iter={max_iter} must be >= k={k} and >= final_k={final_k}.")
         self.cache_chunks = check_cache_chunks(cache_chunks)
         self.warm_start = check_bool("warm_start", warm_start)
         self.verify = check_bool("verify", verify)
-        eigs = tuple(keys.hessian_eig(j) for j in range(1, self.k + 1)) if self.k > 1 else ()
+        most = max(self.k, self.final_k or 0)
+        eigs = tuple(keys.hessian_eig(j) for j in range(1, most + 1)) if most > 1 else ()
         values = (keys.HESSIAN_TOP_EIG, *eigs)
         self._se_keys = tuple(keys.se(key) for key in values)
         self.keys = values + self._se_keys
@@ -91,11 +98,12 @@ class HessianEigenvalues(FlatnessMetric):
         self._warned = False  # about a measurement that did not converge
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
+        k = self.final_k if ctx.final and self.final_k else self.k
         init = self.vectors if self.warm_start else None
         if init is not None and init.shape[-1] != sum(p.numel() for p in ctx.model.parameters() if p.requires_grad):
             init = None  # the trainable parameters changed (e.g. unfrozen): start afresh
         res = hessian_eigenvalues(
-            ctx.model, ctx.batches, ctx.loss_fn, k=self.k, init=init, generator=ctx.seed_for(self.name),
+            ctx.model, ctx.batches, ctx.loss_fn, k=k, init=init, generator=ctx.seed_for(self.name),
             cache_chunks=self.cache_chunks, dtype=ctx.dtype,
             gradient=ctx.shared.gradient,  # the regret's, when it ran first: the cold start's pass saved
             **self.solver_options(),
@@ -108,11 +116,14 @@ class HessianEigenvalues(FlatnessMetric):
         if res.converged:
             ctx.shared.hessian_max = SCREEN_MARGIN * max(values[0], 0.0)
         out = {keys.HESSIAN_TOP_EIG: values[0], keys.se(keys.HESSIAN_TOP_EIG): errors[0]}
-        if self.k > 1:
+        if k > 1:
             out.update({keys.hessian_eig(j + 1): v for j, v in enumerate(values)})
             out.update({keys.se(keys.hessian_eig(j + 1)): e for j, e in enumerate(errors)})
         # One mini-batch has no spread to measure (se NaN): the values are logged without error bars.
         return {key: v for key, v in out.items() if v == v or key not in self._se_keys}
+
+    def remeasure_at_final(self) -> bool:
+        return bool(self.final_k and self.final_k > self.k)
 
     def solver_options(self) -> dict[str, Any]:
         """The Lanczos options of :func:`~lightning_flatness.functional.hessian_eigenvalues` this metric uses

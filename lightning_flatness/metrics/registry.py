@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 from .adaptive_sharpness import AdaptiveSharpness
+from .adversarial import AdversarialRobustness
 from .base import FlatnessMetric
 from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
@@ -20,7 +21,7 @@ BUILTIN: dict[str, type[FlatnessMetric]] = {
     cls.name: cls
     for cls in (
         HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, GradientNoiseScale, LocalEntropy,
-        BlockCurvature, HessianDensity, AdaptiveSharpness, FisherRaoNorm,
+        BlockCurvature, HessianDensity, AdaptiveSharpness, FisherRaoNorm, AdversarialRobustness,
     )  # fmt: skip
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen", "grad_noise_scale")
@@ -28,7 +29,8 @@ DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pac
 # are measured only when asked for, being far more expensive than the defaults: local_entropy (a Langevin
 # chain), block_curvature (a Lanczos run and a trace per block), hessian_density (probes x Lanczos steps
 # products), adaptive_sharpness (num_draws + 1 forward passes: ~8.5 gradients at 16 draws); fisher_rao_norm
-# (~1.5 gradients) answers a different question than the defaults.
+# (~1.5 gradients) answers a different question than the defaults; adversarial_robustness ((1 + steps) input
+# gradients of the held-out subsample) measures robustness, not flatness.
 
 MetricSpec = Union[str, FlatnessMetric]
 

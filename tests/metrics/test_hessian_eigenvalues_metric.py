@@ -77,3 +77,34 @@ def test_default_stops_at_a_tenth_of_the_standard_error_and_an_explicit_tol_keep
 def test_the_stopping_options_are_checked_at_construction(kwargs):
     with pytest.raises((ValueError, TypeError), match=next(iter(kwargs))):
         HessianEigenvalues(**kwargs)
+
+
+@pytest.mark.parametrize("every", [1, 3])  # final weights measured at an epoch end, or on their own
+def test_final_k_measures_the_top_of_the_spectrum_at_the_final_weights_only(tmp_path, every):
+    """Issue 26, item 3: ``final_k=6`` leaves the per-epoch measurements at ``k=1`` and logs the six largest
+    eigenvalues of the final weights, equal to a tight Lanczos run of the functional API there."""
+    from lightning.pytorch import seed_everything
+
+    from lightning_flatness import FlatnessCallback
+    from tests.helpers.lightning_models import Classifier, DataModule, trainer
+
+    seed_everything(0)
+    model = Classifier(batchnorm=False, dropout=0.0)
+    metric = HessianEigenvalues(tol=1e-10, max_iter=200, final_k=6)
+    cb = FlatnessCallback(metrics=[metric], num_samples=64, batch_size=16, gap_num_samples=0, every_n_epochs=every,
+                          measure_at_start=True, on_error="raise")  # fmt: skip
+    trainer(tmp_path, [cb], max_epochs=2).fit(model, DataModule())
+    *during, (_, final) = cb.history
+    assert during and all(keys.hessian_eig(1) not in row for _, row in during)
+    want = hessian_eigenvalues(model, cb._data["measure"], k=6, tol=1e-10, max_iter=200).values.tolist()
+    got = [final[keys.hessian_eig(j)] for j in range(1, 7)]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert final[keys.HESSIAN_TOP_EIG] == pytest.approx(want[0], rel=1e-6)
+    assert all(final[keys.se(keys.hessian_eig(j))] > 0 for j in range(1, 7))
+
+
+def test_final_k_below_k_or_above_max_iter_is_refused():
+    with pytest.raises(ValueError, match="final_k"):
+        HessianEigenvalues(k=3, final_k=2)
+    with pytest.raises(ValueError, match="final_k"):
+        HessianEigenvalues(final_k=30, max_iter=20)
