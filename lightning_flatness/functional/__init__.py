@@ -28,7 +28,7 @@ from ._restore import measurement_mode
 from .adaptive_sharpness import AdaptiveSharpnessResult, adaptive_sharpness, without_normalization
 from .block_curvature import BlockCurvatureResult, block_curvature, resolve_blocks
 from .fisher_rao import FisherRaoResult, fisher_rao_norm
-from .adversarial import AdversarialResult, adversarial_accuracy
+from .adversarial import AdversarialResult, adversarial_accuracy, adversarial_examples
 from .fisher_trace import FisherResult, choose_per_sample_path, fisher_trace
 from .grad_cosine_regret import RegretResult, grad_cosine_regret
 from .grad_noise_scale import GradNoiseScaleResult, grad_noise_scale
@@ -45,6 +45,7 @@ from .spectral_density import SpectralDensityResult, hessian_spectral_density, s
 __all__ = [
     "AdversarialResult",
     "adversarial_accuracy",
+    "adversarial_examples",
     "BUILTIN_LOSSES",
     "BuiltinLoss",
     "DICT_KEYS",

@@ -19,13 +19,21 @@ It writes to ``--out`` (default ``LOGDIR/report``):
   eigenvector (train solid, validation dashed), read from ``<run>/landscape/epoch_*.json``;
 - ``hessian_density.png`` when runs logged ``HessianDensity``: each configuration's first seed's
   latest smoothed Hessian eigenvalue density, read from ``<run>/hessian_density/epoch_*.json``;
+- ``hessian_spectrum.png`` when runs logged more than the top eigenvalues
+  (``HessianEigenvalues(final_k=...)``, ``sweep --spectrum-k``): the top of the spectrum per
+  configuration, mean over seeds ± within-run se (Yao et al. 2018, Figure 3); those keys then
+  have no rows of their own in the table;
 - ``summary.md``: one row per key, one column per configuration, at the comparison point. With
   one seed: the value (± its within-run standard error) and Kendall τ / Spearman ρ between each
   key and ``gap/loss`` across configurations. With several: the mean over seeds, its 95%
   t-interval and the mean within-run standard error, then τ and ρ on the means with 95%
   bootstrap intervals over seeds, τ per seed, and whether the data resolve the correlation (τ's
   interval excludes 0). Then the sample-size guide: per metric, the measurement samples that
-  would bring its relative standard error under 5% (:mod:`lightning_flatness.study.seeds`);
+  would bring its relative standard error under 5% (:mod:`lightning_flatness.study.seeds`). When
+  runs measured ``adversarial_robustness``: the robustness per configuration, its Kendall τ against
+  the batch size per training (normal, or adversarial: ``sweep --adversarial-training``) with a
+  bootstrap interval, and the top eigenvalue of adversarially trained configurations beside their
+  normal twins' (:mod:`lightning_flatness.study.robustness`);
 - ``summary.csv`` (one row per run), ``configurations.csv`` (mean, interval and mean se per
   configuration and key) and ``correlations.csv``.
 
@@ -44,6 +52,7 @@ from typing import Sequence
 
 from ..keys import LOSS_GAP, SECONDS, TRAIN_LOSS, se
 from .arguments import positive_float
+from .robustness import plot_spectrum, robustness_section, spectrum_keys
 from .runs import ReportError, comparison_row, load_runs, ordered_keys
 from .seeds import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, correlation, group_by_configuration, sample_size_guide
 from .tables import Report, to_markdown, write_csvs
@@ -56,6 +65,7 @@ DESCRIPTION = (
 )
 TARGET = LOSS_GAP
 NOT_CORRELATED = (TARGET, SECONDS)
+SPECTRUM_IN_TABLE = 3  # more eigenvalues than this per run (HessianEigenvalues(final_k=)): a figure instead of rows
 
 
 def analyse(
@@ -64,11 +74,14 @@ def analyse(
 ) -> Report:  # fmt: skip
     """Read every run under ``logdir``, group them over seeds, and compute the report (no files written)."""
     runs = load_runs(logdir)
-    keys = ordered_keys(runs)
+    logged = ordered_keys(runs)
+    spectrum = spectrum_keys(logged) if len(spectrum_keys(logged)) > SPECTRUM_IN_TABLE else []
+    keys = [k for k in logged if k not in spectrum]  # a long spectrum has its own figure, not rows and curves
     if at_train_loss is not None and not any(TRAIN_LOSS in r.scalars for r in runs):
         raise ReportError(f"--at-train-loss needs {TRAIN_LOSS}, which no run under {logdir} logged "
                           "(FlatnessCallback(gap_num_samples=0) turns the gap off).")  # fmt: skip
-    row_keys = keys + [se(k) for k in keys if any(se(k) in r.scalars for r in runs)]
+    row_keys = [*keys, *spectrum]
+    row_keys += [se(k) for k in row_keys if any(se(k) in r.scalars for r in runs)]
     rows = [comparison_row(r, row_keys, at_train_loss) for r in runs]
     configs = group_by_configuration(runs, rows)
     corr = {}
@@ -77,6 +90,8 @@ def analyse(
                 for k in keys if k not in NOT_CORRELATED}  # fmt: skip
     report = Report(rows, keys, configs, corr, sample_size_guide(configs, keys), at_train_loss, resamples=resamples)
     report.markdown = to_markdown(report)
+    robust = robustness_section(configs, resamples, seed)
+    report.markdown += "\n" + "\n".join(robust) + "\n" if robust else ""
     return report
 
 
@@ -105,6 +120,7 @@ def make_report(
         # One run per configuration (its first seed): every seed's slices on one figure would not be read.
         report.files += plot_runs([c.runs[0] for c in report.configurations], out_dir)
         report.files += plot_density([c.runs[0] for c in report.configurations], out_dir)
+        report.files += plot_spectrum(report.configurations, out_dir)
     if echo:
         print(report.markdown)
         pngs = sum(1 for f in report.files if f.suffix == ".png")

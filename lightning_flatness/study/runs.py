@@ -16,11 +16,12 @@ from ..keys import (
     GAP_PREFIX,
     HESSIAN_TOP_EIG,
     REPORT_ORDER,
+    ROBUST_PREFIX,
     TRAIN_LOSS,
     se,
 )
 
-PREFIXES = (FLATNESS_PREFIX, GAP_PREFIX)
+PREFIXES = (FLATNESS_PREFIX, GAP_PREFIX, ROBUST_PREFIX)
 
 
 class ReportError(ValueError):
@@ -158,7 +159,7 @@ def load_runs(logdir: str | Path) -> list[Run]:
     if not runs:
         raise ReportError(
             f"none of the {len(dirs)} run(s) under {root} ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}) "
-            "logged flatness/* or gap/* scalars; train them with lightning_flatness.FlatnessCallback."
+            "logged flatness/*, gap/* or robust/* scalars; train them with lightning_flatness.FlatnessCallback."
         )
     if empty:
         warnings.warn(f"skipped run(s) without flatness/* or gap/* scalars: {', '.join(empty)}", stacklevel=2)

@@ -38,14 +38,14 @@ from lightning.pytorch import Trainer
 
 from ..landscape import LandscapeOptions
 from ..metrics import BUILTIN, DEFAULT_METRICS
+from ..validation import check_choice, check_float, check_int
+from .arguments import nonnegative_float, nonnegative_int, positive_float, positive_int
 from .data import DATASETS, Data, load_dataset
-from .training import MODELS, OPTIMIZERS, Classifier, TargetTrainLoss
+from .training import ADVERSARIAL_TRAINING, MODELS, OPTIMIZERS, Classifier, TargetTrainLoss
 
 # The callback's defaults and the reparametrization-invariant sharpness, whose tau the report sets
 # beside theirs (about 10% of the measurement's cost on the MLP).
 STUDY_METRICS = (*DEFAULT_METRICS, "adaptive_sharpness")
-from ..validation import check_choice, check_int
-from .arguments import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 DESCRIPTION = (
     "Train one model (an MLP, or LeNet on MNIST) with SGD at several batch sizes (or learning rates), each run until "
@@ -85,6 +85,10 @@ class SweepConfig:
     plots: bool = True
     optimizer: str = "sgd"
     pacgen_noise: float = 0.0
+    adversarial_training: str = "none"  # "fgsm"/"pgd": every configuration also trained on adversarial examples
+    epsilon: float = 0.1  # the L-inf radius of adversarial training and of the robustness measurement
+    attack_steps: int = 10  # PGD's steps, in training and in the measurement
+    spectrum_k: int = 0  # the top eigenvalues measured at the final weights (HessianEigenvalues(final_k=)); 0: k
     wandb: bool = False
     wandb_project: str = "lightning-flatness"
     accelerator: str = "auto"
@@ -95,15 +99,20 @@ class SweepConfig:
     def __post_init__(self) -> None:
         check_choice("model", self.model, MODELS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("adversarial_training", self.adversarial_training, ADVERSARIAL_TRAINING)
+        check_float("epsilon", self.epsilon)
+        check_int("attack_steps", self.attack_steps)
+        check_int("spectrum_k", self.spectrum_k, minimum=0)
         check_int("seeds", self.seeds)
         check_int("seed", self.seed, minimum=0)
         if self.optimizer == "entropy-sgd" and self.pacgen_noise > 0:
             raise ValueError("pacgen_noise > 0 cannot be combined with optimizer='entropy-sgd': EntropySGD evaluates "
                              "its closure several times per step, PACGenPerturbation perturbs only the first.")  # fmt: skip
 
-    def runs(self) -> list[tuple[str, int, float, int]]:
-        """``(name, batch_size, lr, seed)`` of every run, in order: every configuration at the first
-        seed, then at the next (an interrupted sweep leaves whole seeds)."""
+    def runs(self) -> list[tuple[str, int, float, int, str]]:
+        """``(name, batch_size, lr, seed, adversarial)`` of every run, in order: every configuration at the
+        first seed, then at the next (an interrupted sweep leaves whole seeds). With ``adversarial_training``
+        every configuration runs twice, normally (``"none"``) and adversarially (its name ends ``_adv-<attack><ε>``)."""
         if self.lr_sweep:
             pairs = [(self.lr_sweep_batch_size, float(lr)) for lr in self.lrs]
         else:
@@ -112,12 +121,35 @@ class SweepConfig:
             f"_pac{self.pacgen_noise:g}" if self.pacgen_noise > 0 else ""
         )
         seeds = range(self.seed, self.seed + self.seeds)
-        return [(f"{run_name(bs, lr)}{suffix}_s{seed}", bs, lr, seed) for seed in seeds for bs, lr in pairs]
+        kinds = ("none",) if self.adversarial_training == "none" else ("none", self.adversarial_training)
+        return [
+            (f"{run_name(bs, lr)}{suffix}{adversarial_suffix(kind, self.epsilon)}_s{seed}", bs, lr, seed, kind)
+            for seed in seeds for kind in kinds for bs, lr in pairs
+        ]  # fmt: skip
+
+    def metric_objects(self) -> list[Any]:
+        """``metrics`` as the callback takes them, the study's options applied: the robustness at ``epsilon``
+        (added whenever runs train adversarially), the top ``spectrum_k`` eigenvalues at the final weights."""
+        from ..metrics import AdversarialRobustness, HessianEigenvalues
+
+        names = list(self.metrics)
+        if self.adversarial_training != "none" and AdversarialRobustness.name not in names:
+            names.append(AdversarialRobustness.name)
+        built = {
+            AdversarialRobustness.name: lambda: AdversarialRobustness(epsilon=self.epsilon, steps=self.attack_steps),
+            HessianEigenvalues.name: lambda: HessianEigenvalues(final_k=self.spectrum_k or None),
+        }
+        return [built[n]() if n in built else n for n in names]
 
     def resolved_logdir(self) -> Path:
         if self.logdir is not None:
             return Path(self.logdir)
         return Path("runs") / ("lr_sweep" if self.lr_sweep else "batch_size_sweep")
+
+
+def adversarial_suffix(kind: str, epsilon: float) -> str:
+    """``_adv-fgsm0.1`` for a run trained on FGSM examples within 0.1; ``""`` for normal training."""
+    return "" if kind == "none" else f"_adv-{kind}{epsilon:g}"
 
 
 def run_name(batch_size: int, lr: float) -> str:
@@ -183,12 +215,14 @@ def _clear_run_dir(path: Path) -> None:
 
 
 def train_one(
-    cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float, seed: int | None = None
-) -> RunSummary:
+    cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float, seed: int | None = None,
+    adversarial: str = "none",
+) -> RunSummary:  # fmt: skip
     """Train one run to the target training loss, measuring flatness; returns its summary.
 
     ``seed`` (default ``cfg.seed``) seeds the initialization, the training loader's shuffling and
-    the callback's measurement subsample and draws.
+    the callback's measurement subsample and draws (and PGD's random starts in adversarial training);
+    ``adversarial``: ``"none"``, or the attack whose examples it trains on (``cfg.epsilon``).
     """
     from ..callback import FlatnessCallback
 
@@ -198,11 +232,12 @@ def train_one(
     summary = RunSummary(name, batch_size, lr, seed, measure_every=every, log_dir=str(logdir / name))
     _clear_run_dir(logdir / name)
     torch.manual_seed(seed)  # the same initialization for every run of this seed
-    model = Classifier(data.in_features, tuple(cfg.hidden), data.num_classes, lr, batch_size, cfg.optimizer, cfg.model)
+    model = Classifier(data.in_features, tuple(cfg.hidden), data.num_classes, lr, batch_size, cfg.optimizer, cfg.model,
+                       adversarial, cfg.epsilon, cfg.attack_steps, attack_seed=seed)  # fmt: skip
     train = data.loader("train", batch_size, shuffle=True, seed=seed)
     test = data.loader("test", max(1024, batch_size))
     flatness = FlatnessCallback(
-        metrics=tuple(cfg.metrics), every_n_epochs=every, num_samples=cfg.num_samples,
+        metrics=cfg.metric_objects(), every_n_epochs=every, num_samples=cfg.num_samples,
         batch_size=cfg.measure_batch_size, gap_num_samples=max(len(data.y_train), len(data.y_test)),
         seed=seed, measure_at_start=True, landscape=_landscape(cfg),
     )  # fmt: skip
@@ -311,11 +346,12 @@ def run_sweep(cfg: SweepConfig) -> list[RunSummary]:
     summaries = []
     sweep_start = time.perf_counter()
     with _quiet_lightning():
-        for i, (name, bs, lr, seed) in enumerate(runs):
+        for i, (name, bs, lr, seed, adversarial) in enumerate(runs):
             every = cfg.measure_every or measurement_interval(bs, lr)
-            say(f"[{i + 1}/{len(runs)}] {name}: batch size {bs}, lr {lr:g}, seed {seed}, flatness measured every "
-                f"{every} epoch(s)")  # fmt: skip
-            summaries.append(train_one(cfg, data, name, bs, lr, seed))
+            trained = "" if adversarial == "none" else f", trained on {adversarial.upper()} examples (eps {cfg.epsilon:g})"
+            say(f"[{i + 1}/{len(runs)}] {name}: batch size {bs}, lr {lr:g}, seed {seed}{trained}, flatness measured "
+                f"every {every} epoch(s)")  # fmt: skip
+            summaries.append(train_one(cfg, data, name, bs, lr, seed, adversarial))
     say(f"\nTraining done in {time.perf_counter() - sweep_start:.0f} s.\n")
     say(format_summaries(summaries, cfg.target_train_loss))
     if cfg.report:
@@ -379,6 +415,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "with gamma_t growing from 0.5 to 1; 5 gradient evaluations per step")
     parser.add_argument("--pacgen-noise", type=nonnegative_float, default=d.pacgen_noise, metavar="S",
                         help="train with PACGenPerturbation(noise_scale=S) (Wang et al. 2018); 0 = off")
+    parser.add_argument("--adversarial-training", choices=ADVERSARIAL_TRAINING, default=d.adversarial_training,
+                        help="also train every configuration on FGSM or PGD examples within --epsilon (L-inf; Madry et "
+                             "al. 2018), beside its normal run, and measure both runs' robustness "
+                             "(adversarial_robustness); the report compares them (default: none)")
+    parser.add_argument("--epsilon", type=nonnegative_float, default=d.epsilon,
+                        help="the L-inf radius of adversarial training and of adversarial_robustness (default 0.1; "
+                             "mnist1d's features have unit variance)")
+    parser.add_argument("--attack-steps", type=positive_int, default=d.attack_steps, metavar="N",
+                        help="PGD's steps in adversarial training and in the robustness measurement (default 10)")
+    parser.add_argument("--spectrum-k", type=nonnegative_int, default=d.spectrum_k, metavar="K",
+                        help="measure the top K Hessian eigenvalues at the final weights (Yao et al.'s Figure 3; "
+                             "the report draws them); 0 (default): only the top one")
     parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (one run per batch size)")
     parser.add_argument("--wandb-project", default=d.wandb_project)
     parser.add_argument("--accelerator", default=d.accelerator, help="Lightning accelerator (cpu, gpu, auto)")

@@ -62,26 +62,43 @@ def build_model(model: str, in_features: int, hidden: Sequence[int], num_classes
 
 
 OPTIMIZERS = ("sgd", "entropy-sgd")
+ADVERSARIAL_TRAINING = ("none", "fgsm", "pgd")
 
 
 class Classifier(LightningModule):
-    """An MLP or LeNet (``model``) on cross-entropy, plain SGD (no momentum, no weight decay) or Entropy-SGD."""
+    """An MLP or LeNet (``model``) on cross-entropy, plain SGD (no momentum, no weight decay) or Entropy-SGD.
+
+    ``adversarial="fgsm"`` or ``"pgd"``: every training step is taken on the batch's adversarial examples
+    within ``epsilon`` (L∞; PGD with ``attack_steps`` steps from a random start drawn with ``attack_seed``),
+    Madry et al.'s (2018) robust training; ``"none"``: on the batch itself.
+    """
 
     def __init__(
         self, in_features: int, hidden: Sequence[int], num_classes: int, lr: float, batch_size: int,
-        optimizer: str = "sgd", model: str = "mlp",
+        optimizer: str = "sgd", model: str = "mlp", adversarial: str = "none", epsilon: float = 0.1,
+        attack_steps: int = 10, attack_seed: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+        if adversarial not in ADVERSARIAL_TRAINING:
+            raise ValueError(f"adversarial must be one of {ADVERSARIAL_TRAINING}, got {adversarial!r}.")
         self.save_hyperparameters()
         self.net = build_model(model, in_features, hidden, num_classes)
+        self._attack_generator = torch.Generator().manual_seed(attack_seed)  # PGD's random starts
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
+        if self.hparams.adversarial != "none":
+            from ..functional import adversarial_examples
+
+            x = adversarial_examples(
+                self, (x, y), attack=self.hparams.adversarial, epsilon=self.hparams.epsilon,
+                steps=self.hparams.attack_steps, generator=self._attack_generator,
+            )  # fmt: skip
         loss = F.cross_entropy(self(x), y)
         self.log("train/loss", loss, on_step=False, on_epoch=True)
         return loss

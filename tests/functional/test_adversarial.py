@@ -85,3 +85,28 @@ def test_token_ids_and_bad_options_are_refused_naming_them():
                           ({"steps": 0}, "steps")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             adversarial_accuracy(lin, batches, **kwargs)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_training_examples_are_the_attacks_points_inside_the_ball_and_leave_grad_alone(norm):
+    """``adversarial_examples``: FGSM's is the point ``adversarial_accuracy`` attacks with (the same accuracy,
+    exactly); PGD's last iterate stays in the ball and, on two classes, reaches the closed form's worst case."""
+    from lightning_flatness.functional import adversarial_examples
+
+    model, batches = linear(2)
+    model.weight.grad = torch.full_like(model.weight, 7.0)
+    eps = 0.2
+    moved = {a: [adversarial_examples(model, b, attack=a, norm=norm, epsilon=eps, steps=20, generator=3) for b in batches]
+             for a in ("fgsm", "pgd")}  # fmt: skip
+    assert torch.equal(model.weight.grad, torch.full_like(model.weight, 7.0)) and model.bias.grad is None
+    with torch.no_grad():
+        accuracy = {a: torch.cat([(model(x).argmax(1) == b[1]) for x, b in zip(xs, batches)]).double().mean().item()
+                    for a, xs in moved.items()}  # fmt: skip
+    want = robust_accuracy(model, batches, norm, eps)
+    assert accuracy["fgsm"] == adversarial_accuracy(model, batches, attack="fgsm", norm=norm, epsilon=eps).accuracy
+    assert accuracy["fgsm"] == pytest.approx(want, abs=1e-12)
+    assert accuracy["pgd"] == pytest.approx(want, abs=1e-12)
+    for xs in moved.values():
+        for x, (x0, _) in zip(xs, batches):
+            size = (x - x0).abs().amax(1) if norm == "linf" else (x - x0).norm(dim=1)
+            assert size.max() <= eps * (1 + 1e-12) and not x.requires_grad
