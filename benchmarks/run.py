@@ -6,7 +6,7 @@ PyHessian and eigsh on curvlinops), ``fisher`` (Fisher trace vs a loop and BackP
 gradient-equivalents), ``fit`` (the callback at its defaults in ``Trainer.fit``: one measurement in
 gradients, fit time with / without, the projected factor on a 50k-sample epoch), ``error`` (the
 top eigenvalue's total error against the whole data set's at equal cost, vs PyHessian and Cockpit's
-``HessMaxEV``). Peers (``pyhessian``, ``curvlinops-for-pytorch``, ``backpack-for-pytorch``,
+``HessMaxEV``), ``robust`` (``AdversarialRobustness`` in gradients, adversarial training steps). Peers (``pyhessian``, ``curvlinops-for-pytorch``, ``backpack-for-pytorch``,
 ``cockpit-for-pytorch``) are optional: a missing one shows as an error cell, the rest still runs.
 
 Examples::
@@ -31,7 +31,7 @@ import torch
 
 from ._common import Config, Section, error_text, met_str
 
-SECTION_NAMES = ("hvp", "eigen", "fisher", "memory", "callback", "fit", "error")
+SECTION_NAMES = ("hvp", "eigen", "fisher", "memory", "callback", "fit", "error", "robust")
 MODEL_NAMES = ("mlp", "cnn_bn", "transformer", "teacher_mlp", "resnet")  # the last two: section ``fit`` only
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -49,6 +49,8 @@ def _section_fn(name: str) -> Callable[[Config], Section]:
         from .fit_cost import run
     elif name == "error":
         from .eigen_error import run
+    elif name == "robust":
+        from .adversarial_cost import run
     else:
         from .callback_cost import run
     return run
