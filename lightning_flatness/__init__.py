@@ -11,6 +11,7 @@ from .metrics import (
     FisherRaoNorm,
     FisherTrace,
     FlatnessMetric,
+    FlatnessRatio,
     GradCosineRegret,
     GradientNoiseScale,
     HessianDensity,
@@ -45,4 +46,5 @@ __all__ = [
     "HessianDensity",
     "AdaptiveSharpness",
     "FisherRaoNorm",
+    "FlatnessRatio",
 ]

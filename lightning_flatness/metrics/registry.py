@@ -9,6 +9,7 @@ from .base import FlatnessMetric
 from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
 from .fisher_rao import FisherRaoNorm
+from .flatness_ratio import FlatnessRatio
 from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
@@ -20,7 +21,7 @@ BUILTIN: dict[str, type[FlatnessMetric]] = {
     cls.name: cls
     for cls in (
         HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, GradientNoiseScale, LocalEntropy,
-        BlockCurvature, HessianDensity, AdaptiveSharpness, FisherRaoNorm,
+        BlockCurvature, HessianDensity, AdaptiveSharpness, FisherRaoNorm, FlatnessRatio,
     )  # fmt: skip
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen", "grad_noise_scale")
@@ -28,7 +29,8 @@ DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pac
 # are measured only when asked for, being far more expensive than the defaults: local_entropy (a Langevin
 # chain), block_curvature (a Lanczos run and a trace per block), hessian_density (probes x Lanczos steps
 # products), adaptive_sharpness (num_draws + 1 forward passes: ~8.5 gradients at 16 draws); fisher_rao_norm
-# (~1.5 gradients) answers a different question than the defaults.
+# (~1.5 gradients) answers a different question than the defaults; flatness_ratio (a Lanczos run per mini-batch:
+# about as many products again as hessian_top_eig's).
 
 MetricSpec = Union[str, FlatnessMetric]
 
