@@ -154,7 +154,7 @@ def flatness_ratio(
         (True, 4, torch.Size([4]))
     """
     options = _options(tol, max_iter, verify, cache_chunks)
-    if eigenvalue is not None and eigenvector is None:
+    if (eigenvalue is None) != (eigenvector is None):
         raise ValueError("eigenvalue and eigenvector go together: give both (the mean loss's top pair) or neither.")
     error_ratio = None if error_ratio is None else check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
     gen = check_generator(generator)
