@@ -109,8 +109,9 @@ def flatness_ratio(
     Each element of ``batches`` is a mini-batch ``b`` of :math:`n_b` samples with loss
     :math:`L_b = \frac{1}{n_b}\sum_{i\in b}\ell_i`, Hessian :math:`H_b`, and weight
     :math:`w_b = n_b/N`; the mean loss :math:`L = \sum_b w_b L_b` has :math:`H = \sum_b w_b H_b`.
-    :math:`\lambda_{\max}` is convex, so :math:`R \ge 1` when :math:`\lambda_{\max}(H) > 0`,
-    with equality iff the mini-batch Hessians share a top eigenvector: a flat mean of flat,
+    :math:`\lambda_{\max}` is convex, so :math:`R \ge 1` when :math:`\lambda_{\max}(H) > 0` (else
+    ``value`` is NaN), with equality iff the top eigenvector of :math:`H` is a top eigenvector of
+    every :math:`H_b` (identical mini-batches give 1): a flat mean of flat,
     aligned mini-batch losses has :math:`R \approx 1`, one of sharp losses whose sharp
     directions differ has a large :math:`R` (F. Huszár, inference.vc blog).
 
