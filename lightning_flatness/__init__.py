@@ -12,6 +12,7 @@ from .metrics import (
     FisherRaoNorm,
     FisherTrace,
     FlatnessMetric,
+    FlatnessRatio,
     GradCosineRegret,
     GradientNoiseScale,
     HessianDensity,
@@ -47,4 +48,5 @@ __all__ = [
     "AdaptiveSharpness",
     "AdversarialRobustness",
     "FisherRaoNorm",
+    "FlatnessRatio",
 ]

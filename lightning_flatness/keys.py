@@ -136,3 +136,8 @@ HESSIAN_DENSITY_NEGATIVE_MASS = "flatness/hessian_density_negative_mass"  # mass
 HESSIAN_TRACE_SLQ = "flatness/hessian_trace_slq"  # tr ∇²L from the same probes
 HESSIAN_DENSITY_IMAGE = "hessian_density/density"  # the smoothed density, an image (log y)
 HESSIAN_DENSITY_HISTOGRAM = "hessian_density/eigenvalues"  # estimated eigenvalue counts, a histogram
+
+# The ratio of flatnesses (FlatnessRatio, opt-in; F. Huszár, inference.vc blog): the mini-batch losses' mean top
+# Hessian eigenvalue Σ_b w_b λ_max(H_b), and its ratio to the mean loss's λ_max(H) (≥ 1).
+FLATNESS_RATIO = "flatness/flatness_ratio"
+BATCH_TOP_EIG_MEAN = "flatness/batch_top_eig_mean"

@@ -30,6 +30,7 @@ from .block_curvature import BlockCurvatureResult, block_curvature, resolve_bloc
 from .fisher_rao import FisherRaoResult, fisher_rao_norm
 from .adversarial import AdversarialResult, adversarial_accuracy, adversarial_examples
 from .fisher_trace import FisherResult, choose_per_sample_path, fisher_trace
+from .flatness_ratio import FlatnessRatioResult, flatness_ratio
 from .grad_cosine_regret import RegretResult, grad_cosine_regret
 from .grad_noise_scale import GradNoiseScaleResult, grad_noise_scale
 from .hessian_eigenvalues import EigenResult, hessian_eigenvalues, hessian_top_eigenvalue
@@ -105,4 +106,6 @@ __all__ = [
     "without_normalization",
     "FisherRaoResult",
     "fisher_rao_norm",
+    "FlatnessRatioResult",
+    "flatness_ratio",
 ]

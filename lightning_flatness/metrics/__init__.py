@@ -2,7 +2,7 @@
 
 ``FlatnessCallback(metrics=[HessianEigenvalues(k=3), GradCosineRegret(), FisherTrace(kind="mc"),
 PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``,
-``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"``, ``"hessian_density"``, ``"adaptive_sharpness"``, ``"fisher_rao_norm"`` and ``"adversarial_robustness"`` stand for the default-configured
+``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"``, ``"hessian_density"``, ``"adaptive_sharpness"``, ``"fisher_rao_norm"``, ``"adversarial_robustness"`` and ``"flatness_ratio"`` stand for the default-configured
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
@@ -13,6 +13,7 @@ from .base import FlatnessMetric, MeasurementContext, SharedResults, measurement
 from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
 from .fisher_rao import FisherRaoNorm
+from .flatness_ratio import FlatnessRatio
 from .gap import GapMeter
 from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
@@ -49,4 +50,5 @@ __all__ = [
     "AdaptiveSharpness",
     "AdversarialRobustness",
     "FisherRaoNorm",
+    "FlatnessRatio",
 ]

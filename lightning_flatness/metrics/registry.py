@@ -10,6 +10,7 @@ from .base import FlatnessMetric
 from .block_curvature import BlockCurvature
 from .fisher import FisherTrace
 from .fisher_rao import FisherRaoNorm
+from .flatness_ratio import FlatnessRatio
 from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
 from .local_entropy import LocalEntropy
@@ -22,6 +23,7 @@ BUILTIN: dict[str, type[FlatnessMetric]] = {
     for cls in (
         HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, GradientNoiseScale, LocalEntropy,
         BlockCurvature, HessianDensity, AdaptiveSharpness, FisherRaoNorm, AdversarialRobustness,
+        FlatnessRatio,
     )  # fmt: skip
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen", "grad_noise_scale")
@@ -30,7 +32,8 @@ DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pac
 # chain), block_curvature (a Lanczos run and a trace per block), hessian_density (probes x Lanczos steps
 # products), adaptive_sharpness (num_draws + 1 forward passes: ~8.5 gradients at 16 draws); fisher_rao_norm
 # (~1.5 gradients) answers a different question than the defaults; adversarial_robustness ((1 + steps) input
-# gradients of the held-out subsample) measures robustness, not flatness.
+# gradients of the held-out subsample) measures robustness, not flatness; flatness_ratio (a Lanczos run per
+# mini-batch: about as many products again as hessian_top_eig's).
 
 MetricSpec = Union[str, FlatnessMetric]
 

@@ -430,7 +430,7 @@ def test_every_builtin_metric_at_once_leaves_training_bit_identical(tmp_path):
     opt_in = [
         LocalEntropy(num_steps=4), BlockCurvature(blocks="by_module", trace_probes=4, max_iter=5),
         HessianDensity(num_probes=2, lanczos_steps=4), AdaptiveSharpness(num_draws=4), "fisher_rao_norm",
-        AdversarialRobustness(steps=2),
+        AdversarialRobustness(steps=2), "flatness_ratio",
     ]  # fmt: skip
     cb = FlatnessCallback(metrics=[*DEFAULT_METRICS, *opt_in], on_error="raise", **SMALL)
     assert {m.name for m in cb.metrics} == set(BUILTIN)

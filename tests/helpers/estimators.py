@@ -12,6 +12,7 @@ from lightning_flatness.functional import (
     adaptive_sharpness,
     fisher_rao_norm,
     fisher_trace,
+    flatness_ratio,
     grad_cosine_regret,
     hessian_diagonal,
     hessian_eigenvalues,
@@ -34,6 +35,7 @@ ALL_ESTIMATORS = dict(
     ESTIMATORS,
     regret=lambda m, b: torch.tensor(grad_cosine_regret(m, b).regret),
     fisher_mc=lambda m, b: torch.tensor(fisher_trace(m, b, kind="mc", num_samples=3, generator=1).value),
+    flatness_ratio=lambda m, b: torch.tensor(flatness_ratio(m, b, generator=1).value),
 )
 # The plain functions, for argument checks.
 FUNCTIONS = [hessian_eigenvalues, hessian_trace, hessian_diagonal, grad_cosine_regret, fisher_trace, pacgen]
