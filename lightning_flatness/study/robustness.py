@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .. import keys
 from .runs import Row, batch_size_of
-from .seeds import Configuration, correlation, spread
+from .seeds import Configuration, correlation, mean_interval, spread
 from .tables import _interval, _resolved, _seed_cell, fmt
 
 ADVERSARIAL_SUFFIX = re.compile(r"_adv-(?P<kind>[a-z]+[0-9.e+-]+)$")
@@ -85,13 +85,22 @@ def _eigenvalue_table(configs: Sequence[Configuration]) -> list[str]:
         return []
     key = keys.HESSIAN_TOP_EIG
     lines = [f"Top Hessian eigenvalue `{key}`, normal vs adversarial training: mean [95% interval over seeds]; the "
-             "ratio of the means.", "", "| configuration | normal | adversarial | training | adversarial / normal |",
+             "ratio adversarial / normal per seed (both runs of a seed start from the same weights), its mean and "
+             "95% interval.", "", "| configuration | normal | adversarial | training | adversarial / normal |",
              "|---|---:|---:|---|---:|"]  # fmt: skip
     for normal, adversarial, training in pairs:
-        ratio = spread(adversarial, key).mean / spread(normal, key).mean
+        mean, low, high, n = mean_interval(_paired_ratios(normal, adversarial, key))
+        ratio = fmt(mean) + (f" [{fmt(low)}, {fmt(high)}]" if n >= 2 else "")
         lines.append(f"| {normal.name} | {_seed_cell(normal, key)} | {_seed_cell(adversarial, key)} | {training} | "
-                     f"{fmt(ratio)} |")  # fmt: skip
+                     f"{ratio} |")  # fmt: skip
     return lines
+
+
+def _paired_ratios(normal: Configuration, adversarial: Configuration, key: str) -> list[float]:
+    """``adversarial / normal`` of ``key`` for every seed both configurations reached the comparison point with."""
+    value = {seed: row.values.get(key, math.nan) for seed, row in zip(normal.seeds, normal.rows) if row.epoch is not None}
+    return [row.values.get(key, math.nan) / value[seed] for seed, row in zip(adversarial.seeds, adversarial.rows)
+            if row.epoch is not None and seed in value]  # fmt: skip
 
 
 def plot_spectrum(configs: Sequence[Configuration], out: Path) -> list[Path]:
@@ -106,7 +115,10 @@ def plot_spectrum(configs: Sequence[Configuration], out: Path) -> list[Path]:
         return []
     fig = figure(7.0, 4.4, layout="constrained")
     ax = fig.add_subplot()
-    for c, color in zip(configs, colors(len(configs))):
+    bases = list(dict.fromkeys(training_of(c.name)[0] for c in configs))
+    color_of = dict(zip(bases, colors(len(bases))))  # a twin trained adversarially shares its normal run's color
+    for c in configs:
+        color = color_of[training_of(c.name)[0]]
         stats = [spread(c, k) for k in eig_keys]
         j = [i + 1 for i, s in enumerate(stats) if math.isfinite(s.mean)]
         if not j:
@@ -118,7 +130,7 @@ def plot_spectrum(configs: Sequence[Configuration], out: Path) -> list[Path]:
     ax.set_yscale("symlog", linthresh=1e-2)
     ax.set_xlabel("j (eigenvalue index, largest first)")
     ax.set_ylabel("λ_j of the Hessian")
-    ax.set_title("Top of the Hessian spectrum at the compared point (mean over seeds ± within-run se)")
+    ax.set_title("Top Hessian eigenvalues (mean over seeds ± within-run se)")
     ax.legend(fontsize=7, ncol=2)
     path = out / "hessian_spectrum.png"
     fig.savefig(path, dpi=110)
