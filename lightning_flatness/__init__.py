@@ -15,6 +15,7 @@ from .metrics import (
     GradientNoiseScale,
     HessianDensity,
     HessianEigenvalues,
+    HessianMinEigenvalue,
     LocalEntropy,
     NoisyMeasurementWarning,
     PACGen,
@@ -45,4 +46,5 @@ __all__ = [
     "HessianDensity",
     "AdaptiveSharpness",
     "FisherRaoNorm",
+    "HessianMinEigenvalue",
 ]

@@ -127,3 +127,8 @@ HESSIAN_DENSITY_NEGATIVE_MASS = "flatness/hessian_density_negative_mass"  # mass
 HESSIAN_TRACE_SLQ = "flatness/hessian_trace_slq"  # tr ∇²L from the same probes
 HESSIAN_DENSITY_IMAGE = "hessian_density/density"  # the smoothed density, an image (log y)
 HESSIAN_DENSITY_HISTOGRAM = "hessian_density/eigenvalues"  # estimated eigenvalue counts, a histogram
+
+# Both ends of the Hessian's spectrum (HessianMinEigenvalue, opt-in; Li et al. 2018): the most negative
+# eigenvalue and |λ_min/λ_max| = max(−λ_min, 0)/λ_max (0 where the Hessian is positive semi-definite).
+HESSIAN_MIN_EIG = "flatness/hessian_min_eig"
+HESSIAN_EIG_RATIO = "flatness/hessian_eig_ratio"

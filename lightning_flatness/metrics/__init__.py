@@ -2,7 +2,7 @@
 
 ``FlatnessCallback(metrics=[HessianEigenvalues(k=3), GradCosineRegret(), FisherTrace(kind="mc"),
 PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``,
-``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"``, ``"hessian_density"``, ``"adaptive_sharpness"`` and ``"fisher_rao_norm"`` stand for the default-configured
+``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"``, ``"hessian_density"``, ``"adaptive_sharpness"``, ``"fisher_rao_norm"`` and ``"hessian_min_eig"`` stand for the default-configured
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
@@ -15,6 +15,7 @@ from .fisher_rao import FisherRaoNorm
 from .gap import GapMeter
 from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
+from .hessian_min import HessianMinEigenvalue
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .sample_size import NoisyMeasurementWarning
@@ -47,4 +48,5 @@ __all__ = [
     "HessianDensity",
     "AdaptiveSharpness",
     "FisherRaoNorm",
+    "HessianMinEigenvalue",
 ]

@@ -11,6 +11,7 @@ from .fisher import FisherTrace
 from .fisher_rao import FisherRaoNorm
 from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
+from .hessian_min import HessianMinEigenvalue
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .regret import GradCosineRegret
@@ -20,7 +21,7 @@ BUILTIN: dict[str, type[FlatnessMetric]] = {
     cls.name: cls
     for cls in (
         HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, GradientNoiseScale, LocalEntropy,
-        BlockCurvature, HessianDensity, AdaptiveSharpness, FisherRaoNorm,
+        BlockCurvature, HessianDensity, AdaptiveSharpness, FisherRaoNorm, HessianMinEigenvalue,
     )  # fmt: skip
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen", "grad_noise_scale")
@@ -28,7 +29,8 @@ DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pac
 # are measured only when asked for, being far more expensive than the defaults: local_entropy (a Langevin
 # chain), block_curvature (a Lanczos run and a trace per block), hessian_density (probes x Lanczos steps
 # products), adaptive_sharpness (num_draws + 1 forward passes: ~8.5 gradients at 16 draws); fisher_rao_norm
-# (~1.5 gradients) answers a different question than the defaults.
+# (~1.5 gradients) answers a different question than the defaults; hessian_min_eig (a Lanczos run on the
+# slow-converging bottom of the spectrum, 1 product more beside hessian_top_eig) likewise.
 
 MetricSpec = Union[str, FlatnessMetric]
 
