@@ -37,7 +37,7 @@ from .hessian_min_eigenvalue import EigenRatioResult, hessian_eigenvalue_ratio, 
 from .hutchinson import TraceResult, hessian_diagonal, hessian_trace, hutchinson_diagonal, hutchinson_trace
 from .lanczos import LanczosResult, lanczos, lanczos_tridiagonal
 from .local_entropy import LocalEntropyResult, local_entropy
-from .loss_landscape import EigenvectorSlice, LandscapeResult, eigenvector_slice, loss_landscape, normalize_direction
+from .loss_landscape import ConvexityMap, EigenvectorSlice, LandscapeResult, eigenvector_slice, loss_landscape, normalize_direction
 from .objective import CrossProcess, HessianOperator, Objective, cross_process_reduction
 from .operator import CurvatureOperator, DenseOperator, NegatedOperator
 from .pacgen import PACGenResult, estimate_rho, pacgen, pacgen_perturbation_scale
@@ -105,6 +105,7 @@ __all__ = [
     "without_normalization",
     "FisherRaoResult",
     "fisher_rao_norm",
+    "ConvexityMap",
     "EigenRatioResult",
     "NegatedOperator",
     "hessian_eigenvalue_ratio",
