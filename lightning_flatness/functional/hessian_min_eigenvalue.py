@@ -57,7 +57,8 @@ def hessian_min_eigenvalue(
     positive semi-definite; the ``tol`` rule is relative to ``|λ_min|`` itself, which may be 0
     there (a null space): ``atol`` (e.g. ``tol·λ_max``, as :func:`hessian_eigenvalue_ratio`
     passes) stops instead once each value's residual and last change are at most ``atol``, so
-    an eigenvalue lies within ``atol`` of it. The cold start is a Gaussian vector from
+    an eigenvalue lies within ``atol`` of it (keep it above the products' rounding, about
+    ``√ε·‖H‖`` in float32, or Lanczos runs on to ``max_iter``). The cold start is a Gaussian vector from
     ``generator``: the gradient, which lies mostly in the top eigenspace, would not help here.
 
     Cost: ``n_hvp`` Hessian-vector products (one per Lanczos iteration, the check's included);
@@ -132,8 +133,9 @@ def hessian_eigenvalue_ratio(
     Hessian is positive semi-definite. ``λ_max`` is solved for by :func:`hessian_eigenvalues`
     (warm-started from ``top_init``, cold from the gradient, or ``gradient`` if given) unless
     ``top = (λ_max, its eigenvector)`` is given (e.g. this measurement's top eigenpair); then
-    ``λ_min`` by :func:`hessian_min_eigenvalue` (from ``init``) with ``atol = tol·λ_max``: the
-    ratio's own error is at most about ``tol``. Both on one Hessian operator, so kept gradient
+    ``λ_min`` by :func:`hessian_min_eigenvalue` (from ``init``) with ``atol = tol·λ_max``
+    (at least ``√ε·λ_max``, ``ε`` of the compute dtype: 3.4e-4 in float32, 1.5e-8 in float64,
+    what a product's rounding allows): the ratio's own error is at most about that. Both on one Hessian operator, so kept gradient
     graphs serve both.
 
     ``se``: the delta method with both values measured on the same mini-batches, paired: to
@@ -184,7 +186,10 @@ def extreme_ratio(
         largest, c = _given_top(objective, operator, *top)
     lam_max = largest.values[0].item()
     vector, _ = initial_vector(objective, 1, init, "random", gen, None)
-    atol = solver["tol"] * abs(lam_max) if lam_max != 0 else None
+    # No tighter than the rounding of a product allows (float32: 30-1000 ε‖H‖ measured): an unattainable
+    # target ran Lanczos to P iterations, where a float32 basis can lose its orthogonality.
+    reachable = math.sqrt(torch.finfo(objective.dtype).eps)
+    atol = max(solver["tol"], reachable) * abs(lam_max) if lam_max != 0 else None
     out, observed = observed_lanczos(objective, operator, vector, k=1, smallest=True, atol=atol, **solver)
     smallest, a = _with_quotients(out, observed, objective, 0)
     ratio, se = _ratio_and_error(smallest.values[0].item(), lam_max, a, c, observed, objective)
