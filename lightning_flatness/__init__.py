@@ -17,6 +17,7 @@ from .metrics import (
     GradientNoiseScale,
     HessianDensity,
     HessianEigenvalues,
+    HessianMinEigenvalue,
     LocalEntropy,
     NoisyMeasurementWarning,
     PACGen,
@@ -49,4 +50,5 @@ __all__ = [
     "AdversarialRobustness",
     "FisherRaoNorm",
     "FlatnessRatio",
+    "HessianMinEigenvalue",
 ]

@@ -141,3 +141,7 @@ HESSIAN_DENSITY_HISTOGRAM = "hessian_density/eigenvalues"  # estimated eigenvalu
 # Hessian eigenvalue Σ_b w_b λ_max(H_b), and its ratio to the mean loss's λ_max(H) (≥ 1).
 FLATNESS_RATIO = "flatness/flatness_ratio"
 BATCH_TOP_EIG_MEAN = "flatness/batch_top_eig_mean"
+# Both ends of the Hessian's spectrum (HessianMinEigenvalue, opt-in; Li et al. 2018): the most negative
+# eigenvalue and |λ_min/λ_max| = max(−λ_min, 0)/λ_max (0 where the Hessian is positive semi-definite).
+HESSIAN_MIN_EIG = "flatness/hessian_min_eig"
+HESSIAN_EIG_RATIO = "flatness/hessian_eig_ratio"

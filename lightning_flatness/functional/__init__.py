@@ -34,12 +34,13 @@ from .flatness_ratio import FlatnessRatioResult, flatness_ratio
 from .grad_cosine_regret import RegretResult, grad_cosine_regret
 from .grad_noise_scale import GradNoiseScaleResult, grad_noise_scale
 from .hessian_eigenvalues import EigenResult, hessian_eigenvalues, hessian_top_eigenvalue
+from .hessian_min_eigenvalue import EigenRatioResult, hessian_eigenvalue_ratio, hessian_min_eigenvalue
 from .hutchinson import TraceResult, hessian_diagonal, hessian_trace, hutchinson_diagonal, hutchinson_trace
 from .lanczos import LanczosResult, lanczos, lanczos_tridiagonal
 from .local_entropy import LocalEntropyResult, local_entropy
-from .loss_landscape import EigenvectorSlice, LandscapeResult, eigenvector_slice, loss_landscape, normalize_direction
+from .loss_landscape import ConvexityMap, EigenvectorSlice, LandscapeResult, eigenvector_slice, loss_landscape, normalize_direction
 from .objective import CrossProcess, HessianOperator, Objective, cross_process_reduction
-from .operator import CurvatureOperator, DenseOperator
+from .operator import CurvatureOperator, DenseOperator, NegatedOperator
 from .pacgen import PACGenResult, estimate_rho, pacgen, pacgen_perturbation_scale
 from .spectral_density import SpectralDensityResult, hessian_spectral_density, spectral_density
 
@@ -108,4 +109,9 @@ __all__ = [
     "fisher_rao_norm",
     "FlatnessRatioResult",
     "flatness_ratio",
+    "ConvexityMap",
+    "EigenRatioResult",
+    "NegatedOperator",
+    "hessian_eigenvalue_ratio",
+    "hessian_min_eigenvalue",
 ]

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from ..validation import check_cache_chunks, check_choice, check_float, check_generator, check_int
+from ..validation import check_bool, check_cache_chunks, check_choice, check_float, check_generator, check_int
 from ._graph_cache import CacheChunks
 from ._losses import LossArg
 from ._restore import measurement_mode
 from ._rows import Rows
 from ._stats import MeanAccumulator
-from .lanczos import LanczosResult, lanczos
+from .lanczos import ErrorTarget, LanczosResult, lanczos
 from .objective import HessianOperator, Objective
+from .operator import NegatedOperator
 
 
 @dataclass(frozen=True)
 class EigenResult:
-    """``values`` (k,) descending, ``vectors`` (k, P) unit-norm flat eigenvectors.
+    """``values`` (k,) descending (ascending from :func:`hessian_min_eigenvalue`: the smallest first),
+    ``vectors`` (k, P) unit-norm flat eigenvectors.
 
     ``n_grad``: gradient passes spent on the start vector (1 for the default cold start).
     ``se`` (k,): standard error of each value with respect to the draw of the mini-batches
@@ -118,52 +120,112 @@ def hessian_eigenvalues(
         >>> result.values.shape, result.vectors.shape, result.converged
         (torch.Size([2]), torch.Size([2, 67]), True)
     """
-    k, max_iter, cache_chunks = check_int("k", k), check_int("max_iter", max_iter), check_cache_chunks(cache_chunks)
+    return _solve(
+        model, batches, loss_fn, k=k, init=init, start=start, gradient=gradient, params=params, dtype=dtype,
+        solver=solver_options(tol, max_iter, verify, error_ratio, generator), cache=cache_options(cache_chunks, cache_bytes),
+    )  # fmt: skip
+
+
+def solver_options(
+    tol: float, max_iter: int, verify: bool, error_ratio: float | None, generator: torch.Generator | int | None
+) -> dict[str, Any]:
+    """The Lanczos options of :func:`lanczos_with_errors`, checked (one place for their messages)."""
+    return {
+        "tol": check_float("tol", tol, inclusive=False), "max_iter": check_int("max_iter", max_iter),
+        "verify": check_bool("verify", verify), "generator": check_generator(generator),
+        "error_ratio": None if error_ratio is None else check_float("error_ratio", error_ratio, inclusive=False),
+    }  # fmt: skip
+
+
+def cache_options(cache_chunks: CacheChunks, cache_bytes: int | None) -> dict[str, Any]:
+    """The graph cache's options of :meth:`Objective.hessian_operator`, checked."""
     cache_bytes = None if cache_bytes is None else check_int("cache_bytes", cache_bytes, 0)
-    tol = check_float("tol", tol, inclusive=False)
-    error_ratio = None if error_ratio is None else check_float("error_ratio", error_ratio, inclusive=False)
-    start = check_choice("start", start, STARTS)
-    gen = check_generator(generator)
+    return {"cache_chunks": check_cache_chunks(cache_chunks), "cache_bytes": cache_bytes}
+
+
+def _solve(
+    model: nn.Module, batches: Iterable[Any], loss_fn: LossArg, *, k: int, init: Tensor | None, start: str,
+    gradient: Tensor | None, params: Iterable[Tensor] | None, dtype: torch.dtype | None, solver: dict[str, Any],
+    cache: dict[str, Any], smallest: bool = False, atol: float | None = None,
+) -> EigenResult:  # fmt: skip
+    """:func:`hessian_eigenvalues` (or, ``smallest``, the bottom of the spectrum) with checked options."""
+    k, start = check_int("k", k), check_choice("start", start, STARTS)
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
-        dim = objective.num_params
-        if k > dim:
-            raise ValueError(f"k={k} exceeds the number of measured parameters P={dim}; choose 1 <= k <= P.")
-        if init is None:
-            vector, n_grad = _cold_start(objective, start, gen, gradient)
-        else:
-            vector, n_grad = _start_vector(init, dim, objective.w0), 0
-        operator = objective.hessian_operator(cache_chunks, cache_bytes=cache_bytes)
-        out, se = lanczos_with_errors(
-            objective, operator, vector, k=k, tol=tol, max_iter=max_iter, generator=gen, verify=verify,
-            error_ratio=error_ratio,
-        )  # fmt: skip
+        vector, n_grad = initial_vector(objective, k, init, start, solver["generator"], gradient)
+        operator = objective.hessian_operator(**cache)
+        out, se = lanczos_with_errors(objective, operator, vector, k=k, smallest=smallest, atol=atol, **solver)
     return EigenResult(out.values, out.vectors, out.n_products, out.converged, n_grad, se, out.residuals)
+
+
+def initial_vector(
+    objective: Objective, k: int, init: Tensor | None, start: str, generator: torch.Generator, gradient: Tensor | None
+) -> tuple[Tensor, int]:
+    """Lanczos' start vector for ``k`` pairs: ``init`` when given, else the cold ``start``; and the gradient passes it took."""
+    if k > objective.num_params:
+        raise ValueError(f"k={k} exceeds the number of measured parameters P={objective.num_params}; choose 1 <= k <= P.")
+    if init is None:
+        return _cold_start(objective, start, generator, gradient)
+    return _start_vector(init, objective.num_params, objective.w0), 0
 
 
 def lanczos_with_errors(
     objective: Objective, operator: HessianOperator, start: Tensor, *, k: int, tol: float, max_iter: int,
-    generator: torch.Generator, verify: bool = True, error_ratio: float | None = None,
+    generator: torch.Generator, verify: bool = True, error_ratio: float | None = None, smallest: bool = False,
+    atol: float | None = None,
 ) -> tuple[LanczosResult, Tensor]:  # fmt: skip
     """:func:`lanczos` on ``operator`` (``objective``'s Hessian or a block of it) and each Ritz
     value's standard error ``(k,)`` over the mini-batches (:class:`ChunkRayleighQuotients`); with
-    ``error_ratio``, Lanczos stops where each value's error is that fraction of its running standard error."""
-    # One mini-batch in all has no batch means (the error would be NaN): spare the projections.
-    observe = objective.cross_process or _length(objective.batches) != 1
-    operator.chunk_observer = quotients = ChunkRayleighQuotients() if observe else None
-    target = None
-    if error_ratio is not None and quotients is not None:
-        target = lambda c: error_ratio * quotients.standard_error(c, objective.reduce_sum, objective.device)  # noqa: E731
-    try:
-        out = lanczos(
-            operator, start, k=k, tol=tol, max_iter=max_iter, generator=generator, verify=verify, error_target=target
-        )
-    finally:
-        operator.chunk_observer = None  # later products (e.g. Hutchinson's) are not Lanczos'
+    ``error_ratio``, Lanczos stops where each value's error is that fraction of its running standard error.
+    ``smallest`` and ``atol``: see :func:`observed_lanczos`."""
+    out, quotients = observed_lanczos(
+        objective, operator, start, k=k, tol=tol, max_iter=max_iter, generator=generator, verify=verify,
+        error_ratio=error_ratio, smallest=smallest, atol=atol,
+    )  # fmt: skip
     se = torch.full_like(out.values, math.nan)
     if quotients is not None:
         se = quotients.standard_error(out.coefficients, objective.reduce_sum, objective.device).to(out.values)
     return out, se
+
+
+def observed_lanczos(
+    objective: Objective, operator: HessianOperator, start: Tensor, *, k: int, tol: float, max_iter: int,
+    generator: torch.Generator, verify: bool = True, error_ratio: float | None = None, smallest: bool = False,
+    atol: float | None = None,
+) -> tuple[LanczosResult, ChunkRayleighQuotients | None]:  # fmt: skip
+    """:func:`lanczos` on ``operator`` with its per-mini-batch projections (``None`` with one mini-batch).
+
+    ``smallest``: the ``k`` algebraically smallest pairs, by Lanczos on ``−H``
+    (:class:`NegatedOperator`), so every rule of :func:`lanczos` applies unchanged; values are
+    returned in ``H``'s sign, ascending (residuals and coefficients as they are: the quotients
+    observed are ``H``'s own). ``atol``: where no standard error decides (no ``error_ratio``, or one
+    mini-batch), a value has converged once its residual and last change are at most ``atol``
+    (an absolute tolerance, e.g. ``tol·λ_max`` for ``λ_min``, whose own scale may be 0).
+    """
+    operator.chunk_observer = quotients = ChunkRayleighQuotients() if observes_batches(objective) else None
+    target = _error_target(objective, quotients, error_ratio, atol)
+    try:
+        out = lanczos(
+            NegatedOperator(operator) if smallest else operator, start, k=k, tol=tol, max_iter=max_iter,
+            generator=generator, verify=verify, error_target=target,
+        )  # fmt: skip
+    finally:
+        operator.chunk_observer = None  # later products (e.g. Hutchinson's) are not Lanczos'
+    return (replace(out, values=-out.values) if smallest else out), quotients
+
+
+def _error_target(
+    objective: Objective, quotients: ChunkRayleighQuotients | None, error_ratio: float | None, atol: float | None
+) -> ErrorTarget | None:
+    """:func:`lanczos`'s ``error_target``: ``error_ratio`` of the running standard error, else ``atol`` (else none)."""
+    if error_ratio is None or quotients is None:
+        return None if atol is None else lambda c: torch.full((c.shape[1],), atol, dtype=torch.float64)
+
+    def target(c: Tensor) -> Tensor:
+        t = error_ratio * quotients.standard_error(c, objective.reduce_sum, objective.device)
+        return t if atol is None else torch.where(torch.isfinite(t), t, torch.full_like(t, atol))
+
+    return target
 
 
 def hessian_top_eigenvalue(
@@ -239,6 +301,12 @@ class ChunkRayleighQuotients:
         acc = MeanAccumulator(coefficients.shape[1])
         acc.add(self.quotients(coefficients), torch.tensor(self.sizes, dtype=torch.float64))
         return acc.result(lambda sums: reduce(sums.to(device)).cpu())[1]
+
+
+def observes_batches(objective: Objective) -> bool:
+    """Whether there are per-mini-batch errors to measure: one mini-batch in all has no batch means
+    (the error would be NaN), so its projections are spared."""
+    return objective.cross_process or _length(objective.batches) != 1
 
 
 def _length(batches: Iterable[Any]) -> int | None:

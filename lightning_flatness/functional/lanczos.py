@@ -15,6 +15,10 @@ from ._rows import Rows
 from .operator import CurvatureOperator
 
 
+# Orthogonalization against a basis orthonormal to sqrt(η) shortens a vector; one that lengthens it by more
+# than this factor has met near-copies of basis vectors (their components subtracted several times).
+COLLAPSE = 1.01
+
 ErrorTarget = Callable[[Tensor], Tensor]
 """``target(coefficients) -> (k,)``: the absolute error each Ritz value may keep, given its vector's
 coefficients ``(m, k)`` in every vector the operator has been applied to (as
@@ -96,9 +100,12 @@ def lanczos(
     three-term recurrence and carries Simon's estimate ``ω`` of the basis' loss of
     orthogonality, seeded with the rounding of one step, ``η‖A‖`` with ``η = ε·sqrt(P)/2``
     (PROPACK's rule; ``ε`` of the dtype of ``start``). When ``max|ω|`` exceeds ``sqrt(η)``, that
-    residual and the next are orthogonalized against the whole basis. The basis stays
+    residual and the next are orthogonalized against the whole basis; where that finds the
+    residual less orthogonal than ``ω`` said (products that round by more than ``η‖A‖``, e.g. a
+    small float32 network's), the seed is raised by the ratio. The basis stays
     orthogonal to about ``sqrt(η)``, which keeps the tridiagonal matrix the projection of ``A``
-    to the rounding level: no spurious copies of converged Ritz values. Cost: one product with
+    to the rounding level: no spurious copies of converged Ritz values. A basis that collapsed
+    nonetheless (orthogonalizing lengthened a residual) stops its run, ``converged=False``. Cost: one product with
     ``operator`` per iteration, ``O(P)`` work, and an ``m × P`` projection only at the
     reorthogonalized iterations. Memory: the basis, up to ``max_iter`` vectors (the rows of one
     matrix whose capacity doubles as needed).
@@ -146,6 +153,8 @@ def _lanczos_run(
         w, beta = run.residual(operator @ run.basis.append(q, norm))
         theta, s = _ritz_pairs(run.alphas, run.betas, k)
         top, residual = theta[: min(k, m)], beta * s[-1].abs()
+        if run.collapsed:
+            break  # the values so far stand, flagged: nothing after this step would be the projection of A
         if m == dim:
             converged = True
             break
@@ -254,6 +263,7 @@ class _Krylov:
         # rounding level: the loss of orthogonality up to which T stays accurate to that level.
         self.unit = eps * math.sqrt(start.numel()) / 2
         self.threshold = math.sqrt(self.unit)
+        self.seed = self.unit  # ω's rounding per step relative to ‖A‖: the unit, raised where measured higher
         self.omega = torch.ones(1, dtype=torch.float64)
         self.previous = torch.zeros(0, dtype=torch.float64)
         self.reference = norm  # ‖A‖ from an earlier run on the same operator (a check's), else 0
@@ -261,6 +271,9 @@ class _Krylov:
         self.dropped = 0.0  # largest residual discarded at a restart: an error the recurrence does not see
         self.force = False  # reorthogonalize the next residual too
         self.n_reorth = 0  # residuals orthogonalized against the whole basis
+        # The basis lost its orthogonality unseen by ω (a product rounded by far more than the seed assumes):
+        # T is no longer the projection of A, and the run stops unconverged (_lanczos_run).
+        self.collapsed = False
 
     def residual(self, product: Tensor) -> tuple[Tensor, float]:
         """``α_j`` from ``product = A q_j``; the residual ``w`` (semi-orthogonal to the basis) and ``β = ‖w‖``."""
@@ -280,13 +293,22 @@ class _Krylov:
         self.alphas.append(alpha)
         beta = w.norm().item()
         self.norm = max(self.norm, abs(alpha) + beta + last)
-        rounding = self.unit * self.norm + self.dropped
+        rounding = self.seed * self.norm + self.dropped
         omega = _next_omega(self.omega, self.previous, self.alphas, self.betas, beta, rounding)
-        if self.full or self.force or not omega[:-1].abs().max().item() <= self.threshold:  # NaN too
+        estimate = omega[:-1].abs().max().item()
+        if self.full or self.force or not estimate <= self.threshold:  # NaN too
             # Simon: orthogonalize this residual and the next, or q_j's lost orthogonality
             # passes into q_{j+2} through the recurrence.
-            w = _orthogonalize(w, self.basis.view())
-            beta = w.norm().item()
+            w, overlap = _orthogonalized(w, self.basis.view())
+            recurrence, beta = beta, w.norm().item()
+            if not (self.full or self.force) and overlap > estimate:
+                # ω underestimated the loss of orthogonality: the products round by more than the seed
+                # assumes (a float32 Hessian product of a trained network: up to 1000 ε‖H‖). Seed it with
+                # what was measured, or its later estimates lag until the basis holds near-copies.
+                self.seed = min(self.seed * overlap / estimate, self.threshold)
+            if not beta <= COLLAPSE * recurrence:  # projecting out an orthonormal basis never lengthens w
+                self.collapsed = True
+                return w, recurrence  # ‖A y − θ y‖ = ‖w‖·|s_m| holds for the recurrence's own residual
             omega = torch.full_like(omega, self.unit)
             omega[-1] = 1.0
             self.force = not self.force
@@ -365,14 +387,21 @@ def _next_omega(
 
 
 def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+    return _orthogonalized(w, basis)[0]
+
+
+def _orthogonalized(w: Tensor, basis: Tensor) -> tuple[Tensor, float]:
+    """``w`` orthogonalized against the rows of ``basis``, and its largest cosine with them before."""
     # Classical Gram-Schmidt with the DGKS criterion (Daniel, Gragg, Kaufman & Stewart 1976):
     # a second pass only when the first removed most of w, i.e. when cancellation may have
     # left w's projection on the basis far above working precision.
     before = w.norm()
-    w = w - basis.T @ (basis @ w)
+    coefficients = basis @ w
+    w = w - basis.T @ coefficients
     if w.norm() < before / math.sqrt(2):
         w = w - basis.T @ (basis @ w)
-    return w
+    overlap = (coefficients.abs().max() / before).item() if coefficients.numel() and before > 0 else 0.0
+    return w, overlap
 
 
 def _ritz_pairs(alphas: list[float], betas: list[float], k: int) -> tuple[Tensor, Tensor]:

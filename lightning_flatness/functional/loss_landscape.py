@@ -9,11 +9,29 @@ import torch
 from torch import Tensor, nn
 
 from ._losses import LossArg
+from .hessian_eigenvalues import solver_options
+from .hessian_min_eigenvalue import extreme_ratio
 from .objective import Objective
 from ._restore import measurement_mode
-from ..validation import check_float, check_generator, check_int
+from ..validation import check_bool, check_float, check_generator, check_int
 
 NORMALIZATIONS = ("filter", "layer", "none")
+
+
+@dataclass(frozen=True)
+class ConvexityMap:
+    """``|λ_min/λ_max|`` of the Hessian at every grid point of a landscape (Li et al. 2018, Fig. 7).
+
+    ``ratio``: ``max(−λ_min, 0)/λ_max`` (0 where the Hessian is positive semi-definite, NaN where
+    ``λ_max ≤ 0``); ``smallest``, ``largest``: ``λ_min``, ``λ_max``; ``converged``: whether both
+    Lanczos runs at that point converged; all shaped like the losses. ``n_hvp``: every product.
+    """
+
+    ratio: Tensor
+    smallest: Tensor
+    largest: Tensor
+    converged: Tensor
+    n_hvp: int
 
 
 @dataclass(frozen=True)
@@ -24,7 +42,8 @@ class LandscapeResult:
     ``(steps,)`` or ``(steps, steps)`` indexed ``[a, b]``; ``accuracy`` is ``None`` unless the
     loss gives it (``"cross_entropy"`` with integer labels, ``"bce_with_logits"``, or a callable
     returning ``(losses, correct)``); ``directions``: ``(d, P)``, after normalization;
-    ``n_forward``: forward passes over all of ``batches`` (= grid points).
+    ``n_forward``: forward passes over all of ``batches`` (= grid points); ``convexity``: the
+    :class:`ConvexityMap` with ``convexity=True``, else ``None``.
     """
 
     coordinates: tuple[Tensor, ...]
@@ -32,6 +51,7 @@ class LandscapeResult:
     accuracy: Tensor | None
     directions: Tensor
     n_forward: int
+    convexity: ConvexityMap | None = None
 
 
 def normalize_direction(direction: Tensor, weights: Tensor, shapes: Sequence[torch.Size], normalization: str) -> Tensor:
@@ -111,6 +131,10 @@ def loss_landscape(
     seed: int | None = None,
     params: Iterable[Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    convexity: bool = False,
+    convexity_tol: float = 1e-2,
+    convexity_max_iter: int = 20,
+    convexity_verify: bool = False,
 ) -> LandscapeResult:
     r"""Loss along a line or plane through the current weights (Li et al., NeurIPS 2018).
 
@@ -121,8 +145,22 @@ def loss_landscape(
     1 moves every filter by its own norm, which makes slices comparable across networks, batch
     sizes and ReLU rescalings. Accuracy is reported where the loss gives it (see :class:`LandscapeResult`).
 
+    ``convexity=True`` also maps ``|λ_min/λ_max|`` of the Hessian at every grid point, as Li et
+    al. do beside their surfaces (small: locally convex): :class:`ConvexityMap`, from
+    :func:`~lightning_flatness.functional.hessian_eigenvalue_ratio` at each point, both Lanczos
+    runs warm-started from the neighbouring point's eigenvectors (cold, from a Gaussian vector,
+    at the first). It is a picture, not a measurement, and it costs two Lanczos runs per point,
+    so its solves are loose by default: ``convexity_tol=1e-2`` (``λ_max`` to about 1 %, ``λ_min``
+    to ``1e-2·λ_max``: each ratio to about 0.01), at most ``convexity_max_iter=20`` products per
+    run, and no check in the complement (``convexity_verify=False``: a warm start that lacks an
+    eigenvector the neighbour's did not have goes unnoticed). Points that did not converge are
+    flagged in ``converged``.
+
     Cost: loss only, no gradients: ``steps`` (1-D) or ``steps²`` (2-D) forward passes over
-    ``batches``, one batch in memory at a time. The model is left exactly as it was.
+    ``batches``, one batch in memory at a time; with ``convexity``, at most
+    ``2·convexity_max_iter`` Hessian-vector products per point more (``ConvexityMap.n_hvp``;
+    doubled with ``convexity_verify``), e.g. up to 1960 on a 7×7 grid, fewer warm. The model is
+    left exactly as it was.
 
     Example:
         >>> import torch
@@ -136,6 +174,9 @@ def loss_landscape(
     """
     span = check_float("span", span, inclusive=False)
     steps = check_int("steps", steps)
+    solver = None
+    if check_bool("convexity", convexity):
+        solver = solver_options(convexity_tol, convexity_max_iter, convexity_verify, None, seed)
     with measurement_mode(model):
         objective = Objective(model, batches, loss_fn, params, dtype)
         dirs = _directions(directions, objective, normalization, seed)
@@ -144,20 +185,57 @@ def loss_landscape(
         losses = torch.empty(shape, dtype=torch.float64)
         accuracy = torch.empty(shape, dtype=torch.float64)
         classify = True
+        mapper = None if solver is None else _ConvexityMapper(objective, shape, solver)
         for index in torch.cartesian_prod(*[torch.arange(steps)] * len(dirs)).reshape(-1, len(dirs)):
             coords = grid[index].to(device=dirs.device, dtype=dirs.dtype)
-            loss, acc = _loss_and_accuracy(objective, objective.w0 + coords @ dirs)
+            point = objective.w0 + coords @ dirs
+            loss, acc = _loss_and_accuracy(objective, point)
             losses[tuple(index)] = loss
             classify = acc is not None
             if classify:
                 accuracy[tuple(index)] = acc
+            if mapper is not None:
+                mapper.measure(tuple(index.tolist()), point)
     return LandscapeResult(
         coordinates=tuple(grid.clone() for _ in dirs),
         losses=losses,
         accuracy=accuracy if classify else None,
         directions=dirs,
         n_forward=losses.numel(),
+        convexity=None if mapper is None else mapper.result(),
     )
+
+
+class _ConvexityMapper:
+    """``|λ_min/λ_max|`` point by point (:func:`loss_landscape`'s ``convexity``), each point's Lanczos runs
+    warm-started from the previous point along the last axis, or at a row's start from the previous row's
+    start: two pairs of vectors held, whatever the grid."""
+
+    def __init__(self, objective: Objective, shape: tuple[int, ...], solver: dict[str, Any]) -> None:
+        self.objective, self.solver = objective, solver
+        self.values = torch.full((3, *shape), float("nan"), dtype=torch.float64)  # ratio, λ_min, λ_max
+        self.converged = torch.zeros(shape, dtype=torch.bool)
+        self.previous: tuple[Tensor | None, Tensor | None] = (None, None)  # (bottom, top) eigenvectors
+        self.row_start: tuple[Tensor | None, Tensor | None] = (None, None)
+        self.n_hvp = 0
+
+    def measure(self, index: tuple[int, ...], point: Tensor) -> None:
+        init, top_init = self.previous if index[-1] > 0 else self.row_start
+        operator = self.objective.hessian_operator("auto", at=point)
+        # Away from w0 the objective's gradient is not the point's: a cold λ_max starts from a Gaussian.
+        res = extreme_ratio(self.objective, operator, init=init, top_init=top_init, start="random", **self.solver)
+        self.values[(slice(None), *index)] = torch.tensor(
+            [res.ratio, res.smallest.values[0].item(), res.largest.values[0].item()], dtype=torch.float64
+        )  # fmt: skip
+        self.converged[index] = res.converged
+        self.previous = (res.smallest.vectors, res.largest.vectors)
+        if index[-1] == 0:
+            self.row_start = self.previous
+        self.n_hvp += res.n_hvp
+
+    def result(self) -> ConvexityMap:
+        ratio, smallest, largest = self.values
+        return ConvexityMap(ratio, smallest, largest, self.converged, self.n_hvp)
 
 
 @dataclass(frozen=True)

@@ -82,3 +82,25 @@ class DenseOperator(CurvatureOperator):
 
     def _matmat(self, rows: Tensor) -> Tensor:
         return rows @ self.matrix  # = (A rows^T)^T, A symmetric
+
+
+class NegatedOperator(CurvatureOperator):
+    """``−A`` for an operator ``A``: the algebraically largest eigenpairs of ``−A`` are ``A``'s smallest,
+    negated, so :func:`~lightning_flatness.functional.lanczos` finds either end of a spectrum
+    with one convergence rule. Each product is one of ``A`` (counted in both ``n_products``).
+
+    Example:
+        >>> import torch
+        >>> a = DenseOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> NegatedOperator(a) @ torch.ones(3, dtype=torch.float64)
+        tensor([-3., -1.,  2.], dtype=torch.float64)
+    """
+
+    def __init__(self, operator: CurvatureOperator) -> None:
+        if not isinstance(operator, CurvatureOperator):
+            raise TypeError(f"operator must be a CurvatureOperator, got {type(operator).__name__}.")
+        super().__init__(operator.num_params, operator.dtype, operator.device)
+        self.operator = operator
+
+    def _matmat(self, rows: Tensor) -> Tensor:
+        return (self.operator @ rows.T).T.neg()

@@ -38,12 +38,25 @@ def figure_1d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
 
 
 def figure_2d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
+    """The 2-D slice's contour plot and, when mapped, the convexity map beside it (Li et al. 2018, Fig. 7)."""
+    mapped = views.convexity_ratio is not None
+    fig = figure(10.4 if mapped else 5.4, 4.4)
+    ax = fig.add_subplot(1, 2, 1) if mapped else fig.add_subplot()
+    _draw_loss_2d(fig, ax, views)
+    ax.set_title(title or f"2-D loss slice ({views.normalization}-normalized), {when(views.epoch)}", fontsize=10)
+    if mapped:
+        _draw_convexity(fig, fig.add_subplot(1, 2, 2), views)
+        fig.subplots_adjust(left=0.07, right=0.97, bottom=0.12, top=0.92, wspace=0.3)
+    else:
+        fig.subplots_adjust(left=0.13, right=0.95, bottom=0.12, top=0.92)
+    return fig
+
+
+def _draw_loss_2d(fig: Any, ax: Any, views: LandscapeViews) -> None:  # noqa: ANN401
     import numpy as np
 
     from matplotlib.colors import LogNorm
 
-    fig = figure(5.4, 4.4)
-    ax = fig.add_subplot()
     a = np.asarray(views.coordinates_2d)
     loss = np.asarray(views.loss_2d, dtype=float).T  # rows of loss_2d = first direction = x axis
     finite = loss[np.isfinite(loss)]
@@ -55,13 +68,31 @@ def figure_2d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
     filled = ax.contourf(a, a, loss, levels=levels, norm=norm, cmap="viridis", extend="neither")
     ax.contour(a, a, loss, levels=filled.levels[::2], norm=norm, colors="white", linewidths=0.4, alpha=0.6)
     fig.colorbar(filled, ax=ax, label="loss" + (" (log-spaced levels)" if norm is not None else ""), format="%.3g")
+    _mark_origin(ax)
+
+
+def _draw_convexity(fig: Any, ax: Any, views: LandscapeViews) -> None:  # noqa: ANN401
+    """``|λ_min/λ_max|`` as a heat map: dark (small) where the loss is locally convex, as Li et al. draw it."""
+    import numpy as np
+
+    a = np.asarray(views.convexity_coordinates)
+    ratio = np.ma.masked_invalid(np.asarray(views.convexity_ratio, dtype=float).T)
+    mesh = ax.pcolormesh(a, a, ratio, cmap="magma", shading="nearest", vmin=0.0)
+    fig.colorbar(mesh, ax=ax, label="|λ_min / λ_max|  (0: convex)", format="%.2g")
+    missed = ~np.asarray(views.convexity_converged, dtype=bool).T
+    if missed.any():  # Lanczos stopped at convexity_max_iter here: drawn, but not to the tolerance
+        rows, cols = np.nonzero(missed)
+        ax.plot(a[cols], a[rows], marker="x", color="cyan", linestyle="none", markersize=6, label="not converged")
+        ax.legend(fontsize=7, loc="upper right")
+    _mark_origin(ax)
+    ax.set_title(f"Hessian |λ_min/λ_max| on the same plane, {when(views.epoch)}", fontsize=10)
+
+
+def _mark_origin(ax: Any) -> None:  # noqa: ANN401
     ax.plot([0], [0], marker="*", color="red", markersize=10, linestyle="none")
     ax.set_xlabel("α (direction 1)")
     ax.set_ylabel("β (direction 2)")
     ax.set_aspect("equal")
-    ax.set_title(title or f"2-D loss slice ({views.normalization}-normalized), {when(views.epoch)}", fontsize=10)
-    fig.subplots_adjust(left=0.13, right=0.95, bottom=0.12, top=0.92)
-    return fig
 
 
 def figure_eigenvector(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .._failures import FailurePolicy
@@ -28,6 +29,18 @@ class LandscapeOptions:
         steps_2d: grid points per axis of the 2-D slice.
         eig_span: half-width of the slice along the top Hessian eigenvector (a distance in
             parameter space).
+        convexity: also map ``|λ_min/λ_max|`` of the Hessian on the 2-D slice's plane, drawn beside
+            it (Li et al. 2018: small where the loss is locally convex); needs ``two_d``. Two
+            Lanczos runs per point, each warm-started from the neighbouring point's eigenvectors:
+            at most ``2·convexity_max_iter·convexity_steps²`` Hessian-vector products (1960 at the
+            defaults), on the measurement subsample.
+        convexity_steps: grid points per axis of the map (coarser than ``steps_2d``: each point
+            costs two eigenvalue solves, not one forward pass).
+        convexity_tol: the map's Lanczos tolerance: ``λ_max`` to about this relative error,
+            ``λ_min`` to this times ``λ_max``, so each ratio to about ``convexity_tol``; loose by
+            default, as the map is a picture.
+        convexity_max_iter: Lanczos products per run at most; points that did not converge are
+            marked on the map (and warned about once).
     """
 
     every_n_epochs: int = -1
@@ -36,6 +49,10 @@ class LandscapeOptions:
     two_d: bool = False
     steps_2d: int = 15
     eig_span: float = 1.0
+    convexity: bool = False
+    convexity_steps: int = 7
+    convexity_tol: float = 1e-2
+    convexity_max_iter: int = 20
 
     def __post_init__(self) -> None:
         self.every_n_epochs = check_int("every_n_epochs", self.every_n_epochs, -1)
@@ -44,6 +61,19 @@ class LandscapeOptions:
         self.two_d = check_bool("two_d", self.two_d)
         self.steps_2d = check_int("steps_2d", self.steps_2d, 2)
         self.eig_span = check_float("eig_span", self.eig_span, inclusive=False)
+        self.convexity = check_bool("convexity", self.convexity)
+        if self.convexity and not self.two_d:
+            raise ValueError("convexity=True draws the map beside the 2-D slice: set two_d=True as well.")
+        self.convexity_steps = check_int("convexity_steps", self.convexity_steps, 2)
+        self.convexity_tol = check_float("convexity_tol", self.convexity_tol, inclusive=False, maximum=1.0)
+        self.convexity_max_iter = check_int("convexity_max_iter", self.convexity_max_iter, 2)
+
+    def convexity_options(self) -> dict[str, Any] | None:
+        """:func:`~lightning_flatness.landscape.compute_views`' ``convexity`` (``None``: no map)."""
+        if not self.convexity:
+            return None
+        return {"steps": self.convexity_steps, "convexity_tol": self.convexity_tol,
+                "convexity_max_iter": self.convexity_max_iter}  # fmt: skip
 
     def due(self, x: int, final: bool) -> bool:
         n = self.every_n_epochs
@@ -62,6 +92,22 @@ class LandscapeRecorder:
         self.views: list[LandscapeViews] = []  # rank 0: every epoch's views, in order
         self.last_x: int | None = None
         self._writer = FigureWriter()
+        self._warned = False  # about unconverged points of the convexity map
+
+    def _warn_unconverged(self, views: LandscapeViews) -> None:
+        """Once: convexity-map points whose Lanczos runs did not converge (they are marked on the map)."""
+        if self._warned or views.convexity_converged is None:
+            return
+        flags = [ok for row in views.convexity_converged for ok in row]
+        if all(flags):
+            return
+        self._warned = True
+        rank_zero_warn(
+            f"LandscapeOptions(convexity=True): at {flags.count(False)} of {len(flags)} points of the convexity map "
+            f"Lanczos did not converge within convexity_max_iter={self.options.convexity_max_iter} products per run; "
+            "their |λ_min/λ_max| is drawn from the current Ritz values and marked with an x. Raise "
+            "convexity_max_iter, or loosen convexity_tol. Warned once."
+        )
 
     def _write(self, loggers: Sequence[Any], views: LandscapeViews, at: LogPosition) -> None:
         """The views' images to every logger, their numbers to ``<log_dir>/landscape/epoch_<e>.json``."""
@@ -82,7 +128,9 @@ class LandscapeRecorder:
                 model, data["measure"], data.get("gap_train"), data.get("gap_val"), loss_fn, epoch=x,
                 steps=opts.steps, span=opts.span, two_d=opts.two_d, steps_2d=opts.steps_2d, eig_span=opts.eig_span,
                 seed=self.seed, vector=vector, eigenvalue=eigenvalue, eigen_kwargs=eigen_kwargs,
+                convexity=opts.convexity_options(),
             )  # fmt: skip
+            self._warn_unconverged(views)
             self._write(trainer.loggers, views, position(trainer, x))
         except Exception as err:  # noqa: BLE001 - a failing view must not stop training
             self.failures.handle("the loss-landscape views", err)

@@ -6,7 +6,9 @@ At the epochs chosen by ``landscape_every_n_epochs`` the callback computes, on r
   (:func:`~lightning_flatness.functional.loss_landscape`, Li et al. 2018) on the measurement
   subsample; the raw direction comes from a fixed seed, so it is the same at every epoch and in
   every run of the same architecture (its filter normalization follows the current weights);
-- optionally the **2-D slice** ``L(w + a·d₁ + b·d₂)`` (a contour plot);
+- optionally the **2-D slice** ``L(w + a·d₁ + b·d₂)`` (a contour plot), and beside it, also
+  optionally, the **convexity map** ``|λ_min/λ_max|`` of the Hessian on the same plane (a heat map
+  on a coarser grid; Li et al. 2018, two loose Lanczos runs per point);
 - the **eigenvector slice** ``L(w + a·v)``, ``v`` the unit top Hessian eigenvector (the one the
   callback just computed for ``flatness/hessian_top_eig``, so no extra Hessian-vector products;
   computed afresh only when that metric is not measured or failed), on the train and on the
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .._logging import LogPosition, epochs_completed_of, read_latest_epoch_json, write_epoch_json
-from ..functional import eigenvector_slice, hessian_eigenvalues, loss_landscape
+from ..functional import LandscapeResult, eigenvector_slice, hessian_eigenvalues, loss_landscape
 
 FORMAT = "lightning-flatness/landscape"
 VERSION = 2  # 2: "epoch" is Lightning's epoch index, "epochs_completed" the callback's x (1: epochs completed)
@@ -59,6 +61,10 @@ class LandscapeViews:
     seed: int = 0
     n_forward: int = 0
     seconds: float = 0.0
+    convexity_coordinates: list[float] | None = None
+    convexity_ratio: list[list[float]] | None = None  # |λ_min/λ_max| on the 2-D slice's plane (rows: direction 1)
+    convexity_converged: list[list[bool]] | None = None
+    n_hvp: int = 0  # Hessian-vector products the views made (the convexity map's; an eigenvector solve's)
 
 
 def _floats(t: Any) -> Any:
@@ -77,7 +83,9 @@ def views_to_json(views: LandscapeViews) -> dict:
     ``{"format": "lightning-flatness/landscape", "version": 2, "epochs_completed", "normalization", "seed",
     "n_forward", "seconds", "slice_1d": {"coordinates", "loss", "accuracy"|null},
     "slice_2d": {"coordinates", "loss" (rows = first direction)}|null,
-    "eigenvector": {"coordinates", "train_loss", "val_loss"|null, "eigenvalue"|null}|null}``.
+    "eigenvector": {"coordinates", "train_loss", "val_loss"|null, "eigenvalue"|null}|null,
+    "convexity": {"coordinates", "ratio" (|λ_min/λ_max|, rows = first direction), "converged"}|null, "n_hvp"}``
+    (``convexity`` and ``n_hvp`` are absent from files written before them).
     """
 
     def clean(v: Any) -> Any:
@@ -92,12 +100,16 @@ def views_to_json(views: LandscapeViews) -> dict:
     two_d = None
     if views.loss_2d is not None:
         two_d = {"coordinates": views.coordinates_2d, "loss": clean(views.loss_2d)}
+    convexity = None
+    if views.convexity_ratio is not None:
+        convexity = {"coordinates": views.convexity_coordinates, "ratio": clean(views.convexity_ratio),
+                     "converged": views.convexity_converged}  # fmt: skip
     return {
         "format": FORMAT, "version": VERSION, "epochs_completed": views.epoch, "normalization": views.normalization,
-        "seed": views.seed, "n_forward": views.n_forward, "seconds": views.seconds,
+        "seed": views.seed, "n_forward": views.n_forward, "n_hvp": views.n_hvp, "seconds": views.seconds,
         "slice_1d": {"coordinates": views.coordinates, "loss": clean(views.loss_1d),
                      "accuracy": clean(views.accuracy_1d)},
-        "slice_2d": two_d, "eigenvector": eig,
+        "slice_2d": two_d, "eigenvector": eig, "convexity": convexity,
     }  # fmt: skip
 
 
@@ -109,7 +121,7 @@ def views_from_json(obj: dict) -> LandscapeViews:
 
     if obj.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file")
-    one, two, eig = obj["slice_1d"], obj.get("slice_2d"), obj.get("eigenvector")
+    one, two, eig, convex = obj["slice_1d"], obj.get("slice_2d"), obj.get("eigenvector"), obj.get("convexity")
     return LandscapeViews(
         epoch=epochs_completed_of(obj), coordinates=nan(one["coordinates"]), loss_1d=nan(one["loss"]),
         accuracy_1d=None if one.get("accuracy") is None else nan(one["accuracy"]),
@@ -121,6 +133,9 @@ def views_from_json(obj: dict) -> LandscapeViews:
         eigenvalue=None if eig is None or eig.get("eigenvalue") is None else float(eig["eigenvalue"]),
         normalization=obj.get("normalization", "filter"), seed=int(obj.get("seed", 0)),
         n_forward=int(obj.get("n_forward", 0)), seconds=float(obj.get("seconds", 0.0)),
+        convexity_coordinates=None if convex is None else nan(convex["coordinates"]),
+        convexity_ratio=None if convex is None else nan(convex["ratio"]),
+        convexity_converged=None if convex is None else convex["converged"], n_hvp=int(obj.get("n_hvp", 0)),
     )  # fmt: skip
 
 
@@ -157,8 +172,13 @@ def compute_views(
     vector: Tensor | None = None,
     eigenvalue: float | None = None,
     eigen_kwargs: dict | None = None,
+    convexity: dict[str, Any] | None = None,
 ) -> LandscapeViews:
-    """1-D (and 2-D) filter-normalized slices on ``measure``; eigenvector slice on ``train`` and ``val``."""
+    """1-D (and 2-D) filter-normalized slices on ``measure``; eigenvector slice on ``train`` and ``val``.
+
+    ``convexity``: ``{"steps", "convexity_tol", "convexity_max_iter"}`` to map ``|λ_min/λ_max|`` on the 2-D
+    slice's plane (:func:`~lightning_flatness.functional.loss_landscape`'s ``convexity``), or ``None``.
+    """
     start = time.perf_counter()
     one = loss_landscape(model, measure, loss_fn, directions=1, span=span, steps=steps, seed=seed)
     views = LandscapeViews(epoch=epoch, coordinates=_floats(one.coordinates[0]), loss_1d=_floats(one.losses),
@@ -168,9 +188,14 @@ def compute_views(
         two = loss_landscape(model, measure, loss_fn, directions=2, span=span, steps=steps_2d, seed=seed)
         views.coordinates_2d, views.loss_2d = _floats(two.coordinates[0]), _floats(two.losses)
         views.n_forward += two.n_forward
+    if convexity is not None:
+        _add_convexity(views, loss_landscape(
+            model, measure, loss_fn, directions=2, span=span, seed=seed, convexity=True, **convexity
+        ))  # fmt: skip
     if vector is None:
         eig = hessian_eigenvalues(model, measure, loss_fn, k=1, generator=seed, **(eigen_kwargs or {}))
         vector, views.eigenvalue = eig.vectors[0], float(eig.values[0])
+        views.n_hvp += eig.n_hvp
     vector = _canonical_sign(vector.detach().reshape(-1))
     ev = eigenvector_slice(model, train if train is not None else measure, loss_fn, val_batches=val, vector=vector,
                            span=eig_span, steps=steps)  # fmt: skip
@@ -179,3 +204,12 @@ def compute_views(
     views.n_forward += ev.n_forward
     views.seconds = time.perf_counter() - start
     return views
+
+
+def _add_convexity(views: LandscapeViews, mapped: LandscapeResult) -> None:
+    """The convexity map's numbers and cost into ``views`` (its losses are the 2-D slice's, on its own grid)."""
+    views.convexity_coordinates = _floats(mapped.coordinates[0])
+    views.convexity_ratio = _floats(mapped.convexity.ratio)
+    views.convexity_converged = mapped.convexity.converged.tolist()
+    views.n_forward += mapped.n_forward
+    views.n_hvp += mapped.convexity.n_hvp

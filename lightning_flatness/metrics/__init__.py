@@ -2,7 +2,7 @@
 
 ``FlatnessCallback(metrics=[HessianEigenvalues(k=3), GradCosineRegret(), FisherTrace(kind="mc"),
 PACGen(gamma=0.1)])``; the names ``"hessian_top_eig"``, ``"grad_cosine_regret"``,
-``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"``, ``"hessian_density"``, ``"adaptive_sharpness"``, ``"fisher_rao_norm"``, ``"adversarial_robustness"`` and ``"flatness_ratio"`` stand for the default-configured
+``"fisher_trace"``, ``"pacgen"``, ``"local_entropy"``, ``"block_curvature"``, ``"hessian_density"``, ``"adaptive_sharpness"``, ``"fisher_rao_norm"``, ``"adversarial_robustness"``, ``"flatness_ratio"`` and ``"hessian_min_eig"`` stand for the default-configured
 objects. Subclass :class:`FlatnessMetric` for your own (see :mod:`.base`).
 """
 
@@ -17,6 +17,7 @@ from .flatness_ratio import FlatnessRatio
 from .gap import GapMeter
 from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
+from .hessian_min import HessianMinEigenvalue
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .sample_size import NoisyMeasurementWarning
@@ -51,4 +52,5 @@ __all__ = [
     "AdversarialRobustness",
     "FisherRaoNorm",
     "FlatnessRatio",
+    "HessianMinEigenvalue",
 ]

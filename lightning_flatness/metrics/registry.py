@@ -13,6 +13,7 @@ from .fisher_rao import FisherRaoNorm
 from .flatness_ratio import FlatnessRatio
 from .grad_noise_scale import GradientNoiseScale
 from .hessian import HessianEigenvalues
+from .hessian_min import HessianMinEigenvalue
 from .local_entropy import LocalEntropy
 from .pacgen import PACGen
 from .regret import GradCosineRegret
@@ -23,7 +24,7 @@ BUILTIN: dict[str, type[FlatnessMetric]] = {
     for cls in (
         HessianEigenvalues, GradCosineRegret, FisherTrace, PACGen, GradientNoiseScale, LocalEntropy,
         BlockCurvature, HessianDensity, AdaptiveSharpness, FisherRaoNorm, AdversarialRobustness,
-        FlatnessRatio,
+        FlatnessRatio, HessianMinEigenvalue,
     )  # fmt: skip
 }
 DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pacgen", "grad_noise_scale")
@@ -33,7 +34,8 @@ DEFAULT_METRICS = ("hessian_top_eig", "grad_cosine_regret", "fisher_trace", "pac
 # products), adaptive_sharpness (num_draws + 1 forward passes: ~8.5 gradients at 16 draws); fisher_rao_norm
 # (~1.5 gradients) answers a different question than the defaults; adversarial_robustness ((1 + steps) input
 # gradients of the held-out subsample) measures robustness, not flatness; flatness_ratio (a Lanczos run per
-# mini-batch: about as many products again as hessian_top_eig's).
+# mini-batch: about as many products again as hessian_top_eig's); hessian_min_eig (a Lanczos run on the
+# slow-converging bottom of the spectrum, 1 product more beside hessian_top_eig) answers Li et al.'s convexity question.
 
 MetricSpec = Union[str, FlatnessMetric]
 

@@ -423,14 +423,16 @@ def test_every_builtin_metric_at_once_leaves_training_bit_identical(tmp_path):
     # key is logged at the final weights, and the weights and BatchNorm statistics are untouched.
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning_flatness import AdaptiveSharpness, AdversarialRobustness, BlockCurvature, HessianDensity, LocalEntropy
+    from lightning_flatness import (
+        AdaptiveSharpness, AdversarialRobustness, BlockCurvature, HessianDensity, HessianMinEigenvalue, LocalEntropy,
+    )  # fmt: skip
     from lightning_flatness.metrics import BUILTIN, DEFAULT_METRICS
 
     _, plain, _ = fit(tmp_path / "a", None, max_epochs=2)
     opt_in = [
         LocalEntropy(num_steps=4), BlockCurvature(blocks="by_module", trace_probes=4, max_iter=5),
         HessianDensity(num_probes=2, lanczos_steps=4), AdaptiveSharpness(num_draws=4), "fisher_rao_norm",
-        AdversarialRobustness(steps=2), "flatness_ratio",
+        AdversarialRobustness(steps=2), "flatness_ratio", HessianMinEigenvalue(max_iter=10),
     ]  # fmt: skip
     cb = FlatnessCallback(metrics=[*DEFAULT_METRICS, *opt_in], on_error="raise", **SMALL)
     assert {m.name for m in cb.metrics} == set(BUILTIN)

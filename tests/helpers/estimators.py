@@ -15,7 +15,9 @@ from lightning_flatness.functional import (
     flatness_ratio,
     grad_cosine_regret,
     hessian_diagonal,
+    hessian_eigenvalue_ratio,
     hessian_eigenvalues,
+    hessian_min_eigenvalue,
     hessian_trace,
     pacgen,
 )
@@ -29,6 +31,8 @@ ESTIMATORS = {
     "pacgen": lambda m, b: torch.tensor(pacgen(m, b, num_probes=5, generator=1).value),
     "adaptive_sharpness": lambda m, b: torch.tensor(adaptive_sharpness(m, b, num_draws=4, generator=1).value),
     "fisher_rao": lambda m, b: torch.tensor(fisher_rao_norm(m, b).value),
+    "min_eigen": lambda m, b: hessian_min_eigenvalue(m, b, k=2, tol=1e-10).values,
+    "eig_ratio": lambda m, b: torch.tensor(hessian_eigenvalue_ratio(m, b, tol=1e-10).ratio),
 }
 # ... and every estimator, including those that depend on the mini-batches or draw labels.
 ALL_ESTIMATORS = dict(
@@ -39,4 +43,4 @@ ALL_ESTIMATORS = dict(
 )
 # The plain functions, for argument checks.
 FUNCTIONS = [hessian_eigenvalues, hessian_trace, hessian_diagonal, grad_cosine_regret, fisher_trace, pacgen]
-FUNCTIONS += [adaptive_sharpness, fisher_rao_norm]
+FUNCTIONS += [adaptive_sharpness, fisher_rao_norm, hessian_min_eigenvalue, hessian_eigenvalue_ratio]
