@@ -29,6 +29,16 @@ SECONDS = "flatness/seconds"
 ADAPTIVE_SHARPNESS = "flatness/adaptive_sharpness"
 FISHER_RAO_NORM = "flatness/fisher_rao_norm"
 
+# The ratio of flatnesses (FlatnessRatio, opt-in; F. Huszár, inference.vc blog): the mini-batch losses' mean top
+# Hessian eigenvalue Σ_b w_b λ_max(H_b), and its ratio to the mean loss's λ_max(H) (≥ 1).
+FLATNESS_RATIO = "flatness/flatness_ratio"
+BATCH_TOP_EIG_MEAN = "flatness/batch_top_eig_mean"
+
+# Both ends of the Hessian's spectrum (HessianMinEigenvalue, opt-in; Li et al. 2018): the most negative
+# eigenvalue and |λ_min/λ_max| = max(−λ_min, 0)/λ_max (0 where the Hessian is positive semi-definite).
+HESSIAN_MIN_EIG = "flatness/hessian_min_eig"
+HESSIAN_EIG_RATIO = "flatness/hessian_eig_ratio"
+
 
 def se(key: str) -> str:
     """The standard error logged next to ``key``: ``<key>_se`` (e.g. ``flatness/hessian_top_eig_se``)."""
@@ -125,7 +135,7 @@ RELATIVE_SE_TARGET = 0.05  # the sample-size guide: samples for a relative stand
 
 # The report's row order, and the panels of its overview figure.
 REPORT_ORDER = (
-    HESSIAN_TOP_EIG, GRAD_COSINE_REGRET, GRAD_COSINE, FISHER_TRACE, PACGEN, PACGEN_CURVED_FRACTION,
+    HESSIAN_TOP_EIG, HESSIAN_MIN_EIG, HESSIAN_EIG_RATIO, FLATNESS_RATIO, BATCH_TOP_EIG_MEAN, GRAD_COSINE_REGRET, GRAD_COSINE, FISHER_TRACE, PACGEN, PACGEN_CURVED_FRACTION,
     ADAPTIVE_SHARPNESS, FISHER_RAO_NORM, GRAD_NOISE_SCALE, TRAIN_LOSS, TEST_LOSS, LOSS_GAP,
     TRAIN_ACC, TEST_ACC, ACC_GAP, *robust_keys("fgsm"), *robust_keys("pgd"), SECONDS,
 )  # fmt: skip
@@ -136,12 +146,3 @@ HESSIAN_DENSITY_NEGATIVE_MASS = "flatness/hessian_density_negative_mass"  # mass
 HESSIAN_TRACE_SLQ = "flatness/hessian_trace_slq"  # tr ∇²L from the same probes
 HESSIAN_DENSITY_IMAGE = "hessian_density/density"  # the smoothed density, an image (log y)
 HESSIAN_DENSITY_HISTOGRAM = "hessian_density/eigenvalues"  # estimated eigenvalue counts, a histogram
-
-# The ratio of flatnesses (FlatnessRatio, opt-in; F. Huszár, inference.vc blog): the mini-batch losses' mean top
-# Hessian eigenvalue Σ_b w_b λ_max(H_b), and its ratio to the mean loss's λ_max(H) (≥ 1).
-FLATNESS_RATIO = "flatness/flatness_ratio"
-BATCH_TOP_EIG_MEAN = "flatness/batch_top_eig_mean"
-# Both ends of the Hessian's spectrum (HessianMinEigenvalue, opt-in; Li et al. 2018): the most negative
-# eigenvalue and |λ_min/λ_max| = max(−λ_min, 0)/λ_max (0 where the Hessian is positive semi-definite).
-HESSIAN_MIN_EIG = "flatness/hessian_min_eig"
-HESSIAN_EIG_RATIO = "flatness/hessian_eig_ratio"
