@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Any, Callable, Sequence, Union
 
@@ -477,12 +478,13 @@ class FlatnessCallback(Callback):
         rank, world = trainer.global_rank, trainer.world_size
         batches = sub.shard(self._data["measure"], rank, world)
         held_out = self._data.get("gap_val")
+        sizes = [] if held_out is None else [sub.batch_size_of(b) for b in held_out]
         return MeasurementContext(
             model=pl_module, batches=batches, loss_fn=self._loss, epoch=x, seed=self.config["seed"],
             num_samples=sum(sub.batch_size_of(b) for b in batches), world_size=world, rank=rank,
             train_size=self._train_size, batch_indices=sub.shard(range(len(self._data["measure"])), rank, world),
             held_out=None if held_out is None else sub.shard(held_out, rank, world),
-            held_out_indices=None if held_out is None else sub.shard(range(len(held_out)), rank, world),
+            held_out_offsets=None if held_out is None else sub.shard([0, *itertools.accumulate(sizes)][:-1], rank, world),
         )  # fmt: skip
 
     def _measure_metrics(
