@@ -239,7 +239,8 @@ class FlatnessMetric:
 
     def remeasure_at_final(self) -> bool:
         """Whether the final weights need a measurement of their own even when the epoch's measurement
-        of the same weights ran this metric (it measures more at ``ctx.final``). ``False`` by default."""
+        of the same weights ran this metric (it measures more at ``ctx.final``); only the keys that
+        measurement did not log are added to its row. ``False`` by default."""
         return False
 
     def state_dict(self) -> dict[str, Any]:
