@@ -7,7 +7,9 @@ from typing import Any, Mapping, Sequence
 
 from .. import keys
 from .._failures import ConfigurationError
-from ..functional.adversarial import AdversarialResult, attack_options, perturbable_inputs, attack_statistics
+from ..functional.adversarial import (
+    AdversarialResult, BlockDraws, attack_options, attack_statistics, perturbable_inputs,
+)  # fmt: skip
 from ..functional.objective import process_sum
 from .base import FlatnessMetric, MeasurementContext
 
@@ -24,7 +26,7 @@ class AdversarialRobustness(FlatnessMetric):
     :func:`~lightning_flatness.functional.adversarial_accuracy` (FGSM; PGD from a random start,
     never weaker than FGSM); the inputs are perturbed, never the model. Under DDP each process
     attacks its shard of the subsample and the sums are combined, with each sample's random start
-    drawn from a generator named by its place in the subsample, so the values equal one process's.
+    drawn by its place in the subsample (not its mini-batch's), so the values equal one process's.
 
     Needs validation data (``gap_num_samples > 0``) with floating-point inputs in batches
     ``(inputs, targets, ...)``, and a loss that gives each sample's correctness: otherwise the fit
@@ -81,11 +83,10 @@ class AdversarialRobustness(FlatnessMetric):
         batches = self._held_out(ctx)
         sizes = [perturbable_inputs(batch).shape[0] for batch in batches]
         offsets = ctx.held_out_offsets if ctx.held_out_offsets is not None else [0, *itertools.accumulate(sizes)][:-1]
-        # one generator per sample, named by its place in the whole subsample: equal however it is batched and
-        # sharded (the gap's held-out mini-batches are sized by the number of processes)
-        generators = ([ctx.generator(f"{self.name}/{start + i}") for i in range(n)] for start, n in zip(offsets, sizes))
-        if "pgd" not in self.attacks or not self.random_start:  # nothing drawn: spare the generators (~20 µs each)
-            generators = ([] for _ in sizes)
+        # each sample's start drawn by its place in the whole subsample: equal however it is batched and sharded
+        # (the gap's held-out mini-batches are sized by the number of processes)
+        block = lambda b: ctx.generator(f"{self.name}/{b}")  # noqa: E731
+        generators = [BlockDraws(block, start) for start in offsets]
         results = attack_statistics(ctx.model, batches, ctx.loss_fn, self._opts, generators, process_sum())
         return {key: v for a, r in results.items() for key, v in _logged(a, r).items()}
 

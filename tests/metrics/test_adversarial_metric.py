@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import os
 
 import pytest
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_flatness import AdversarialRobustness, ConfigurationError, FlatnessCallback
 from lightning_flatness.functional import adversarial_accuracy
-from lightning_flatness.functional.adversarial import attack_options, attack_statistics
+from lightning_flatness.functional.adversarial import BlockDraws, attack_options, attack_statistics
 from lightning_flatness.functional.objective import CrossProcess, cross_process_reduction
 from lightning_flatness.metrics import MeasurementContext, measurement_seed
 from tests.helpers.lightning_models import Classifier, DataModule, trainer
@@ -32,13 +33,11 @@ def fit(tmp_path, cb, dm=None, epochs=1, model=None, **kwargs):
     return model
 
 
-def per_sample_generators(epoch: int, batches) -> list[list[torch.Generator]]:
-    """The metric's generators: per mini-batch, one per sample, named by its place in the whole subsample."""
-    out, start = [], 0
-    for _, y in batches:
-        out.append([torch.Generator().manual_seed(measurement_seed(0, epoch, f"{NAME}/{start + i}")) for i in range(len(y))])
-        start += len(y)
-    return out
+def per_sample_generators(epoch: int, batches) -> list[BlockDraws]:
+    """The metric's draws: each sample's random start by its place in the whole subsample."""
+    block = lambda b: torch.Generator().manual_seed(measurement_seed(0, epoch, f"{NAME}/{b}"))  # noqa: E731
+    starts = [0, *itertools.accumulate(len(y) for _, y in batches)][:-1]
+    return [BlockDraws(block, start) for start in starts]
 
 
 def test_logs_the_functional_values_on_the_held_out_subsample(tmp_path):
