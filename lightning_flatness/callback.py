@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Any, Callable, Sequence, Union
 
@@ -442,8 +443,9 @@ class FlatnessCallback(Callback):
 
     def _complete_final(self, trainer: Trainer, pl_module: LightningModule, x: int) -> None:
         """The final weights were measured at an epoch end, where metrics on their own schedule may
-        not have been due (or measure more at the final weights, ``remeasure_at_final``): measure those now, into the same row (and at the same step), whose
-        ``flatness/seconds`` then includes their time."""
+        not have been due (or measure more at the final weights, ``remeasure_at_final``): measure those now, into
+        the same row (and at the same step), whose ``flatness/seconds`` then includes their time. Keys the row
+        already holds keep their value."""
         skipped = [m for m in self._order if not m.due(x, final=False) or m.remeasure_at_final()]
         if not skipped or self._data is None:
             return
@@ -452,6 +454,10 @@ class FlatnessCallback(Callback):
         ctx.shared = self._shared  # what that measurement's metrics left, e.g. PACGen's bound
         values = self._measure(trainer, pl_module, ctx, skipped, final=True, gap=False)
         row = self.history[-1][1]
+        # A metric measured again (remeasure_at_final) adds its keys only: those the row holds keep their logged
+        # value, written once at this step, which the metrics that read its results (PACGen's bound, the
+        # ratio of flatnesses' eigenpair) used.
+        values = {key: value for key, value in values.items() if key not in row}
         # the row's seconds cover every metric of these weights: logged again, at the same step, with the total
         values[keys.SECONDS] = row.get(keys.SECONDS, 0.0) + self._seconds_since(start)
         row.update(values)
@@ -477,12 +483,13 @@ class FlatnessCallback(Callback):
         rank, world = trainer.global_rank, trainer.world_size
         batches = sub.shard(self._data["measure"], rank, world)
         held_out = self._data.get("gap_val")
+        sizes = [] if held_out is None else [sub.batch_size_of(b) for b in held_out]
         return MeasurementContext(
             model=pl_module, batches=batches, loss_fn=self._loss, epoch=x, seed=self.config["seed"],
             num_samples=sum(sub.batch_size_of(b) for b in batches), world_size=world, rank=rank,
             train_size=self._train_size, batch_indices=sub.shard(range(len(self._data["measure"])), rank, world),
             held_out=None if held_out is None else sub.shard(held_out, rank, world),
-            held_out_indices=None if held_out is None else sub.shard(range(len(held_out)), rank, world),
+            held_out_offsets=None if held_out is None else sub.shard([0, *itertools.accumulate(sizes)][:-1], rank, world),
         )  # fmt: skip
 
     def _measure_metrics(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -82,8 +82,28 @@ def _project(delta: Tensor, norm: str, epsilon: float) -> Tensor:
     return (flat * scale).reshape(delta.shape)
 
 
-def _random_start(x: Tensor, norm: str, epsilon: float, gen: torch.Generator) -> Tensor:
-    """A uniform point of the L∞ box, or of the L2 ball (direction uniform, radius ε·U^(1/d))."""
+@dataclass(frozen=True)
+class BlockDraws:
+    """Random starts that do not depend on how a subsample is batched: the sample at position ``j`` of
+    the subsample starts from row ``j % block`` of a draw of ``block`` rows from ``generator(j // block)``.
+
+    ``offset``: the position of the batch's first sample; ``generator(b)``: block ``b``'s generator,
+    the same for every batch that holds part of it.
+    """
+
+    generator: Callable[[int], torch.Generator]
+    offset: int
+    block: int = 64
+
+
+def _random_start(x: Tensor, norm: str, epsilon: float, gen: torch.Generator | BlockDraws) -> Tensor:
+    """A uniform point of the L∞ box, or of the L2 ball (direction uniform, radius ε·U^(1/d)), per sample."""
+    if isinstance(gen, BlockDraws):
+        first, last = gen.offset // gen.block, (gen.offset + x.shape[0] - 1) // gen.block
+        like = x.new_empty((gen.block, *x.shape[1:]))
+        rows = torch.cat([_random_start(like, norm, epsilon, gen.generator(b)) for b in range(first, last + 1)])
+        start = gen.offset - first * gen.block
+        return rows[start : start + x.shape[0]]
     shape = x.shape
     if norm == "linf":
         u = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
@@ -107,7 +127,7 @@ def _evaluate(loss_fn: Any, model: nn.Module, batch: Any, x: Tensor, grad: bool 
 
 
 def _attack_batch(
-    loss_fn: Any, model: nn.Module, batch: Any, opts: dict[str, Any], gen: torch.Generator
+    loss_fn: Any, model: nn.Module, batch: Any, opts: dict[str, Any], gen: torch.Generator | BlockDraws
 ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:  # fmt: skip
     """Per-sample clean correctness, and ``{attack: (attacked correct, attacked loss)}`` for one batch.
 
@@ -148,10 +168,11 @@ def attack_options(
 
 def attack_statistics(
     model: nn.Module, batches: Iterable[Any], loss_fn: LossArg, opts: dict[str, Any],
-    generators: Iterable[torch.Generator], reduce: Reduce | None = None,
+    generators: Iterable[torch.Generator | BlockDraws], reduce: Reduce | None = None,
 ) -> dict[str, AdversarialResult]:  # fmt: skip
     """``{attack: AdversarialResult}`` over ``batches`` (the model measured in place, inside
-    :func:`measurement_mode`); ``generators``: one per batch, for PGD's random start; ``reduce`` sums
+    :func:`measurement_mode`); ``generators``: for PGD's random start, one per batch, or
+    :class:`BlockDraws` (draws that do not depend on how the samples are batched); ``reduce`` sums
     the per-sample statistics over processes (each holding a shard of the batches)."""
     fn, _ = resolve_loss_fn(loss_fn)
     attacks = opts["attacks"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Mapping, Sequence
 
 from .. import keys
 from .._failures import ConfigurationError
-from ..functional.adversarial import AdversarialResult, attack_options, perturbable_inputs, attack_statistics
+from ..functional.adversarial import (
+    AdversarialResult, BlockDraws, attack_options, attack_statistics, perturbable_inputs,
+)  # fmt: skip
 from ..functional.objective import process_sum
 from .base import FlatnessMetric, MeasurementContext
 
@@ -22,8 +25,8 @@ class AdversarialRobustness(FlatnessMetric):
     paired per sample), each with ``<key>_se`` over the samples. The attacks are those of
     :func:`~lightning_flatness.functional.adversarial_accuracy` (FGSM; PGD from a random start,
     never weaker than FGSM); the inputs are perturbed, never the model. Under DDP each process
-    attacks its shard of the subsample and the sums are combined, with the random starts drawn per
-    mini-batch, so the values equal one process's.
+    attacks its shard of the subsample and the sums are combined, with each sample's random start
+    drawn by its place in the subsample (not its mini-batch's), so the values equal one process's.
 
     Needs validation data (``gap_num_samples > 0``) with floating-point inputs in batches
     ``(inputs, targets, ...)``, and a loss that gives each sample's correctness: otherwise the fit
@@ -78,9 +81,12 @@ class AdversarialRobustness(FlatnessMetric):
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         batches = self._held_out(ctx)
-        indices = ctx.held_out_indices if ctx.held_out_indices is not None else range(len(batches))
-        # one generator per mini-batch, named by its place in the whole subsample: equal under any sharding
-        generators = (ctx.generator(f"{self.name}/{i}") for i in indices)
+        sizes = [perturbable_inputs(batch).shape[0] for batch in batches]
+        offsets = ctx.held_out_offsets if ctx.held_out_offsets is not None else [0, *itertools.accumulate(sizes)][:-1]
+        # each sample's start drawn by its place in the whole subsample: equal however it is batched and sharded
+        # (the gap's held-out mini-batches are sized by the number of processes)
+        block = lambda b: ctx.generator(f"{self.name}/{b}")  # noqa: E731
+        generators = [BlockDraws(block, start) for start in offsets]
         results = attack_statistics(ctx.model, batches, ctx.loss_fn, self._opts, generators, process_sum())
         return {key: v for a, r in results.items() for key, v in _logged(a, r).items()}
 

@@ -129,8 +129,10 @@ class MeasurementContext:
         held_out: this process's shard of the gap's held-out (validation) subsample, whole
             mini-batches on the model's device (``None`` without validation data or with
             ``gap_num_samples=0``), for metrics measured on unseen samples.
-        held_out_indices: the position of each of ``held_out`` among the whole held-out subsample's
-            mini-batches (``None``: ``0, 1, 2, ...``).
+        held_out_offsets: the position, in the whole held-out subsample, of the first sample of each
+            of ``held_out`` (``None``: ``0``, then the running sum of their sizes), for draws per
+            sample that depend neither on the sharding nor on the mini-batches' size, which for the
+            gap depends on the number of processes.
         final: whether these are the final weights (measured once after training).
     """
 
@@ -147,7 +149,7 @@ class MeasurementContext:
     dtype: torch.dtype | None = None
     shared: SharedResults = field(default_factory=SharedResults)
     held_out: Sequence[Any] | None = None
-    held_out_indices: Sequence[int] | None = None
+    held_out_offsets: Sequence[int] | None = None
     final: bool = False
 
     def seed_for(self, name: str) -> int:
@@ -237,7 +239,8 @@ class FlatnessMetric:
 
     def remeasure_at_final(self) -> bool:
         """Whether the final weights need a measurement of their own even when the epoch's measurement
-        of the same weights ran this metric (it measures more at ``ctx.final``). ``False`` by default."""
+        of the same weights ran this metric (it measures more at ``ctx.final``); only the keys that
+        measurement did not log are added to its row. ``False`` by default."""
         return False
 
     def state_dict(self) -> dict[str, Any]:

@@ -103,6 +103,9 @@ class SweepConfig:
         check_float("epsilon", self.epsilon)
         check_int("attack_steps", self.attack_steps)
         check_int("spectrum_k", self.spectrum_k, minimum=0)
+        if self.spectrum_k > 0 and "hessian_top_eig" not in self.metrics:
+            raise ValueError(f"spectrum_k={self.spectrum_k} (--spectrum-k) is measured by hessian_top_eig, which metrics "
+                             f"{tuple(self.metrics)} lacks: add it to --metrics, or leave --spectrum-k at 0.")  # fmt: skip
         check_int("seeds", self.seeds)
         check_int("seed", self.seed, minimum=0)
         if self.optimizer == "entropy-sgd" and self.pacgen_noise > 0:

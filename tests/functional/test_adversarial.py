@@ -110,3 +110,19 @@ def test_training_examples_are_the_attacks_points_inside_the_ball_and_leave_grad
         for x, (x0, _) in zip(xs, batches):
             size = (x - x0).abs().amax(1) if norm == "linf" else (x - x0).norm(dim=1)
             assert size.max() <= eps * (1 + 1e-12) and not x.requires_grad
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_block_draws_do_not_depend_on_the_batching(norm):
+    """The random starts of BlockDraws are a function of each sample's place in the subsample: one batch of 10
+    or batches of 3, 5 and 2 (crossing the blocks of 4) start every sample from the same point."""
+    from lightning_flatness.functional.adversarial import BlockDraws, _random_start
+
+    x = torch.zeros(10, 2, 3)
+    block = lambda b: torch.Generator().manual_seed(100 + b)  # noqa: E731
+    whole = _random_start(x, norm, 0.5, BlockDraws(block, 0, block=4))
+    parts = [_random_start(x[s:e], norm, 0.5, BlockDraws(block, s, block=4)) for s, e in ((0, 3), (3, 8), (8, 10))]
+    assert torch.equal(torch.cat(parts), whole)
+    assert len({tuple(row.flatten().tolist()) for row in whole}) == 10  # ten different starts
+    bound = whole.abs().amax(dim=(1, 2)) if norm == "linf" else whole.flatten(1).norm(dim=1)
+    assert bool((bound <= 0.5 + 1e-6).all())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import os
 
 import pytest
@@ -16,8 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_flatness import AdversarialRobustness, ConfigurationError, FlatnessCallback
 from lightning_flatness.functional import adversarial_accuracy
-from lightning_flatness.functional.adversarial import attack_options, attack_statistics
-from lightning_flatness.metrics import measurement_seed
+from lightning_flatness.functional.adversarial import BlockDraws, attack_options, attack_statistics
+from lightning_flatness.functional.objective import CrossProcess, cross_process_reduction
+from lightning_flatness.metrics import MeasurementContext, measurement_seed
 from tests.helpers.lightning_models import Classifier, DataModule, trainer
 
 SMALL = dict(num_samples=64, batch_size=16, gap_num_samples=96)
@@ -31,8 +33,11 @@ def fit(tmp_path, cb, dm=None, epochs=1, model=None, **kwargs):
     return model
 
 
-def per_batch_generators(epoch: int, count: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(measurement_seed(0, epoch, f"{NAME}/{i}")) for i in range(count)]
+def per_sample_generators(epoch: int, batches) -> list[BlockDraws]:
+    """The metric's draws: each sample's random start by its place in the whole subsample."""
+    block = lambda b: torch.Generator().manual_seed(measurement_seed(0, epoch, f"{NAME}/{b}"))  # noqa: E731
+    starts = [0, *itertools.accumulate(len(y) for _, y in batches)][:-1]
+    return [BlockDraws(block, start) for start in starts]
 
 
 def test_logs_the_functional_values_on_the_held_out_subsample(tmp_path):
@@ -46,7 +51,7 @@ def test_logs_the_functional_values_on_the_held_out_subsample(tmp_path):
     assert final["robust/fgsm_loss"] == pytest.approx(fgsm.loss, rel=1e-6)
     assert final["robust/fgsm_acc_se"] == pytest.approx(fgsm.accuracy_se, rel=1e-6)
     opts = attack_options(("pgd",), "linf", 0.5, 4, None, True)
-    pgd = attack_statistics(model, held_out, "cross_entropy", opts, per_batch_generators(1, len(held_out)))["pgd"]
+    pgd = attack_statistics(model, held_out, "cross_entropy", opts, per_sample_generators(1, held_out))["pgd"]
     assert final["robust/pgd_acc"] == pytest.approx(pgd.accuracy, abs=1e-7)
     assert final["robust/pgd_loss"] == pytest.approx(pgd.loss, rel=1e-6)
     # the drop is from the gap's own clean accuracy, on the same samples; the attack lowers it
@@ -54,6 +59,29 @@ def test_logs_the_functional_values_on_the_held_out_subsample(tmp_path):
         assert final[f"robust/{attack}_drop"] == pytest.approx(final["gap/test_acc"] - final[f"robust/{attack}_acc"], abs=1e-6)
     assert final["robust/pgd_acc"] <= final["robust/fgsm_acc"] < final["gap/test_acc"]
     assert final["robust/pgd_loss"] >= final["robust/fgsm_loss"] > final["gap/test_loss"]
+
+
+def test_values_do_not_depend_on_how_the_held_out_subsample_is_batched():
+    """Regression: PGD's random starts were drawn per mini-batch, and the gap's held-out mini-batches are sized
+    by the number of processes (100 validation samples: one mini-batch on one process, two of 50 on two), so
+    two processes logged another robust/pgd_loss than one (0.95125 against 0.95093 on the DDP test's setup)."""
+    torch.manual_seed(0)
+    model = Classifier(dropout=0.0)
+    x, y = torch.randn(100, 8), torch.randint(0, 3, (100,))
+    metric = AdversarialRobustness(epsilon=0.5, steps=3)
+
+    def compute(held_out, offsets, total=None):
+        ctx = MeasurementContext(model, [], "cross_entropy", 1, 0, 0, held_out=held_out, held_out_offsets=offsets)
+        with cross_process_reduction(CrossProcess(sum=lambda t: t if total is None else total(t))):
+            return metric.compute(ctx)
+
+    one = compute([(x, y)], None)
+    assert compute([(x[:30], y[:30]), (x[30:], y[30:])], None) == pytest.approx(one, rel=1e-12)
+    # two processes: the second attacks samples 50-99, the first 0-49, and their sums are added
+    other = []
+    compute([(x[50:], y[50:])], [50], lambda t: other.append(t.clone()) or t)
+    two = compute([(x[:50], y[:50])], [0], lambda t: t + other[0])
+    assert two == pytest.approx(one, rel=1e-12)
 
 
 def test_training_is_bit_identical_with_it_on(tmp_path):
@@ -117,12 +145,12 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     (written,) = glob.glob(os.path.join(str(tmp_path), "csv", "*", "metrics.csv"))
     with open(written) as f:
         (row,) = [r for r in csv.DictReader(f) if r.get("robust/pgd_acc")]
-    # the gap's held-out subsample as drawn there: 100 validation samples in 2 mini-batches of 50, one per rank
+    # the gap's held-out subsample as one process draws it: 100 validation samples in one mini-batch (two
+    # processes draw 2 mini-batches of 50, one per rank)
     idx = torch.randperm(len(dm.val_set), generator=torch.Generator().manual_seed(2))[:100]
-    xs, ys = dm.val_set.tensors[0][idx], dm.val_set.tensors[1][idx]
-    held_out = [(xs[:50], ys[:50]), (xs[50:], ys[50:])]
+    held_out = [(dm.val_set.tensors[0][idx], dm.val_set.tensors[1][idx])]
     opts = attack_options(("fgsm", "pgd"), "linf", 0.5, 3, None, True)
-    want = attack_statistics(model, held_out, "cross_entropy", opts, per_batch_generators(1, 2))
+    want = attack_statistics(model, held_out, "cross_entropy", opts, per_sample_generators(1, held_out))
     for attack, r in want.items():
         for field, key in (("accuracy", "acc"), ("loss", "loss"), ("drop", "drop")):
             for suffix, value in (("", getattr(r, field)), ("_se", getattr(r, f"{field}_se"))):

@@ -103,6 +103,40 @@ def test_final_k_measures_the_top_of_the_spectrum_at_the_final_weights_only(tmp_
     assert all(final[keys.se(keys.hessian_eig(j))] > 0 for j in range(1, 7))
 
 
+def test_final_k_logs_each_key_once_at_the_final_step(tmp_path):
+    """Regression: with the final weights measured at an epoch end, the final_k run logged
+    flatness/hessian_top_eig (and its se) a second time at the same step, with another value (2.15270 then
+    2.15288 on a 6-unit MLP), while flatness_ratio and PACGen's bound in that row had used the first."""
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.loggers import Logger
+
+    from lightning_flatness import FlatnessCallback
+    from lightning_flatness.metrics import FlatnessRatio
+    from tests.helpers.lightning_models import Classifier, DataModule, trainer
+
+    class Recorder(Logger):
+        name, version, experiment = "recorder", 0, None
+        writes: list = []
+
+        def log_metrics(self, metrics, step=None):
+            self.writes.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    seed_everything(0)
+    model, logger = Classifier(hidden=6, batchnorm=False, dropout=0.0), Recorder()
+    cb = FlatnessCallback(metrics=[HessianEigenvalues(final_k=4), FlatnessRatio()], num_samples=64, batch_size=16,
+                          gap_num_samples=0, every_n_epochs=1, on_error="raise")  # fmt: skip
+    trainer(tmp_path, [cb], logger=logger, max_epochs=1).fit(model, DataModule())
+    steps = [step for step, metrics in logger.writes if keys.HESSIAN_TOP_EIG in metrics]
+    assert len(steps) == len(set(steps)) == 1
+    (final,) = [metrics for _, metrics in logger.writes if keys.hessian_eig(4) in metrics]
+    assert keys.HESSIAN_TOP_EIG not in final and keys.FLATNESS_RATIO not in final
+    row = cb.history[-1][1]
+    assert row[keys.hessian_eig(1)] == pytest.approx(row[keys.HESSIAN_TOP_EIG], rel=1e-3)  # two runs, one value
+
+
 def test_final_k_below_k_or_above_max_iter_is_refused():
     with pytest.raises(ValueError, match="final_k"):
         HessianEigenvalues(k=3, final_k=2)

@@ -59,6 +59,16 @@ def test_sweep_with_adversarial_training_and_the_spectrum_then_report(tmp_path):
     assert "| bs16_lr0.1 | " in text.split("normal vs adversarial training")[1]
 
 
+def test_a_spectrum_without_the_eigenvalue_metric_is_refused():
+    """Regression: --spectrum-k 20 with --metrics lacking hessian_top_eig trained every run and logged no spectrum,
+    without a word (metric_objects only sets final_k on a HessianEigenvalues it finds)."""
+    from lightning_flatness.study.sweep import SweepConfig
+
+    with pytest.raises(ValueError, match=r"spectrum_k=20 \(--spectrum-k\).*hessian_top_eig"):
+        SweepConfig(metrics=("fisher_trace",), spectrum_k=20)
+    assert SweepConfig(metrics=("fisher_trace",)).metric_objects() == ["fisher_trace"]
+
+
 def test_configuration_names_tell_the_training():
     assert training_of("bs64_lr0.1_adv-fgsm0.1") == ("bs64_lr0.1", "adv-fgsm0.1")
     assert training_of("bs64_lr0.1_esgd_adv-pgd1e-05") == ("bs64_lr0.1_esgd", "adv-pgd1e-05")
