@@ -11,9 +11,9 @@ from torch import Tensor, nn
 from .. import keys
 from ..functional import block_curvature, resolve_blocks
 from ..functional.block_curvature import BlockSpec
-from ..validation import BY_MODULE, check_blocks, check_bool, check_cache_chunks, check_float, check_int
+from ..validation import BY_MODULE, check_blocks, check_bool, check_int
 from .base import FlatnessMetric, MeasurementContext
-from .hessian import stopping_rule
+from .hessian import lanczos_settings, stopping_rule
 
 
 class BlockCurvature(FlatnessMetric):
@@ -60,10 +60,7 @@ class BlockCurvature(FlatnessMetric):
         spec = check_blocks(blocks)
         self.blocks = blocks
         self.trace_probes = check_int("trace_probes", trace_probes)
-        self.tol = None if tol is None else check_float("tol (a relative tolerance, or None)", tol, inclusive=False)
-        self.error_ratio = check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
-        self.max_iter = check_int("max_iter", max_iter)
-        self.cache_chunks = check_cache_chunks(cache_chunks)
+        self.tol, self.error_ratio, self.max_iter, self.cache_chunks = lanczos_settings(tol, error_ratio, max_iter, cache_chunks)
         self.warm_start = check_bool("warm_start", warm_start)
         self.keys = () if spec == BY_MODULE else block_keys(spec)
         self.vectors: dict[str, Tensor] = {}  # each block's last top eigenvector

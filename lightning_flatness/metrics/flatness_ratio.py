@@ -9,9 +9,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .. import keys
 from ..functional import flatness_ratio
 from ..functional.flatness_ratio import FlatnessRatioResult
-from ..validation import check_bool, check_cache_chunks, check_float, check_int
+from ..validation import check_bool
 from .base import FlatnessMetric, MeasurementContext
-from .hessian import stopping_rule
+from .hessian import lanczos_settings, stopping_rule
 
 
 class FlatnessRatio(FlatnessMetric):
@@ -54,10 +54,7 @@ class FlatnessRatio(FlatnessMetric):
         cache_chunks: int | str = "auto", verify: bool = True, every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
-        self.tol = None if tol is None else check_float("tol (a relative tolerance, or None)", tol, inclusive=False)
-        self.error_ratio = check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
-        self.max_iter = check_int("max_iter", max_iter)
-        self.cache_chunks = check_cache_chunks(cache_chunks)
+        self.tol, self.error_ratio, self.max_iter, self.cache_chunks = lanczos_settings(tol, error_ratio, max_iter, cache_chunks)
         self.verify = check_bool("verify", verify)
         values = (keys.FLATNESS_RATIO, keys.BATCH_TOP_EIG_MEAN)
         self.keys = values + tuple(keys.se(k) for k in values)

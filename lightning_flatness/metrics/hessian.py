@@ -20,6 +20,19 @@ SCREEN_MARGIN = 2.0
 FALLBACK_TOL = 1e-4
 
 
+def lanczos_settings(
+    tol: float | None, error_ratio: float, max_iter: int, cache_chunks: int | str
+) -> tuple[float | None, float, int, int | str]:  # fmt: skip
+    """``(tol, error_ratio, max_iter, cache_chunks)`` of a Lanczos-based metric, validated: one rule for every
+    metric that takes them (each error names the argument and what it accepts)."""
+    return (
+        None if tol is None else check_float("tol (a relative tolerance, or None)", tol, inclusive=False),
+        check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0),
+        check_int("max_iter", max_iter),
+        check_cache_chunks(cache_chunks),
+    )
+
+
 def stopping_rule(tol: float | None, error_ratio: float) -> dict[str, float | None]:
     """Lanczos' ``tol`` and ``error_ratio`` for a metric's options: ``tol=None`` stops at ``error_ratio`` of the
     standard error (``FALLBACK_TOL`` where there is none); a float keeps the change-and-residual rule alone."""
@@ -80,13 +93,10 @@ class HessianEigenvalues(FlatnessMetric):
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
         self.k = check_int("k", k)
-        self.tol = None if tol is None else check_float("tol (a relative tolerance, or None)", tol, inclusive=False)
-        self.error_ratio = check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
-        self.max_iter = check_int("max_iter", max_iter)
+        self.tol, self.error_ratio, self.max_iter, self.cache_chunks = lanczos_settings(tol, error_ratio, max_iter, cache_chunks)
         self.final_k = None if final_k is None else check_int("final_k", final_k, minimum=self.k)
         if self.max_iter < max(self.k, self.final_k or 0):
             raise ValueError(f"max_iter={max_iter} must be >= k={k} and >= final_k={final_k}.")
-        self.cache_chunks = check_cache_chunks(cache_chunks)
         self.warm_start = check_bool("warm_start", warm_start)
         self.verify = check_bool("verify", verify)
         most = max(self.k, self.final_k or 0)

@@ -9,9 +9,9 @@ from torch import Tensor
 
 from .. import keys
 from ..functional import EigenRatioResult, hessian_eigenvalue_ratio
-from ..validation import check_bool, check_cache_chunks, check_float, check_int
+from ..validation import check_bool
 from .base import FlatnessMetric, MeasurementContext
-from .hessian import stopping_rule
+from .hessian import lanczos_settings, stopping_rule
 
 
 class HessianMinEigenvalue(FlatnessMetric):
@@ -65,10 +65,7 @@ class HessianMinEigenvalue(FlatnessMetric):
         warm_start: bool = True, verify: bool = True, every_n_epochs: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(every_n_epochs)
-        self.tol = None if tol is None else check_float("tol (a relative tolerance, or None)", tol, inclusive=False)
-        self.error_ratio = check_float("error_ratio", error_ratio, inclusive=False, maximum=1.0)
-        self.max_iter = check_int("max_iter", max_iter)
-        self.cache_chunks = check_cache_chunks(cache_chunks)
+        self.tol, self.error_ratio, self.max_iter, self.cache_chunks = lanczos_settings(tol, error_ratio, max_iter, cache_chunks)
         self.warm_start = check_bool("warm_start", warm_start)
         self.verify = check_bool("verify", verify)
         values = (keys.HESSIAN_MIN_EIG, keys.HESSIAN_EIG_RATIO)
