@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
@@ -34,6 +33,7 @@ from tests.helpers.lightning_models import (
     Classifier,
     DataModule,
     Stream,
+    full_and_resumed,
     make_data,
     trainer,
 )
@@ -281,17 +281,7 @@ def test_bf16_mixed_precision_measures_in_float32(tmp_path):
 
 
 def test_resume_from_checkpoint_logs_the_same_values(tmp_path):
-    def run(root, epochs, ckpt=None):
-        cb = FlatnessCallback(metrics=["hessian_top_eig", "pacgen"], **SMALL)
-        seed_everything(0)
-        ck = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-        t = trainer(root, [cb, ck], max_epochs=epochs, enable_checkpointing=True)
-        t.fit(Classifier(dropout=0.0), DataModule(shuffle=False), ckpt_path=ckpt)
-        return cb
-
-    full = run(tmp_path / "full", 3)
-    run(tmp_path / "part", 1)
-    resumed = run(tmp_path / "resumed", 3, ckpt=str(tmp_path / "part" / "epoch=0.ckpt"))
+    full, resumed = full_and_resumed(tmp_path, lambda: FlatnessCallback(metrics=["hessian_top_eig", "pacgen"], **SMALL))
     assert [x for x, _ in resumed.history] == [2, 3]
     for (xa, a), (xb, b) in zip(full.history[1:], resumed.history):
         assert xa == xb

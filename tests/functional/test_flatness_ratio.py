@@ -7,15 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_flatness.functional import (
-    CrossProcess,
-    cross_process_reduction,
     flatness_ratio,
     hessian_eigenvalues,
 )
 from tests.functional.test_standard_errors import draws
+from tests.helpers.distributed import in_two_processes
 from tests.helpers.models import mlp_batches, relu_mlp, rescaled_twin, tiny_mlp
 from tests.helpers.oracles import dense_hessian
 
@@ -151,44 +149,20 @@ def test_layer_rescaling_moves_the_ratio_far_less_than_the_eigenvalues_but_it_is
     assert high < one - 0.1 and low > one + 0.1  # ... but it moves: the same data, so every difference is real
 
 
-def _shard(rank: int, world: int, port: int, queue) -> None:
-    """One process of a 2-process gloo group: the ratio on its shard, reduced across processes."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        model, batches = tiny_mlp(), mlp_batches((5, 7, 8, 6))
-        indices = [0] if rank == 0 else [1, 2, 3]  # uneven shards of whole mini-batches
-
-        def total(t):
-            t = t.clone()
-            dist.all_reduce(t)
-            return t
-
-        with cross_process_reduction(CrossProcess(sum=total)):
-            r = flatness_ratio(model, [batches[i] for i in indices], generator=3, batch_indices=indices)
-        queue.put((rank, r.value, r.se, r.batch_top_eig_mean, r.batch_top_eig_mean_se, r.top_eig, r.top_eig_se,
-                   r.n_batch_hvp, r.num_batches, r.hvp_equivalent))  # fmt: skip
-    finally:
-        dist.destroy_process_group()
+def _shard(rank: int) -> tuple:
+    """One process's ratio on its shard (uneven: one mini-batch against three), reduced across both."""
+    model, batches = tiny_mlp(), mlp_batches((5, 7, 8, 6))
+    indices = [0] if rank == 0 else [1, 2, 3]
+    r = flatness_ratio(model, [batches[i] for i in indices], generator=3, batch_indices=indices)
+    return (r.value, r.se, r.batch_top_eig_mean, r.batch_top_eig_mean_se, r.top_eig, r.top_eig_se, r.n_batch_hvp,
+            r.num_batches, r.hvp_equivalent)  # fmt: skip
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_processes_equal_one():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_shard, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = in_two_processes(_shard)
     r = flatness_ratio(tiny_mlp(), mlp_batches((5, 7, 8, 6)), generator=3)
     want = (r.value, r.se, r.batch_top_eig_mean, r.batch_top_eig_mean_se, r.top_eig, r.top_eig_se, r.n_batch_hvp,
             r.num_batches, r.hvp_equivalent)  # fmt: skip
     for result in results:
-        assert result[1:] == pytest.approx(want, rel=1e-8)
+        assert result == pytest.approx(want, rel=1e-8)

@@ -74,3 +74,22 @@ def trainer(tmp_path, callbacks=(), logger=False, **kwargs) -> Trainer:
                     enable_checkpointing=False, logger=logger, default_root_dir=str(tmp_path), deterministic=True)
     defaults.update(kwargs)
     return Trainer(callbacks=list(callbacks), **defaults)
+
+
+def full_and_resumed(tmp_path, make_callback, epochs: int = 3):
+    """The callbacks of two fits of ``epochs`` epochs from the same seed: one straight through, one resumed
+    from the checkpoint a one-epoch fit saved. ``make_callback()`` builds a fresh callback for each fit."""
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, max_epochs, ckpt=None):
+        cb = make_callback()
+        seed_everything(0)
+        checkpoints = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        fitter = trainer(root, [cb, checkpoints], max_epochs=max_epochs, enable_checkpointing=True)
+        fitter.fit(Classifier(dropout=0.0), DataModule(shuffle=False), ckpt_path=ckpt)
+        return cb
+
+    full = run(tmp_path / "full", epochs)
+    run(tmp_path / "part", 1)
+    return full, run(tmp_path / "resumed", epochs, ckpt=str(tmp_path / "part" / "epoch=0.ckpt"))

@@ -5,21 +5,18 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from lightning.pytorch import seed_everything
 
 from lightning_flatness import AdaptiveSharpness, FisherRaoNorm, FlatnessCallback
 from lightning_flatness.functional import (
-    CrossProcess,
     adaptive_sharpness,
-    cross_process_reduction,
     fisher_rao_norm,
     measurement_mode,
     without_normalization,
 )
 from lightning_flatness.metrics import MeasurementContext, resolve_metrics
+from tests.helpers.distributed import in_two_processes
 from tests.helpers.lightning_models import Classifier, DataModule, trainer
 from tests.helpers.models import cnn_batches, mlp_batches, tiny_cnn, tiny_mlp
 
@@ -77,45 +74,21 @@ def test_both_are_logged_by_the_callback(tmp_path):
     assert last["flatness/fisher_rao_norm"] > 0 and x == 1
 
 
-def _shard(rank: int, world: int, port: int, queue) -> None:
-    """One process of a 2-process gloo group: the metrics on its shard, reduced across processes."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        model, batches = tiny_mlp(), mlp_batches()
-        mine = batches[:2] if rank == 0 else batches[2:]  # uneven shards: 12 and 8 samples
-
-        def total(t):
-            t = t.clone()
-            dist.all_reduce(t)
-            return t
-
-        with cross_process_reduction(CrossProcess(sum=total)):
-            sharp = adaptive_sharpness(model, mine, num_draws=6, generator=3)
-            fr = fisher_rao_norm(model, mine)
-        queue.put((rank, sharp.value, sharp.se_draws, sharp.se_samples, sharp.loss, fr.value, fr.se))
-    finally:
-        dist.destroy_process_group()
+def _shard(rank: int) -> tuple:
+    """One process's measures on its shard (uneven: 12 and 8 samples), reduced across both."""
+    model, batches = tiny_mlp(), mlp_batches()
+    mine = batches[:2] if rank == 0 else batches[2:]
+    sharp = adaptive_sharpness(model, mine, num_draws=6, generator=3)
+    fr = fisher_rao_norm(model, mine)
+    return (sharp.value, sharp.se_draws, sharp.se_samples, sharp.loss, fr.value, fr.se)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_processes_equal_one():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_shard, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = in_two_processes(_shard)
     model, batches = tiny_mlp(), mlp_batches()
     sharp = adaptive_sharpness(model, batches, num_draws=6, generator=3)
     fr = fisher_rao_norm(model, batches)
     want = (sharp.value, sharp.se_draws, sharp.se_samples, sharp.loss, fr.value, fr.se)
     for result in results:
-        assert result[1:] == pytest.approx(want, rel=1e-10)
+        assert result == pytest.approx(want, rel=1e-10)

@@ -9,12 +9,11 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch import seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_flatness import FlatnessCallback, HessianEigenvalues, HessianMinEigenvalue, keys
 from lightning_flatness.metrics import BUILTIN, DEFAULT_METRICS, MeasurementContext
 from lightning_flatness.metrics import hessian_min as hessian_min_module
-from tests.helpers.lightning_models import Classifier, DataModule, trainer
+from tests.helpers.lightning_models import Classifier, DataModule, full_and_resumed, trainer
 from tests.helpers.models import mlp_batches, tiny_mlp
 from tests.helpers.oracles import dense_hessian
 
@@ -123,17 +122,7 @@ def test_through_the_callback_opt_in_and_read_beside_the_top_eigenvalue(tmp_path
 def test_resume_from_a_checkpoint_logs_the_same_values(tmp_path):
     """Alone, the metric solves for λ_max too: both of its warm starts travel in the checkpoint."""
 
-    def run(root, epochs, ckpt=None):
-        cb = FlatnessCallback(metrics=["hessian_min_eig"], **SMALL)
-        seed_everything(0)
-        ck = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-        t = trainer(root, [cb, ck], max_epochs=epochs, enable_checkpointing=True)
-        t.fit(Classifier(dropout=0.0), DataModule(shuffle=False), ckpt_path=ckpt)
-        return cb
-
-    full = run(tmp_path / "full", 3)
-    run(tmp_path / "part", 1)
-    resumed = run(tmp_path / "resumed", 3, ckpt=str(tmp_path / "part" / "epoch=0.ckpt"))
+    full, resumed = full_and_resumed(tmp_path, lambda: FlatnessCallback(metrics=["hessian_min_eig"], **SMALL))
     assert [x for x, _ in resumed.history] == [2, 3]
     for (xa, a), (xb, b) in zip(full.history[1:], resumed.history):
         assert xa == xb
