@@ -71,15 +71,21 @@ def _step(grad: Tensor, norm: str) -> Tensor:
     if norm == "linf":
         return grad.sign()
     flat = grad.reshape(grad.shape[0], -1)
-    return (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)).reshape(grad.shape)
+    return (flat / _row_norms(flat)).to(grad.dtype).reshape(grad.shape)
 
 
 def _project(delta: Tensor, norm: str, epsilon: float) -> Tensor:
     if norm == "linf":
         return delta.clamp(-epsilon, epsilon)
     flat = delta.reshape(delta.shape[0], -1)
-    scale = (epsilon / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
-    return (flat * scale).reshape(delta.shape)
+    scale = (epsilon / _row_norms(flat)).clamp(max=1.0)
+    return (flat * scale).to(delta.dtype).reshape(delta.shape)
+
+
+def _row_norms(flat: Tensor) -> Tensor:
+    """Each row's L2 norm, at least 1e-30, in at least float32: the floor underflows to 0 in float16."""
+    wide = torch.promote_types(flat.dtype, torch.float32)
+    return torch.linalg.vector_norm(flat, dim=1, keepdim=True, dtype=wide).clamp_min(1e-30)
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,13 @@ def test_block_draws_do_not_depend_on_the_batching(norm):
     assert len({tuple(row.flatten().tolist()) for row in whole}) == 10  # ten different starts
     bound = whole.abs().amax(dim=(1, 2)) if norm == "linf" else whole.flatten(1).norm(dim=1)
     assert bool((bound <= 0.5 + 1e-6).all())
+
+
+def test_a_float16_model_with_a_zero_input_gradient_stays_finite_under_l2():
+    """The L2 step divides by the gradient's norm, floored at 1e-30, which is 0 in float16: 0/0 was NaN."""
+    model = nn.Linear(4, 2).half()
+    with torch.no_grad():
+        model.weight.zero_()  # the loss does not depend on the inputs: a zero input gradient
+    batches = [(torch.randn(8, 4).half(), torch.randint(0, 2, (8,)))]
+    r = adversarial_accuracy(model, batches, attack="pgd", norm="l2", epsilon=0.5, steps=3, generator=0)
+    assert math.isfinite(r.loss) and r.accuracy == r.clean_accuracy
