@@ -140,7 +140,9 @@ class SweepConfig:
             names.append(AdversarialRobustness.name)
         built = {
             AdversarialRobustness.name: lambda: AdversarialRobustness(epsilon=self.epsilon, steps=self.attack_steps),
-            HessianEigenvalues.name: lambda: HessianEigenvalues(final_k=self.spectrum_k or None, max_iter=max(100, 3 * self.spectrum_k)),
+            HessianEigenvalues.name: lambda: HessianEigenvalues(
+                final_k=self.spectrum_k or None, max_iter=max(100, 3 * self.spectrum_k)
+            ),
         }
         return [built[n]() if n in built else n for n in names]
 
