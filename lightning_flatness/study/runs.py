@@ -142,7 +142,7 @@ def read_hparams(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_runs(logdir: str | Path) -> list[Run]:
-    """Every run under ``logdir`` with at least one ``flatness/*`` or ``gap/*`` scalar, naturally sorted.
+    """Every run under ``logdir`` with at least one ``flatness/*``, ``gap/*`` or ``robust/*`` scalar, naturally sorted.
 
     Raises :class:`ReportError` when there is no event file or no run has those scalars.
     """
@@ -162,7 +162,7 @@ def load_runs(logdir: str | Path) -> list[Run]:
             "logged flatness/*, gap/* or robust/* scalars; train them with lightning_flatness.FlatnessCallback."
         )
     if empty:
-        warnings.warn(f"skipped run(s) without flatness/* or gap/* scalars: {', '.join(empty)}", stacklevel=2)
+        warnings.warn(f"skipped run(s) without flatness/*, gap/* or robust/* scalars: {', '.join(empty)}", stacklevel=2)
     return sorted(runs, key=lambda r: _natural_key(r.name))
 
 

@@ -200,7 +200,7 @@ def test_runs_without_the_metrics_are_a_clear_error(tmp_path):
     w = SummaryWriter(log_dir=str(tmp_path / "plain" / "run0"))
     w.add_scalar("train/loss", 1.0, 0)
     w.close()
-    with pytest.raises(ReportError, match="logged flatness/\\* or gap/\\* scalars; train them with"):
+    with pytest.raises(ReportError, match="logged flatness/\\*, gap/\\* or robust/\\* scalars; train them with"):
         make_report(tmp_path / "plain")
     # Mixed: the run without metrics is skipped with a warning.
     w = SummaryWriter(log_dir=str(tmp_path / "plain" / "run1"))
