@@ -6,8 +6,11 @@ the identity shortcuts. When the configurations differ in architecture, the repo
 
 - a table per configuration: the top Hessian eigenvalue, the bottom one ``λ_min``, Li et al.'s
   ``|λ_min/λ_max|`` (``flatness/hessian_eig_ratio``), the loss gap and the test accuracy, as mean
-  [95% interval over seeds] (mean within-run se), and how many seeds reached the sweep's target
-  training loss (a run that stopped at ``--max-epochs`` above it is not at matched loss);
+  [95% interval over seeds] (mean within-run se), with ``sweep --convexity`` the mean of
+  ``|λ_min/λ_max|`` over the final convexity map (the plane around the minimum, where Li et al. see
+  no-skip networks turn non-convex; the ratio at the minimum itself is small for every network), and
+  how many seeds reached the sweep's target training loss (a run that stopped at ``--max-epochs``
+  above it is not at matched loss);
 - paired comparisons of each ``plain`` configuration with its ``res`` twin (same depth, width and
   rest of the name; both runs of a seed start from the same weights): per seed the ratio of
   ``λ_max`` (no skip / skip) and the differences (no skip − skip) of the others, with their mean and
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .. import keys
 from .resnet import Architecture, parse_architecture
 from .robustness import _paired_ratios
+from .runs import Row
 from .seeds import Configuration, mean_interval
 from .tables import _interval, _seed_cell, epochs_cell, fmt
 
@@ -33,10 +37,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..landscape import LandscapeViews
 
 CONFIGURATION = re.compile(r"(?P<arch>(?:res|plain)\d+x\d+)_(?P<rest>.+)")
-# The table's keys and their column headers (the keys are named once, under the table).
-COLUMNS = {keys.HESSIAN_TOP_EIG: "λ_max", keys.HESSIAN_MIN_EIG: "λ_min", keys.HESSIAN_EIG_RATIO: r"\|λ_min/λ_max\|",  # escaped: a Markdown table cell
-          
-           keys.LOSS_GAP: "gap (loss)", keys.TEST_ACC: "test acc"}  # fmt: skip
+# The mean |λ_min/λ_max| over a run's final convexity map, a row value the report adds (not a logged key).
+MAP_MEAN = "landscape/convexity_map_mean"
+# The table's keys and their column headers (| escaped: Markdown table cells; the keys are named under the table).
+COLUMNS = {keys.HESSIAN_TOP_EIG: "λ_max", keys.HESSIAN_MIN_EIG: "λ_min", keys.HESSIAN_EIG_RATIO: r"\|λ_min/λ_max\|",
+           keys.LOSS_GAP: "gap (loss)", keys.TEST_ACC: "test acc", MAP_MEAN: r"map mean \|λ_min/λ_max\|"}  # fmt: skip
 TABLE_KEYS = tuple(COLUMNS)
 DIFFERENCE_KEYS = TABLE_KEYS[2:]  # compared as no skip − skip; the top eigenvalue as a ratio
 TARGET_HPARAM = "study/target_train_loss"
@@ -55,10 +60,27 @@ def architecture_of(config: str) -> tuple[Architecture, str] | None:
 def _studied(configs: Sequence[Configuration]) -> list[tuple[Configuration, Architecture]]:
     """The configurations that name an architecture, by depth, width, then skip before no skip (twins
     side by side); empty unless at least two architectures are present."""
-    found = [(c, parsed[0]) for c in configs if (parsed := architecture_of(c.name))]
+    found = [(_with_map_mean(c), parsed[0]) for c in configs if (parsed := architecture_of(c.name))]
     if len({a for _, a in found}) < 2:
         return []
     return sorted(found, key=lambda ca: (ca[1].depth, ca[1].width, not ca[1].skip, ca[0].name))
+
+
+def _with_map_mean(config: Configuration) -> Configuration:
+    """``config`` with :data:`MAP_MEAN` in the rows of the runs whose final convexity map was drawn at
+    their comparison point (NaN elsewhere: a map of other weights does not describe that row)."""
+    import numpy as np
+
+    from ..landscape import read_final
+
+    rows = []
+    for run, row in zip(config.runs, config.rows):
+        views = read_final(run.path)
+        mapped = views is not None and views.convexity_ratio is not None and views.epoch == row.epoch
+        ratios = np.asarray(views.convexity_ratio, dtype=float) if mapped else np.array([math.nan])
+        value = float(np.nanmean(ratios)) if np.isfinite(ratios).any() else math.nan
+        rows.append(Row(row.run, row.epoch, {**row.values, MAP_MEAN: value}, row.note))
+    return Configuration(config.name, config.runs, rows, config.seeds)
 
 
 def _above_target(config: Configuration) -> list[str]:
@@ -89,14 +111,16 @@ def architecture_section(configs: Sequence[Configuration]) -> list[str]:
         cells = [c.name, "yes" if arch.skip else "no", str(arch.depth), str(arch.width),
                  f"{len(c.runs) - len(above)}/{len(c.runs)}", epochs_cell(c), *(_seed_cell(c, k) for k in shown)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Columns: " + ", ".join(f"{COLUMNS[k]} `{k}`" for k in shown) + "; the gap is test − train loss."]
+    notes = [f"{COLUMNS[k]} `{k}`" for k in shown if k != MAP_MEAN]
+    lines += ["", "Columns: " + ", ".join(notes) + "; the gap is test − train loss"
+              + ("; map mean: \\|λ_min/λ_max\\| averaged over the final convexity map's grid." if MAP_MEAN in shown else ".")]
     if missed:
         lines += ["", "**Not at the target training loss** (stopped at --max-epochs; their rows are not at matched "
                   "loss, raise --max-epochs): " + ", ".join(missed) + "."]  # fmt: skip
-    return lines + ["", *_paired_table(studied)]
+    return lines + ["", *_paired_table(studied, [k for k in DIFFERENCE_KEYS if k in shown])]
 
 
-def _paired_table(studied: Sequence[tuple[Configuration, Architecture]]) -> list[str]:
+def _paired_table(studied: Sequence[tuple[Configuration, Architecture]], differences: Sequence[str]) -> list[str]:
     """Each ``plain`` configuration against its ``res`` twin, per seed; ``[]`` without a twin pair."""
     by_name = {c.name: c for c, _ in studied}
     twins = {c.name: f"{arch.twin.name}_{architecture_of(c.name)[1]}" for c, arch in studied if not arch.skip}
@@ -106,11 +130,11 @@ def _paired_table(studied: Sequence[tuple[Configuration, Architecture]]) -> list
     top = keys.HESSIAN_TOP_EIG
     lines = ["Skip vs no skip at equal depth and width, per seed (both runs of a seed start from the same weights): "
              "λ_max as no skip / skip, the others as no skip − skip; mean [95% t-interval over seeds].", "",
-             "| no skip | skip | λ_max ratio | " + " | ".join(f"{COLUMNS[k]} difference" for k in DIFFERENCE_KEYS) + " |",
-             "|---|---|" + "---:|" * (1 + len(DIFFERENCE_KEYS))]  # fmt: skip
+             "| no skip | skip | λ_max ratio | " + " | ".join(f"{COLUMNS[k]} difference" for k in differences) + " |",
+             "|---|---|" + "---:|" * (1 + len(differences))]  # fmt: skip
     for skip, plain in pairs:
         cells = [_paired_cell(_paired_ratios(skip, plain, top))]
-        cells += [_paired_cell(_paired_differences(skip, plain, k)) for k in DIFFERENCE_KEYS]
+        cells += [_paired_cell(_paired_differences(skip, plain, k)) for k in differences]
         lines.append(f"| {plain.name} | {skip.name} | " + " | ".join(cells) + " |")
     return lines
 
