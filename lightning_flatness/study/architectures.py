@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -37,13 +38,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..landscape import LandscapeViews
 
 CONFIGURATION = re.compile(r"(?P<arch>(?:res|plain)\d+x\d+)_(?P<rest>.+)")
-# The mean |λ_min/λ_max| over a run's final convexity map, a row value the report adds (not a logged key).
+# Row values the report derives from a run's final landscape views (not logged keys): the highest loss on the
+# 2-D slice (how steeply the surface rises away from the minimum) and the mean |λ_min/λ_max| over the convexity map.
+SLICE_MAX = "landscape/slice_2d_max"
 MAP_MEAN = "landscape/convexity_map_mean"
 # The table's keys and their column headers (| escaped: Markdown table cells; the keys are named under the table).
 COLUMNS = {keys.HESSIAN_TOP_EIG: "λ_max", keys.HESSIAN_MIN_EIG: "λ_min", keys.HESSIAN_EIG_RATIO: r"\|λ_min/λ_max\|",
-           keys.LOSS_GAP: "gap (loss)", keys.TEST_ACC: "test acc", MAP_MEAN: r"map mean \|λ_min/λ_max\|"}  # fmt: skip
+           keys.LOSS_GAP: "gap (loss)", keys.TEST_ACC: "test acc", SLICE_MAX: "2-D slice max loss",
+           MAP_MEAN: r"map mean \|λ_min/λ_max\|"}  # fmt: skip
 TABLE_KEYS = tuple(COLUMNS)
-DIFFERENCE_KEYS = TABLE_KEYS[2:]  # compared as no skip − skip; the top eigenvalue as a ratio
+# Paired no skip vs skip: scales that span orders of magnitude as ratios, the others as differences.
+RATIO_KEYS = (keys.HESSIAN_TOP_EIG, SLICE_MAX)
+DIFFERENCE_KEYS = (keys.HESSIAN_EIG_RATIO, keys.LOSS_GAP, keys.TEST_ACC, MAP_MEAN)
 TARGET_HPARAM = "study/target_train_loss"
 # The gap's full-train loss and the sweep's stopping rule compute the same loss in different chunks; a run
 # that stopped at the target may log it a rounding error above.
@@ -60,27 +66,30 @@ def architecture_of(config: str) -> tuple[Architecture, str] | None:
 def _studied(configs: Sequence[Configuration]) -> list[tuple[Configuration, Architecture]]:
     """The configurations that name an architecture, by depth, width, then skip before no skip (twins
     side by side); empty unless at least two architectures are present."""
-    found = [(_with_map_mean(c), parsed[0]) for c in configs if (parsed := architecture_of(c.name))]
+    found = [(_with_landscape(c), parsed[0]) for c in configs if (parsed := architecture_of(c.name))]
     if len({a for _, a in found}) < 2:
         return []
     return sorted(found, key=lambda ca: (ca[1].depth, ca[1].width, not ca[1].skip, ca[0].name))
 
 
-def _with_map_mean(config: Configuration) -> Configuration:
-    """``config`` with :data:`MAP_MEAN` in the rows of the runs whose final convexity map was drawn at
-    their comparison point (NaN elsewhere: a map of other weights does not describe that row)."""
-    import numpy as np
-
+def _with_landscape(config: Configuration) -> Configuration:
+    """``config`` with :data:`SLICE_MAX` and :data:`MAP_MEAN` in the rows of the runs whose final views
+    were drawn at their comparison point (NaN elsewhere: views of other weights do not describe that row)."""
     from ..landscape import read_final
 
     rows = []
     for run, row in zip(config.runs, config.rows):
         views = read_final(run.path)
-        mapped = views is not None and views.convexity_ratio is not None and views.epoch == row.epoch
-        ratios = np.asarray(views.convexity_ratio, dtype=float) if mapped else np.array([math.nan])
-        value = float(np.nanmean(ratios)) if np.isfinite(ratios).any() else math.nan
-        rows.append(Row(row.run, row.epoch, {**row.values, MAP_MEAN: value}, row.note))
+        views = views if views is not None and views.epoch == row.epoch else None
+        derived = {SLICE_MAX: _finite(views and views.loss_2d, max), MAP_MEAN: _finite(views and views.convexity_ratio)}
+        rows.append(Row(row.run, row.epoch, {**row.values, **derived}, row.note))
     return Configuration(config.name, config.runs, rows, config.seeds)
+
+
+def _finite(grid: list[list[float]] | None, reduce: Callable = statistics.fmean) -> float:
+    """``reduce`` (the mean) of a grid's finite values; NaN without a grid or a finite value."""
+    values = [v for line in grid or () for v in line if math.isfinite(v)]
+    return float(reduce(values)) if values else math.nan
 
 
 def _above_target(config: Configuration) -> list[str]:
@@ -111,29 +120,31 @@ def architecture_section(configs: Sequence[Configuration]) -> list[str]:
         cells = [c.name, "yes" if arch.skip else "no", str(arch.depth), str(arch.width),
                  f"{len(c.runs) - len(above)}/{len(c.runs)}", epochs_cell(c), *(_seed_cell(c, k) for k in shown)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"{COLUMNS[k]} `{k}`" for k in shown if k != MAP_MEAN]
-    lines += ["", "Columns: " + ", ".join(notes) + "; the gap is test − train loss"
-              + ("; map mean: \\|λ_min/λ_max\\| averaged over the final convexity map's grid." if MAP_MEAN in shown else ".")]
+    notes = [f"{COLUMNS[k]} `{k}`" for k in shown if k not in (SLICE_MAX, MAP_MEAN)]
+    lines += ["", "Columns: " + ", ".join(notes) + "; the gap is test − train loss. From the final landscape "
+              "views: the highest loss on the 2-D slice, and \\|λ_min/λ_max\\| averaged over the convexity map's "
+              "grid (`sweep --convexity`)."]
     if missed:
         lines += ["", "**Not at the target training loss** (stopped at --max-epochs; their rows are not at matched "
                   "loss, raise --max-epochs): " + ", ".join(missed) + "."]  # fmt: skip
-    return lines + ["", *_paired_table(studied, [k for k in DIFFERENCE_KEYS if k in shown])]
+    return lines + ["", *_paired_table(studied, shown)]
 
 
-def _paired_table(studied: Sequence[tuple[Configuration, Architecture]], differences: Sequence[str]) -> list[str]:
-    """Each ``plain`` configuration against its ``res`` twin, per seed; ``[]`` without a twin pair."""
+def _paired_table(studied: Sequence[tuple[Configuration, Architecture]], shown: Sequence[str]) -> list[str]:
+    """Each ``plain`` configuration against its ``res`` twin, per seed, in the ``shown`` keys; ``[]``
+    without a twin pair."""
     by_name = {c.name: c for c, _ in studied}
     twins = {c.name: f"{arch.twin.name}_{architecture_of(c.name)[1]}" for c, arch in studied if not arch.skip}
     pairs = [(by_name[twin], by_name[plain]) for plain, twin in twins.items() if twin in by_name]
     if not pairs:
         return []
-    top = keys.HESSIAN_TOP_EIG
+    ratios, differences = [k for k in RATIO_KEYS if k in shown], [k for k in DIFFERENCE_KEYS if k in shown]
+    headers = [f"{COLUMNS[k]} ratio" for k in ratios] + [f"{COLUMNS[k]} difference" for k in differences]
     lines = ["Skip vs no skip at equal depth and width, per seed (both runs of a seed start from the same weights): "
-             "λ_max as no skip / skip, the others as no skip − skip; mean [95% t-interval over seeds].", "",
-             "| no skip | skip | λ_max ratio | " + " | ".join(f"{COLUMNS[k]} difference" for k in differences) + " |",
-             "|---|---|" + "---:|" * (1 + len(differences))]  # fmt: skip
+             "ratios no skip / skip, differences no skip − skip; mean [95% t-interval over seeds].", "",
+             "| no skip | skip | " + " | ".join(headers) + " |", "|---|---|" + "---:|" * len(headers)]  # fmt: skip
     for skip, plain in pairs:
-        cells = [_paired_cell(_paired_ratios(skip, plain, top))]
+        cells = [_paired_cell(_paired_ratios(skip, plain, k)) for k in ratios]
         cells += [_paired_cell(_paired_differences(skip, plain, k)) for k in differences]
         lines.append(f"| {plain.name} | {skip.name} | " + " | ".join(cells) + " |")
     return lines
