@@ -6,15 +6,16 @@ the identity shortcuts. When the configurations differ in architecture, the repo
 
 - a table per configuration: the top Hessian eigenvalue, the bottom one ``λ_min``, Li et al.'s
   ``|λ_min/λ_max|`` (``flatness/hessian_eig_ratio``), the loss gap and the test accuracy, as mean
-  [95% interval over seeds] (mean within-run se), with ``sweep --convexity`` the mean of
-  ``|λ_min/λ_max|`` over the final convexity map (the plane around the minimum, where Li et al. see
-  no-skip networks turn non-convex; the ratio at the minimum itself is small for every network), and
-  how many seeds reached the sweep's target training loss (a run that stopped at ``--max-epochs``
-  above it is not at matched loss);
+  [95% interval over seeds] (mean within-run se); from the final landscape views the highest loss
+  on the 2-D slice (how steeply the surface rises away from the minimum) and, with ``sweep
+  --convexity``, the mean of ``|λ_min/λ_max|`` over the convexity map (the plane around the
+  minimum, where Li et al. see no-skip networks turn non-convex; the ratio at the minimum itself is
+  small for every network); and how many seeds reached the sweep's target training loss (a run that
+  stopped at ``--max-epochs`` above it is not at matched loss);
 - paired comparisons of each ``plain`` configuration with its ``res`` twin (same depth, width and
-  rest of the name; both runs of a seed start from the same weights): per seed the ratio of
-  ``λ_max`` (no skip / skip) and the differences (no skip − skip) of the others, with their mean and
-  95% t-interval;
+  rest of the name; both runs of a seed start from the same weights): per seed the ratios (no skip /
+  skip) of ``λ_max`` and of the slice's highest loss, and the differences (no skip − skip) of the
+  others, with their mean and 95% t-interval;
 - ``landscape_2d_architectures.png``: each configuration's 2-D filter-normalized slice (contours on
   one shared scale) beside its convexity map (``sweep --convexity``), first seed, final weights.
 """

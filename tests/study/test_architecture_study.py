@@ -113,7 +113,8 @@ def test_two_architectures_two_seeds_end_to_end(tmp_path):
     ratios = [read_scalars(tmp_path / p)[keys.HESSIAN_TOP_EIG][2] / read_scalars(tmp_path / r)[keys.HESSIAN_TOP_EIG][2]
               for p, r in zip(runs["plain1x4"], runs["res1x4"])]  # fmt: skip
     assert f"| plain1x4_bs32_lr0.1 | res1x4_bs32_lr0.1 | {fmt(float(np.mean(ratios)))} [" in section
-    assert "map mean \\|λ_min/λ_max\\| difference |" in section  # the convexity maps' means, per seed
+    # From the final views: the slice's highest loss (a ratio) and the convexity map's mean (a difference), per seed
+    assert "2-D slice max loss ratio | " in section and "map mean \\|λ_min/λ_max\\| difference |" in section
     assert "**Not at the target training loss**" in section and "res1x4_bs32_lr0.1_s1 (train loss" in section
     (figure,) = plot_architectures(report.configurations, tmp_path)
     assert figure.name == FIGURE and figure.stat().st_size > 0
