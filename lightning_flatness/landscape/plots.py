@@ -52,7 +52,9 @@ def figure_2d(views: LandscapeViews, title: str = "") -> Any:  # noqa: ANN401
     return fig
 
 
-def _draw_loss_2d(fig: Any, ax: Any, views: LandscapeViews) -> None:  # noqa: ANN401
+def _draw_loss_2d(fig: Any, ax: Any, views: LandscapeViews, limits: tuple[float, float] | None = None) -> None:  # noqa: ANN401
+    """The 2-D slice's filled contours; ``limits``: the levels' range (default: this slice's), shared by
+    figures that set several slices side by side so equal colors are equal losses."""
     import numpy as np
 
     from matplotlib.colors import LogNorm
@@ -61,23 +63,25 @@ def _draw_loss_2d(fig: Any, ax: Any, views: LandscapeViews) -> None:  # noqa: AN
     loss = np.asarray(views.loss_2d, dtype=float).T  # rows of loss_2d = first direction = x axis
     finite = loss[np.isfinite(loss)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (1.0, 1.0)
+    low, high = limits or (low, high)
     if low > 0 and high > low * 1.0001:  # log-spaced levels: the basin and the walls both show
         levels, norm = np.geomspace(low, high, 21), LogNorm(low, high)
     else:
         levels, norm = 20, None
-    filled = ax.contourf(a, a, loss, levels=levels, norm=norm, cmap="viridis", extend="neither")
+    filled = ax.contourf(a, a, np.clip(loss, low, high), levels=levels, norm=norm, cmap="viridis", extend="neither")
     ax.contour(a, a, loss, levels=filled.levels[::2], norm=norm, colors="white", linewidths=0.4, alpha=0.6)
     fig.colorbar(filled, ax=ax, label="loss" + (" (log-spaced levels)" if norm is not None else ""), format="%.3g")
     _mark_origin(ax)
 
 
-def _draw_convexity(fig: Any, ax: Any, views: LandscapeViews) -> None:  # noqa: ANN401
-    """``|λ_min/λ_max|`` as a heat map: dark (small) where the loss is locally convex, as Li et al. draw it."""
+def _draw_convexity(fig: Any, ax: Any, views: LandscapeViews, vmax: float | None = None) -> None:  # noqa: ANN401
+    """``|λ_min/λ_max|`` as a heat map: dark (small) where the loss is locally convex, as Li et al. draw it;
+    ``vmax``: the color scale's top (default: this map's largest ratio), shared by figures that compare maps."""
     import numpy as np
 
     a = np.asarray(views.convexity_coordinates)
     ratio = np.ma.masked_invalid(np.asarray(views.convexity_ratio, dtype=float).T)
-    mesh = ax.pcolormesh(a, a, ratio, cmap="magma", shading="nearest", vmin=0.0)
+    mesh = ax.pcolormesh(a, a, ratio, cmap="magma", shading="nearest", vmin=0.0, vmax=vmax)
     fig.colorbar(mesh, ax=ax, label="|λ_min / λ_max|  (0: convex)", format="%.2g")
     missed = ~np.asarray(views.convexity_converged, dtype=bool).T
     if missed.any():  # Lanczos stopped at convexity_max_iter here: drawn, but not to the tolerance

@@ -33,3 +33,10 @@ def positive_float(text: str) -> float:
 
 def nonnegative_float(text: str) -> float:
     return parsed(text, float, lambda v: check_float("the value", v, 0.0))
+
+
+def architecture(text: str) -> str:
+    """A ResNet of the architecture study, ``res8x16`` or ``plain8x16`` (:mod:`.resnet`), as given."""
+    from .resnet import parse_architecture
+
+    return parsed(text, parse_architecture, lambda arch: arch).name

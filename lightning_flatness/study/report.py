@@ -33,7 +33,12 @@ It writes to ``--out`` (default ``LOGDIR/report``):
   runs measured ``adversarial_robustness``: the robustness per configuration, its Kendall τ against
   the batch size per training (normal, or adversarial: ``sweep --adversarial-training``) with a
   bootstrap interval, and the top eigenvalue of adversarially trained configurations beside their
-  normal twins' (:mod:`lightning_flatness.study.robustness`);
+  normal twins' (:mod:`lightning_flatness.study.robustness`). When the configurations differ in
+  architecture (``sweep --architectures``): per configuration the top and bottom Hessian eigenvalues,
+  ``|λ_min/λ_max|``, the gap and the test accuracy, and each no-skip network against its ResNet twin
+  per seed (:mod:`lightning_flatness.study.architectures`);
+- ``landscape_2d_architectures.png`` with those architectures: each one's final 2-D slice beside its
+  convexity map (first seed);
 - ``summary.csv`` (one row per run), ``configurations.csv`` (mean, interval and mean se per
   configuration and key) and ``correlations.csv``.
 
@@ -51,6 +56,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..keys import LOSS_GAP, SECONDS, TRAIN_LOSS, se
+from .architectures import architecture_section, plot_architectures
 from .arguments import positive_float
 from .robustness import plot_spectrum, robustness_section, spectrum_keys
 from .runs import ReportError, comparison_row, load_runs, ordered_keys
@@ -90,8 +96,8 @@ def analyse(
                 for k in keys if k not in NOT_CORRELATED}  # fmt: skip
     report = Report(rows, keys, configs, corr, sample_size_guide(configs, keys), at_train_loss, resamples=resamples)
     report.markdown = to_markdown(report)
-    robust = robustness_section(configs, resamples, seed)
-    report.markdown += "\n" + "\n".join(robust) + "\n" if robust else ""
+    for section in (robustness_section(configs, resamples, seed), architecture_section(configs)):
+        report.markdown += "\n" + "\n".join(section) + "\n" if section else ""
     return report
 
 
@@ -121,6 +127,7 @@ def make_report(
         report.files += plot_runs([c.runs[0] for c in report.configurations], out_dir)
         report.files += plot_density([c.runs[0] for c in report.configurations], out_dir)
         report.files += plot_spectrum(report.configurations, out_dir)
+        report.files += plot_architectures(report.configurations, out_dir)
     if echo:
         print(report.markdown)
         pngs = sum(1 for f in report.files if f.suffix == ".png")

@@ -5,6 +5,7 @@ each run to the same training loss, with :class:`~lightning_flatness.FlatnessCal
     lightning-flatness sweep --lr-sweep      # batch size 256, lr 0.01 0.03 0.1 0.3
     lightning-flatness sweep --data mnist --model lenet --target-train-loss 0.01   # the paper's CNN, offline
     lightning-flatness sweep --seeds 3       # every configuration with seeds 0, 1, 2: means, intervals, bands
+    lightning-flatness sweep --architectures res2x8 plain2x8 --convexity   # ResNets with and without skips
     python examples/batch_size_sweep.py ...  # the same
 
 Every run of one seed starts from the same initialization and trains until its loss on the
@@ -16,7 +17,8 @@ with a fixed epoch budget the large-batch runs would simply be under-trained.
 drives the initialization (``torch.manual_seed``), the training loader's shuffling and
 ``FlatnessCallback(seed=...)`` (the measurement subsample and the estimators' random draws),
 not the data set (its subsets, with ``--train-samples``, are drawn with ``--seed`` for every
-run). Runs are named ``bs64_lr0.1_s1`` (configuration, then seed); each logs to
+run). Runs are named ``bs64_lr0.1_s1`` (configuration, then seed; ``res8x16_bs128_lr0.1_s1`` with
+``--architectures``, each architecture a configuration, :mod:`lightning_flatness.study.resnet`); each logs to
 ``LOGDIR/<run name>`` (TensorBoard, and W&B with ``--wandb``); the report
 (:mod:`lightning_flatness.study.report`, which groups the runs by configuration over seeds) is
 written to ``LOGDIR/report`` at the end.
@@ -31,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from lightning.pytorch import Trainer
@@ -39,18 +41,23 @@ from lightning.pytorch import Trainer
 from ..landscape import LandscapeOptions
 from ..metrics import BUILTIN, DEFAULT_METRICS
 from ..validation import check_choice, check_float, check_int
-from .arguments import nonnegative_float, nonnegative_int, positive_float, positive_int
+from .arguments import architecture, nonnegative_float, nonnegative_int, positive_float, positive_int
 from .data import DATASETS, Data, load_dataset
+from .resnet import ARCHITECTURE_FORMAT, parse_architecture
 from .training import ADVERSARIAL_TRAINING, MODELS, OPTIMIZERS, Classifier, TargetTrainLoss
 
 # The callback's defaults and the reparametrization-invariant sharpness, whose tau the report sets
 # beside theirs (about 10% of the measurement's cost on the MLP).
 STUDY_METRICS = (*DEFAULT_METRICS, "adaptive_sharpness")
+# The architecture study's (Li et al. 2018): both ends of the Hessian's spectrum, always measured with --architectures.
+ARCHITECTURE_METRICS = ("hessian_top_eig", "hessian_min_eig")
+# Data whose flat rows are one-channel sequences or square images, which the ResNets take.
+ARCHITECTURE_DATA = ("mnist1d", "digits", "mnist", "mnist-torchvision")
 
 DESCRIPTION = (
-    "Train one model (an MLP, or LeNet on MNIST) with SGD at several batch sizes (or learning rates), each run until "
-    "its full-train-set loss reaches --target-train-loss, with FlatnessCallback logging to TensorBoard; then run the "
-    "report."
+    "Train one model (an MLP, or LeNet on MNIST) with SGD at several batch sizes (or learning rates), or several "
+    "architectures (ResNets with and without skip connections, --architectures), each run until its full-train-set "
+    "loss reaches --target-train-loss, with FlatnessCallback logging to TensorBoard; then run the report."
 )
 DEFAULT_BATCH_SIZES = (16, 64, 256, 1024)
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3)
@@ -74,7 +81,7 @@ class SweepConfig:
     target_train_loss: float = 0.05
     max_epochs: int = 3000
     measure_every: int | None = None  # None: auto, see measurement_interval()
-    metrics: Sequence[str] = STUDY_METRICS
+    metrics: Sequence[str] | None = None  # None: STUDY_METRICS, or ARCHITECTURE_METRICS with architectures
     num_samples: int = 512
     measure_batch_size: int = 64
     landscape_every_n_epochs: int = -1  # FlatnessCallback's: -1 final weights only, 0 off, N every N-th measured epoch
@@ -89,6 +96,12 @@ class SweepConfig:
     epsilon: float = 0.1  # the L-inf radius of adversarial training and of the robustness measurement
     attack_steps: int = 10  # PGD's steps, in training and in the measurement
     spectrum_k: int = 0  # the top eigenvalues measured at the final weights (HessianEigenvalues(final_k=)); 0: k
+    architectures: Sequence[str] = ()  # "res8x16", "plain8x16": one configuration each, instead of the batch sizes
+    architecture_batch_size: int = 128  # and lr: the architectures' configuration
+    convexity: bool = False  # the landscape's 2-D view also maps |λ_min/λ_max| (LandscapeOptions(convexity=True))
+    convexity_steps: int = 7  # LandscapeOptions' convexity_steps, convexity_tol, convexity_max_iter
+    convexity_tol: float = 1e-2
+    convexity_max_iter: int = 20
     wandb: bool = False
     wandb_project: str = "lightning-flatness"
     accelerator: str = "auto"
@@ -111,23 +124,48 @@ class SweepConfig:
         if self.optimizer == "entropy-sgd" and self.pacgen_noise > 0:
             raise ValueError("pacgen_noise > 0 cannot be combined with optimizer='entropy-sgd': EntropySGD evaluates "
                              "its closure several times per step, PACGenPerturbation perturbs only the first.")  # fmt: skip
+        self._check_architectures()
+        if self.metrics is None:
+            self.metrics = ARCHITECTURE_METRICS if self.architectures else STUDY_METRICS
+        if self.convexity:
+            self.landscape_options()  # LandscapeOptions checks the map's settings now, not after the first run
 
-    def runs(self) -> list[tuple[str, int, float, int, str]]:
-        """``(name, batch_size, lr, seed, adversarial)`` of every run, in order: every configuration at the
-        first seed, then at the next (an interrupted sweep leaves whole seeds). With ``adversarial_training``
-        every configuration runs twice, normally (``"none"``) and adversarially (its name ends ``_adv-<attack><ε>``)."""
-        if self.lr_sweep:
-            pairs = [(self.lr_sweep_batch_size, float(lr)) for lr in self.lrs]
+    def _check_architectures(self) -> None:
+        """Each architecture parses, appears once, and fits the rest of the configuration."""
+        try:  # written as run names write them: "res08x16" is res8x16
+            self.architectures = tuple(parse_architecture(text).name for text in self.architectures)
+        except ValueError as err:
+            raise ValueError(f"architectures: {err}") from None
+        if len(set(self.architectures)) < len(self.architectures):
+            raise ValueError(f"architectures lists one twice: {list(self.architectures)}.")
+        check_int("architecture_batch_size", self.architecture_batch_size)
+        if not self.architectures:
+            return
+        if self.lr_sweep or self.model != "mlp":
+            raise ValueError("architectures replace the model and the batch sizes: they cannot be combined with "
+                             "lr_sweep or model='lenet'.")  # fmt: skip
+        check_choice("data (with architectures)", self.data, ARCHITECTURE_DATA)
+
+    def runs(self) -> list[PlannedRun]:
+        """Every run, in order: every configuration at the first seed, then at the next (an interrupted
+        sweep leaves whole seeds). With ``adversarial_training`` every configuration runs twice, normally
+        (``"none"``) and adversarially (its name ends ``_adv-<attack><ε>``). With ``architectures`` each
+        architecture is a configuration at ``architecture_batch_size`` and ``lr`` (``res8x16_bs128_lr0.1``)."""
+        if self.architectures:
+            plans = [(a, self.architecture_batch_size, float(self.lr)) for a in self.architectures]
+        elif self.lr_sweep:
+            plans = [(None, self.lr_sweep_batch_size, float(lr)) for lr in self.lrs]
         else:
-            pairs = [(int(bs), float(self.lr)) for bs in self.batch_sizes]
+            plans = [(None, int(bs), float(self.lr)) for bs in self.batch_sizes]
         suffix = ("_esgd" if self.optimizer == "entropy-sgd" else "") + (
             f"_pac{self.pacgen_noise:g}" if self.pacgen_noise > 0 else ""
         )
         seeds = range(self.seed, self.seed + self.seeds)
         kinds = ("none",) if self.adversarial_training == "none" else ("none", self.adversarial_training)
         return [
-            (f"{run_name(bs, lr)}{suffix}{adversarial_suffix(kind, self.epsilon)}_s{seed}", bs, lr, seed, kind)
-            for seed in seeds for kind in kinds for bs, lr in pairs
+            PlannedRun(f"{arch + '_' if arch else ''}{run_name(bs, lr)}{suffix}{adversarial_suffix(kind, self.epsilon)}"
+                       f"_s{seed}", bs, lr, seed, kind, arch)
+            for seed in seeds for kind in kinds for arch, bs, lr in plans
         ]  # fmt: skip
 
     def metric_objects(self) -> list[Any]:
@@ -138,6 +176,8 @@ class SweepConfig:
         names = list(self.metrics)
         if self.adversarial_training != "none" and AdversarialRobustness.name not in names:
             names.append(AdversarialRobustness.name)
+        if self.architectures:  # the architecture report's columns
+            names += [n for n in ARCHITECTURE_METRICS if n not in names]
         built = {
             AdversarialRobustness.name: lambda: AdversarialRobustness(epsilon=self.epsilon, steps=self.attack_steps),
             HessianEigenvalues.name: lambda: HessianEigenvalues(
@@ -149,7 +189,30 @@ class SweepConfig:
     def resolved_logdir(self) -> Path:
         if self.logdir is not None:
             return Path(self.logdir)
-        return Path("runs") / ("lr_sweep" if self.lr_sweep else "batch_size_sweep")
+        return Path("runs") / ("architectures" if self.architectures else "lr_sweep" if self.lr_sweep else "batch_size_sweep")
+
+    def landscape_options(self) -> LandscapeOptions | None:
+        """The callback's views (``None``: off): the 1-D, 2-D and eigenvector slices, and the convexity map."""
+        if self.landscape_every_n_epochs == 0:
+            if self.convexity:
+                raise ValueError("convexity draws its map beside the landscape's 2-D view: it cannot be combined "
+                                 "with --no-landscape (landscape_every_n_epochs=0).")  # fmt: skip
+            return None
+        return LandscapeOptions(every_n_epochs=self.landscape_every_n_epochs, two_d=True, convexity=self.convexity,
+                                convexity_steps=self.convexity_steps, convexity_tol=self.convexity_tol,
+                                convexity_max_iter=self.convexity_max_iter)  # fmt: skip
+
+
+class PlannedRun(NamedTuple):
+    """One run of a sweep: its name, training batch size and lr, seed, training (``"none"`` or the attack
+    of adversarial training) and architecture (``None``: ``SweepConfig.model``)."""
+
+    name: str
+    batch_size: int
+    lr: float
+    seed: int
+    adversarial: str = "none"
+    architecture: str | None = None
 
 
 def adversarial_suffix(kind: str, epsilon: float) -> str:
@@ -221,13 +284,14 @@ def _clear_run_dir(path: Path) -> None:
 
 def train_one(
     cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float, seed: int | None = None,
-    adversarial: str = "none",
+    adversarial: str = "none", architecture: str | None = None,
 ) -> RunSummary:  # fmt: skip
     """Train one run to the target training loss, measuring flatness; returns its summary.
 
     ``seed`` (default ``cfg.seed``) seeds the initialization, the training loader's shuffling and
     the callback's measurement subsample and draws (and PGD's random starts in adversarial training);
-    ``adversarial``: ``"none"``, or the attack whose examples it trains on (``cfg.epsilon``).
+    ``adversarial``: ``"none"``, or the attack whose examples it trains on (``cfg.epsilon``);
+    ``architecture``: a ResNet (``"res8x16"``) instead of ``cfg.model``.
     """
     from ..callback import FlatnessCallback
 
@@ -238,17 +302,17 @@ def train_one(
     _clear_run_dir(logdir / name)
     torch.manual_seed(seed)  # the same initialization for every run of this seed
     model = Classifier(data.in_features, tuple(cfg.hidden), data.num_classes, lr, batch_size, cfg.optimizer, cfg.model,
-                       adversarial, cfg.epsilon, cfg.attack_steps, attack_seed=seed)  # fmt: skip
+                       adversarial, cfg.epsilon, cfg.attack_steps, attack_seed=seed, architecture=architecture)  # fmt: skip
     train = data.loader("train", batch_size, shuffle=True, seed=seed)
     test = data.loader("test", max(1024, batch_size))
     flatness = FlatnessCallback(
         metrics=cfg.metric_objects(), every_n_epochs=every, num_samples=cfg.num_samples,
         batch_size=cfg.measure_batch_size, gap_num_samples=max(len(data.y_train), len(data.y_test)),
-        seed=seed, measure_at_start=True, landscape=_landscape(cfg),
+        seed=seed, measure_at_start=True, landscape=cfg.landscape_options(),
     )  # fmt: skip
     target = TargetTrainLoss(data.x_train, data.y_train, cfg.target_train_loss, name,
                              None if cfg.quiet else cfg.progress_seconds)  # fmt: skip
-    loggers = _loggers(cfg, data, name, batch_size, lr, every, seed)
+    loggers = _loggers(cfg, data, name, batch_size, lr, every, seed, architecture)
     trainer = Trainer(
         max_epochs=cfg.max_epochs, accelerator=cfg.accelerator, devices=1, logger=loggers,
         callbacks=[target, flatness, *_perturbation(cfg, seed)], enable_checkpointing=False, enable_model_summary=False,
@@ -269,24 +333,23 @@ def train_one(
     return summary
 
 
-def _loggers(cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float, every: int, seed: int) -> list[Any]:
+def _loggers(
+    cfg: SweepConfig, data: Data, name: str, batch_size: int, lr: float, every: int, seed: int,
+    architecture: str | None = None,
+) -> list[Any]:  # fmt: skip
     """TensorBoard (and W&B with ``cfg.wandb``) for one run."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     tensorboard = TensorBoardLogger(save_dir=str(cfg.resolved_logdir()), name="", version=name, default_hp_metric=False)
-    # In hparams.yaml, for the report: the seed, and the split sizes that cap the gap's subsamples.
+    # In hparams.yaml, for the report: the seed, the split sizes that cap the gap's subsamples, and the target
+    # training loss, against which the report flags runs that stopped at --max-epochs above it.
     tensorboard.hparams.update({"study/seed": seed, "study/train_size": len(data.y_train),
-                                "study/test_size": len(data.y_test)})  # fmt: skip
+                                "study/test_size": len(data.y_test), "study/target_train_loss": cfg.target_train_loss,
+                                "study/architecture": architecture or cfg.model})  # fmt: skip
     loggers: list[Any] = [tensorboard]
     if cfg.wandb:
-        loggers.append(_wandb_logger(cfg, name, batch_size, lr, every, data, seed))
+        loggers.append(_wandb_logger(cfg, name, batch_size, lr, every, data, seed, architecture))
     return loggers
-
-
-def _landscape(cfg: SweepConfig) -> LandscapeOptions | None:
-    if cfg.landscape_every_n_epochs == 0:
-        return None
-    return LandscapeOptions(every_n_epochs=cfg.landscape_every_n_epochs, two_d=True)
 
 
 def _optimizer_text(cfg: SweepConfig) -> str:
@@ -295,6 +358,8 @@ def _optimizer_text(cfg: SweepConfig) -> str:
 
 
 def _model_text(cfg: SweepConfig, data: Data) -> str:
+    if cfg.architectures:
+        return f"ResNets {' '.join(cfg.architectures)} (batch size {cfg.architecture_batch_size})"
     if cfg.model == "lenet":
         return "LeNet conv20-conv50-fc500"
     return f"MLP {'-'.join(str(n) for n in (data.in_features, *cfg.hidden, data.num_classes))}"
@@ -308,14 +373,18 @@ def _perturbation(cfg: SweepConfig, seed: int) -> list[Any]:
     return [PACGenPerturbation(noise_scale=cfg.pacgen_noise, every_n_steps=100, seed=seed)]
 
 
-def _wandb_logger(cfg: SweepConfig, name: str, batch_size: int, lr: float, every: int, data: Data, seed: int) -> Any:
+def _wandb_logger(
+    cfg: SweepConfig, name: str, batch_size: int, lr: float, every: int, data: Data, seed: int,
+    architecture: str | None = None,
+) -> Any:  # fmt: skip
     try:
         import wandb  # noqa: F401
         from lightning.pytorch.loggers import WandbLogger
     except ImportError as err:
         raise SystemExit("--wandb needs the wandb package: pip install wandb") from err
-    group = "lr_sweep" if cfg.lr_sweep else "batch_size_sweep"
-    config = {"batch_size": batch_size, "lr": lr, "data": data.name, "model": cfg.model, "hidden": list(cfg.hidden),
+    group = "architectures" if cfg.architectures else "lr_sweep" if cfg.lr_sweep else "batch_size_sweep"
+    config = {"batch_size": batch_size, "lr": lr, "data": data.name, "model": architecture or cfg.model,
+              "hidden": list(cfg.hidden),
               "target_train_loss": cfg.target_train_loss, "measure_every": every, "seed": seed}  # fmt: skip
     return WandbLogger(project=cfg.wandb_project, name=name, group=group, save_dir=str(cfg.resolved_logdir()),
                        config=config)  # fmt: skip
@@ -351,12 +420,12 @@ def run_sweep(cfg: SweepConfig) -> list[RunSummary]:
     summaries = []
     sweep_start = time.perf_counter()
     with _quiet_lightning():
-        for i, (name, bs, lr, seed, adversarial) in enumerate(runs):
+        for i, (name, bs, lr, seed, adversarial, arch) in enumerate(runs):
             every = cfg.measure_every or measurement_interval(bs, lr)
             trained = "" if adversarial == "none" else f", trained on {adversarial.upper()} examples (eps {cfg.epsilon:g})"
             say(f"[{i + 1}/{len(runs)}] {name}: batch size {bs}, lr {lr:g}, seed {seed}{trained}, flatness measured "
                 f"every {every} epoch(s)")  # fmt: skip
-            summaries.append(train_one(cfg, data, name, bs, lr, seed, adversarial))
+            summaries.append(train_one(cfg, data, name, bs, lr, seed, adversarial, arch))
     say(f"\nTraining done in {time.perf_counter() - sweep_start:.0f} s.\n")
     say(format_summaries(summaries, cfg.target_train_loss))
     if cfg.report:
@@ -393,7 +462,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-epochs", type=positive_int, default=d.max_epochs)
     parser.add_argument("--measure-every", type=positive_int, default=None, metavar="N",
                         help="epochs between flatness measurements (default: max(1, round(B / (160 lr))))")
-    parser.add_argument("--metrics", nargs="+", choices=list(BUILTIN), default=list(d.metrics))
+    parser.add_argument("--metrics", nargs="+", choices=list(BUILTIN), default=None,
+                        help=f"what FlatnessCallback measures (default: {' '.join(STUDY_METRICS)}; with --architectures "
+                             f"{' '.join(ARCHITECTURE_METRICS)}, which are then always measured)")
     parser.add_argument("--num-samples", type=positive_int, default=d.num_samples,
                         help="size of the fixed measurement subsample of the training set")
     parser.add_argument("--measure-batch-size", type=positive_int, default=d.measure_batch_size,
@@ -429,6 +500,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "mnist1d's features have unit variance)")
     parser.add_argument("--attack-steps", type=positive_int, default=d.attack_steps, metavar="N",
                         help="PGD's steps in adversarial training and in the robustness measurement (default 10)")
+    _add_architecture_arguments(parser, d)
     parser.add_argument("--spectrum-k", type=nonnegative_int, default=d.spectrum_k, metavar="K",
                         help="measure the top K Hessian eigenvalues at the final weights (Yao et al.'s Figure 3; "
                              "the report draws them); 0 (default): only the top one")
@@ -439,6 +511,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="torch.set_num_threads (default 1: fastest for the small MLP; raise for lenet, cifar10)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
+
+
+def _add_architecture_arguments(parser: argparse.ArgumentParser, d: SweepConfig) -> None:
+    """The architecture study's options (Li et al. 2018)."""
+    parser.add_argument("--architectures", type=architecture, nargs="+", default=list(d.architectures), metavar="ARCH",
+                        help=f"train these ResNets instead of --model at several batch sizes, each a configuration at "
+                             f"--architecture-batch-size and --lr: {ARCHITECTURE_FORMAT}, <depth> residual blocks of "
+                             "<width> channels, plain = without the identity shortcuts (1-D convolutions on mnist1d, "
+                             "2-D on square images); measures hessian_top_eig and hessian_min_eig, logs to "
+                             "runs/architectures; the report compares them")  # fmt: skip
+    parser.add_argument("--architecture-batch-size", type=positive_int, default=d.architecture_batch_size, metavar="B",
+                        help="the training batch size of every architecture (default 128)")
+    parser.add_argument("--convexity", action="store_true",
+                        help="the landscape's 2-D view also maps |lambda_min/lambda_max| of the Hessian on its plane "
+                             "(Li et al.'s convexity map): two Lanczos runs per grid point, at most "
+                             "2 * --convexity-max-iter * --convexity-steps^2 Hessian-vector products per view "
+                             "(1960 at the defaults; about 0.1 s each for res8x16 on 128 mnist1d samples)")  # fmt: skip
+    parser.add_argument("--convexity-steps", type=positive_int, default=d.convexity_steps, metavar="N",
+                        help="grid points per axis of the convexity map (default 7; at least 2)")
+    parser.add_argument("--convexity-tol", type=positive_float, default=d.convexity_tol,
+                        help="the map's relative Lanczos tolerance (default 0.01; it is a picture, at most 1)")
+    parser.add_argument("--convexity-max-iter", type=positive_int, default=d.convexity_max_iter, metavar="N",
+                        help="Hessian-vector products per Lanczos run of the map at most (default 20; at least 2); "
+                             "points that did not converge are marked")
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:

@@ -90,18 +90,20 @@ def _seed_cell(c: Configuration, key: str) -> str:
     return text + (f" (se {s.se:.2g})" if math.isfinite(s.se) else "")
 
 
+def epochs_cell(c: Configuration) -> str:
+    """The compared epoch of a configuration's seeds: ``23``, or their range ``23–25``; — if none."""
+    e = [r.epoch for r in c.compared]
+    return "—" if not e else str(e[0]) if min(e) == max(e) else f"{min(e)}–{max(e)}"
+
+
 def _multi_seed_table(report: Report) -> list[str]:
     """One column per configuration: mean over seeds [95% t-interval] (mean within-run se)."""
     configs = report.configurations
-    epochs = []
-    for c in configs:
-        e = [r.epoch for r in c.compared]
-        epochs.append("—" if not e else str(e[0]) if min(e) == max(e) else f"{min(e)}–{max(e)}")
     lines = [
         "| key | " + " | ".join(c.name for c in configs) + " |",
         "|---|" + "---:|" * len(configs),
         "| seeds | " + " | ".join(str(len(c.compared)) for c in configs) + " |",
-        "| epoch | " + " | ".join(epochs) + " |",
+        "| epoch | " + " | ".join(epochs_cell(c) for c in configs) + " |",
     ]
     lines += [f"| {key} | " + " | ".join(_seed_cell(c, key) for c in configs) + " |" for key in report.keys]
     return lines

@@ -1,4 +1,4 @@
-"""The sweep's models and stopping rule: an MLP or LeNet classifier and a full-train-loss target."""
+"""The sweep's models and stopping rule: an MLP, LeNet or a small ResNet classifier and a full-train-loss target."""
 
 from __future__ import annotations
 
@@ -52,8 +52,15 @@ class LeNet(nn.Module):
 MODELS = ("mlp", "lenet")
 
 
-def build_model(model: str, in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Module:
-    """``"mlp"``: :func:`mlp` with ``hidden`` layers; ``"lenet"``: :class:`LeNet` (``hidden`` unused)."""
+def build_model(
+    model: str, in_features: int, hidden: Sequence[int], num_classes: int, architecture: str | None = None
+) -> nn.Module:
+    """``"mlp"``: :func:`mlp` with ``hidden`` layers; ``"lenet"``: :class:`LeNet` (``hidden`` unused). An
+    ``architecture`` (``"res8x16"``, ``"plain8x16"``; :mod:`~lightning_flatness.study.resnet`) replaces both."""
+    if architecture is not None:
+        from .resnet import ResNet, parse_architecture
+
+        return ResNet(in_features, num_classes, parse_architecture(architecture))
     if model == "mlp":
         return mlp(in_features, hidden, num_classes)
     if model == "lenet":
@@ -66,7 +73,8 @@ ADVERSARIAL_TRAINING = ("none", "fgsm", "pgd")
 
 
 class Classifier(LightningModule):
-    """An MLP or LeNet (``model``) on cross-entropy, plain SGD (no momentum, no weight decay) or Entropy-SGD.
+    """An MLP or LeNet (``model``), or a ResNet (``architecture``: ``"res8x16"``, ``"plain8x16"``), on
+    cross-entropy, plain SGD (no momentum, no weight decay) or Entropy-SGD.
 
     ``adversarial="fgsm"`` or ``"pgd"``: every training step is taken on the batch's adversarial examples
     within ``epsilon`` (L∞; PGD with ``attack_steps`` steps from a random start drawn with ``attack_seed``),
@@ -76,7 +84,7 @@ class Classifier(LightningModule):
     def __init__(
         self, in_features: int, hidden: Sequence[int], num_classes: int, lr: float, batch_size: int,
         optimizer: str = "sgd", model: str = "mlp", adversarial: str = "none", epsilon: float = 0.1,
-        attack_steps: int = 10, attack_seed: int = 0,
+        attack_steps: int = 10, attack_seed: int = 0, architecture: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -84,7 +92,7 @@ class Classifier(LightningModule):
         if adversarial not in ADVERSARIAL_TRAINING:
             raise ValueError(f"adversarial must be one of {ADVERSARIAL_TRAINING}, got {adversarial!r}.")
         self.save_hyperparameters()
-        self.net = build_model(model, in_features, hidden, num_classes)
+        self.net = build_model(model, in_features, hidden, num_classes, architecture)
         self._attack_generator = torch.Generator().manual_seed(attack_seed)  # PGD's random starts
 
     def forward(self, x: Tensor) -> Tensor:

@@ -140,13 +140,17 @@ def test_run_plan():
     names = ["bs16_lr0.1_s0", "bs64_lr0.1_s0", "bs256_lr0.1_s0", "bs1024_lr0.1_s0"]
     assert [r[0] for r in SweepConfig().runs()] == names
     assert SweepConfig(lr_sweep=True).runs() == [
-        ("bs256_lr0.01_s0", 256, 0.01, 0, "none"), ("bs256_lr0.03_s0", 256, 0.03, 0, "none"),
-        ("bs256_lr0.1_s0", 256, 0.1, 0, "none"), ("bs256_lr0.3_s0", 256, 0.3, 0, "none"),
+        ("bs256_lr0.01_s0", 256, 0.01, 0, "none", None), ("bs256_lr0.03_s0", 256, 0.03, 0, "none", None),
+        ("bs256_lr0.1_s0", 256, 0.1, 0, "none", None), ("bs256_lr0.3_s0", 256, 0.3, 0, "none", None),
     ]  # fmt: skip
     # Seeds: every configuration at the first seed, then the next; the optimizer's suffix before the seed.
     assert SweepConfig(batch_sizes=(16, 64), seed=2, seeds=2, optimizer="entropy-sgd").runs() == [
-        ("bs16_lr0.1_esgd_s2", 16, 0.1, 2, "none"), ("bs64_lr0.1_esgd_s2", 64, 0.1, 2, "none"),
-        ("bs16_lr0.1_esgd_s3", 16, 0.1, 3, "none"), ("bs64_lr0.1_esgd_s3", 64, 0.1, 3, "none"),
+        ("bs16_lr0.1_esgd_s2", 16, 0.1, 2, "none", None), ("bs64_lr0.1_esgd_s2", 64, 0.1, 2, "none", None),
+        ("bs16_lr0.1_esgd_s3", 16, 0.1, 3, "none", None), ("bs64_lr0.1_esgd_s3", 64, 0.1, 3, "none", None),
+    ]  # fmt: skip
+    # Architectures: each one a configuration at the architecture batch size and --lr.
+    assert SweepConfig(architectures=("res2x8", "plain2x8"), architecture_batch_size=64).runs() == [
+        ("res2x8_bs64_lr0.1_s0", 64, 0.1, 0, "none", "res2x8"), ("plain2x8_bs64_lr0.1_s0", 64, 0.1, 0, "none", "plain2x8"),
     ]  # fmt: skip
     # Adversarial training: every configuration normally, then adversarially, at each seed.
     assert [r[0] for r in SweepConfig(batch_sizes=(16, 64), adversarial_training="fgsm", epsilon=0.2).runs()] == [
@@ -154,6 +158,7 @@ def test_run_plan():
     ]  # fmt: skip
     assert SweepConfig().resolved_logdir() == Path("runs/batch_size_sweep")
     assert SweepConfig(lr_sweep=True).resolved_logdir() == Path("runs/lr_sweep")
+    assert SweepConfig(architectures=("res2x8",)).resolved_logdir() == Path("runs/architectures")
     assert run_name(64, 0.1) == "bs64_lr0.1"
     assert [measurement_interval(b, 0.1) for b in (16, 64, 256, 1024)] == [1, 4, 16, 64]
     assert measurement_interval(256, 0.01) == 160 and measurement_interval(256, 0.3) == 5
