@@ -126,10 +126,35 @@ def _evaluate(loss_fn: Any, model: nn.Module, batch: Any, x: Tensor, grad: bool 
         with torch.no_grad():
             losses, correct = _losses_and_correct(loss_fn, model, (x, *batch[1:]))
         return losses, correct, None
+    losses, correct, g = _input_gradient(_losses_and_correct, loss_fn, model, batch, x)
+    return losses, correct, g
+
+
+def _input_gradient(
+    evaluate: Callable, loss_fn: Any, model: nn.Module, batch: Any, x: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor]:  # fmt: skip
+    """``evaluate(loss_fn, model, batch at x)``'s detached ``(losses, correct)`` and ``∇_x Σ losses``; only the
+    inputs are differentiated, so the parameters' ``.grad`` is left as it was."""
     x = x.detach().requires_grad_(True)
-    losses, correct = _losses_and_correct(loss_fn, model, (x, *batch[1:]))
+    losses, correct = evaluate(loss_fn, model, (x, *batch[1:]))
     (g,) = torch.autograd.grad(losses.sum(), x)
-    return losses.detach(), correct.detach(), g
+    return losses.detach(), None if correct is None else correct.detach(), g
+
+
+def _fgsm_point(x0: Tensor, grad: Tensor, opts: dict[str, Any]) -> Tensor:
+    """FGSM's input: one step of ``epsilon`` along the steepest-ascent direction of ``norm``."""
+    eps, norm = opts["epsilon"], opts["norm"]
+    return x0 + _project(eps * _step(grad, norm), norm, eps)
+
+
+def _pgd_start(x0: Tensor, opts: dict[str, Any], gen: torch.Generator | BlockDraws) -> Tensor:
+    """PGD's first perturbation: a uniform point of the ball with ``random_start``, else none."""
+    return _random_start(x0, opts["norm"], opts["epsilon"], gen) if opts["random_start"] else torch.zeros_like(x0)
+
+
+def _pgd_step(delta: Tensor, grad: Tensor, opts: dict[str, Any]) -> Tensor:
+    """One PGD step of ``step_size`` from ``delta``, projected back onto the ball."""
+    return _project(delta + opts["step_size"] * _step(grad, opts["norm"]), opts["norm"], opts["epsilon"])
 
 
 def _attack_batch(
@@ -142,16 +167,15 @@ def _attack_batch(
     never weaker than FGSM on the same inputs.
     """
     x0 = perturbable_inputs(batch)
-    eps, norm = opts["epsilon"], opts["norm"]
     _, clean, grad = _evaluate(loss_fn, model, batch, x0)
-    losses, correct, _ = _evaluate(loss_fn, model, batch, x0 + _project(eps * _step(grad, norm), norm, eps), grad=False)
+    losses, correct, _ = _evaluate(loss_fn, model, batch, _fgsm_point(x0, grad, opts), grad=False)
     out = {"fgsm": (correct, losses)}
     if "pgd" in opts["attacks"]:
-        delta = _random_start(x0, norm, eps, gen) if opts["random_start"] else torch.zeros_like(x0)
+        delta = _pgd_start(x0, opts, gen)
         for _ in range(opts["steps"]):
             step_losses, step_correct, g = _evaluate(loss_fn, model, batch, x0 + delta)
             losses, correct = torch.maximum(losses, step_losses), correct & step_correct
-            delta = _project(delta + opts["step_size"] * _step(g, norm), norm, eps)
+            delta = _pgd_step(delta, g, opts)
         final_losses, final_correct, _ = _evaluate(loss_fn, model, batch, x0 + delta, grad=False)
         out["pgd"] = (correct & final_correct, torch.maximum(losses, final_losses))
     return clean, out
@@ -288,18 +312,13 @@ def adversarial_examples(
     opts = attack_options((attack,), norm, epsilon, steps, step_size, random_start)
     fn, _ = resolve_loss_fn(loss_fn)
     x0 = perturbable_inputs(batch)
-    eps = opts["epsilon"]
 
-    def ascent(delta: Tensor) -> Tensor:
-        x = (x0 + delta).detach().requires_grad_(True)
-        losses, _ = losses_and_correct(fn, model, (x, *batch[1:]))
-        (g,) = torch.autograd.grad(losses.sum(), x)
-        return _step(g, norm)
+    def gradient(x: Tensor) -> Tensor:  # training needs no correctness: any per-sample loss will do
+        return _input_gradient(losses_and_correct, fn, model, batch, x)[2]
 
     if opts["attacks"][0] == "fgsm":
-        return (x0 + _project(eps * ascent(torch.zeros_like(x0)), norm, eps)).detach()
-    gen = check_generator(generator)
-    delta = _random_start(x0, norm, eps, gen) if opts["random_start"] else torch.zeros_like(x0)
+        return _fgsm_point(x0, gradient(x0), opts).detach()
+    delta = _pgd_start(x0, opts, check_generator(generator))
     for _ in range(opts["steps"]):
-        delta = _project(delta + opts["step_size"] * ascent(delta), norm, eps)
+        delta = _pgd_step(delta, gradient(x0 + delta), opts)
     return (x0 + delta).detach()
