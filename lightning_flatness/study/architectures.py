@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .. import keys
 from .resnet import Architecture, parse_architecture
-from .robustness import _paired_ratios
 from .runs import Row
-from .seeds import Configuration, mean_interval
+from .seeds import Configuration, mean_interval, paired
 from .tables import _interval, _seed_cell, epochs_cell, fmt
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,21 +144,10 @@ def _paired_table(studied: Sequence[tuple[Configuration, Architecture]], shown: 
              "ratios no skip / skip, differences no skip − skip; mean [95% t-interval over seeds].", "",
              "| no skip | skip | " + " | ".join(headers) + " |", "|---|---|" + "---:|" * len(headers)]  # fmt: skip
     for skip, plain in pairs:
-        cells = [_paired_cell(_paired_ratios(skip, plain, k)) for k in ratios]
-        cells += [_paired_cell(_paired_differences(skip, plain, k)) for k in differences]
+        cells = [_paired_cell(paired(skip, plain, k, lambda s, p: p / s)) for k in ratios]
+        cells += [_paired_cell(paired(skip, plain, k, lambda s, p: p - s)) for k in differences]
         lines.append(f"| {plain.name} | {skip.name} | " + " | ".join(cells) + " |")
     return lines
-
-
-def _by_seed(config: Configuration, key: str) -> dict[int | None, float]:
-    """``key`` at the comparison point of each seed that reached it."""
-    return {seed: row.values.get(key, math.nan) for seed, row in zip(config.seeds, config.rows) if row.epoch is not None}
-
-
-def _paired_differences(first: Configuration, second: Configuration, key: str) -> list[float]:
-    """``second − first`` of ``key`` for every seed both configurations reached the comparison point with."""
-    a, b = _by_seed(first, key), _by_seed(second, key)
-    return [b[seed] - a[seed] for seed in a if seed in b]
 
 
 def _paired_cell(values: Sequence[float]) -> str:

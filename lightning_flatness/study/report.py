@@ -81,7 +81,8 @@ def analyse(
     """Read every run under ``logdir``, group them over seeds, and compute the report (no files written)."""
     runs = load_runs(logdir)
     logged = ordered_keys(runs)
-    spectrum = spectrum_keys(logged) if len(spectrum_keys(logged)) > SPECTRUM_IN_TABLE else []
+    eigs = spectrum_keys(logged)
+    spectrum = eigs if len(eigs) > SPECTRUM_IN_TABLE else []
     keys = [k for k in logged if k not in spectrum]  # a long spectrum has its own figure, not rows and curves
     if at_train_loss is not None and not any(TRAIN_LOSS in r.scalars for r in runs):
         raise ReportError(f"--at-train-loss needs {TRAIN_LOSS}, which no run under {logdir} logged "

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .. import keys
 from .runs import Row, batch_size_of
-from .seeds import Configuration, correlation, mean_interval, spread
+from .seeds import Configuration, correlation, mean_interval, paired, spread
 from .tables import _interval, _resolved, _seed_cell, fmt
 
 ADVERSARIAL_SUFFIX = re.compile(r"_adv-(?P<kind>[a-z]+[0-9.e+-]+)$")
@@ -89,18 +89,11 @@ def _eigenvalue_table(configs: Sequence[Configuration]) -> list[str]:
              "95% interval.", "", "| configuration | normal | adversarial | training | adversarial / normal |",
              "|---|---:|---:|---|---:|"]  # fmt: skip
     for normal, adversarial, training in pairs:
-        mean, low, high, n = mean_interval(_paired_ratios(normal, adversarial, key))
+        mean, low, high, n = mean_interval(paired(normal, adversarial, key, lambda n, a: a / n))
         ratio = fmt(mean) + (f" [{fmt(low)}, {fmt(high)}]" if n >= 2 else "")
         lines.append(f"| {normal.name} | {_seed_cell(normal, key)} | {_seed_cell(adversarial, key)} | {training} | "
                      f"{ratio} |")  # fmt: skip
     return lines
-
-
-def _paired_ratios(normal: Configuration, adversarial: Configuration, key: str) -> list[float]:
-    """``adversarial / normal`` of ``key`` for every seed both configurations reached the comparison point with."""
-    value = {seed: row.values.get(key, math.nan) for seed, row in zip(normal.seeds, normal.rows) if row.epoch is not None}
-    return [row.values.get(key, math.nan) / value[seed] for seed, row in zip(adversarial.seeds, adversarial.rows)
-            if row.epoch is not None and seed in value]  # fmt: skip
 
 
 def plot_spectrum(configs: Sequence[Configuration], out: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -105,6 +105,14 @@ def spread(config: Configuration, key: str) -> Spread:
     se = config.values(keys.se(key))
     se = se[np.isfinite(se)]
     return Spread(mean, low, high, n, float(se.mean()) if se.size else math.nan)
+
+
+def paired(first: Configuration, second: Configuration, key: str, combine: Callable[[float, float], float]) -> list[float]:
+    """``combine(first's value, second's)`` of ``key`` for every seed both configurations reached the comparison
+    point with: runs of one seed start from the same weights, so their pairing removes the seed's share."""
+    mine = {seed: row.values.get(key, math.nan) for seed, row in zip(first.seeds, first.rows) if row.epoch is not None}
+    return [combine(mine[seed], row.values.get(key, math.nan)) for seed, row in zip(second.seeds, second.rows)
+            if row.epoch is not None and seed in mine]  # fmt: skip
 
 
 # ------------------------------------------------------------------ across configurations
